@@ -1,0 +1,90 @@
+"""Early exit vs full depth, batch 1 vs batch 32, shrink vs refill: measured side by side in one run.
+
+    .venv/bin/python benchmarks/bench_predict.py --checkpoint runs/minilm --threshold 0.3
+
+Each configuration runs the same texts; configurations are interleaved and repeated (median taken) so
+that drift on a shared machine hits them alike. Prints:
+  (a) wall-clock speedup of early exit over full depth, divided by the ideal layer-count speedup
+      (L / mean exit layer), at batch 1 and at batch 32;
+  (b) batched early-exit throughput divided by batch-1 early-exit throughput;
+  (c) the refill engine's throughput divided by the shrinking batch's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from deebert_cli.core.checkpoint import load_checkpoint
+from deebert_cli.core.inference import ExitRule, PredictStats, predict_stream
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "movie_snippets" / "test.jsonl"
+PACKAGED = Path(__file__).resolve().parents[1] / "deebert_cli" / "data" / "movie_snippets" / "test.jsonl"
+
+
+def load_texts(path: Path, n: int) -> list:
+    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    return [r["text"] for r in rows[:n]]
+
+
+def timed(ckpt, texts, thr, batch_size, engine="shrink"):
+    L = ckpt.model.num_layers
+    stats = PredictStats(L)
+    t = time.perf_counter()
+    for _ in predict_stream(ckpt, texts, ExitRule([thr] * L), "cpu", batch_size=batch_size, engine=engine, stats=stats):
+        pass
+    return time.perf_counter() - t, stats
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkpoint", default="runs/minilm")
+    ap.add_argument("--threshold", type=float, default=0.3, help="normalized entropy threshold")
+    ap.add_argument("--n", type=int, default=400, help="texts (from the movie-review test split)")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    src = SHARED if SHARED.is_file() else PACKAGED
+    texts = load_texts(src, args.n)
+    ckpt = load_checkpoint(args.checkpoint)
+    L = ckpt.model.num_layers
+    configs = {
+        "full depth, batch 1": (0.0, 1, "shrink"),
+        "early exit, batch 1": (args.threshold, 1, "shrink"),
+        "full depth, batch 32": (0.0, 32, "shrink"),
+        "early exit, batch 32 (shrink)": (args.threshold, 32, "shrink"),
+        "early exit, batch 32 (refill)": (args.threshold, 32, "refill"),
+    }
+    timed(ckpt, texts[:64], args.threshold, 32)  # warm-up
+    times = {k: [] for k in configs}
+    stats = {}
+    for _ in range(args.repeats):
+        for name, (thr, bs, eng) in configs.items():
+            sec, st = timed(ckpt, texts, thr, bs, eng)
+            times[name].append(sec)
+            stats[name] = st
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"checkpoint {args.checkpoint} ({L} layers), {len(texts)} texts from {src.parent.name}/{src.name}, "
+          f"threshold {args.threshold} (normalized entropy), torch threads {torch.get_num_threads()}, "
+          f"median of {args.repeats}")
+    print(f"{'configuration':32s} {'seconds':>8s} {'ex/s':>8s} {'mean exit':>10s}")
+    for k in configs:
+        print(f"{k:32s} {med[k]:8.2f} {len(texts) / med[k]:8.1f} {stats[k].mean_exit_layer:10.2f}")
+    mean_exit = stats["early exit, batch 1"].mean_exit_layer
+    ideal = L / mean_exit
+    s1 = med["full depth, batch 1"] / med["early exit, batch 1"]
+    s32 = med["full depth, batch 32"] / med["early exit, batch 32 (shrink)"]
+    s32r = med["full depth, batch 32"] / med["early exit, batch 32 (refill)"]
+    print(f"ideal layer-count speedup L / mean exit layer = {L} / {mean_exit:.2f} = {ideal:.2f}x")
+    print(f"(a) batch 1:  speedup {s1:.2f}x, measured / ideal = {s1 / ideal:.2f}")
+    print(f"(a) batch 32: speedup {s32:.2f}x (shrink), measured / ideal = {s32 / ideal:.2f}; "
+          f"refill {s32r:.2f}x, measured / ideal = {s32r / ideal:.2f}")
+    print(f"(b) early-exit throughput, batch 32 / batch 1 = {med['early exit, batch 1'] / med['early exit, batch 32 (shrink)']:.2f}x")
+    print(f"(c) refill / shrink throughput at batch 32 = {med['early exit, batch 32 (shrink)'] / med['early exit, batch 32 (refill)']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from deebert_cli.cli.app import main
+
+main()

@@ -1,0 +1,126 @@
+"""`deebert analyze`: how the layers behave, and which threshold to use."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import CONFIG_OPT, DEVICE_OPT, err, make_config, out, pct, quiet_libraries, user_errors
+
+
+def analyze(
+    ctx: typer.Context,
+    checkpoint: Path = typer.Option(Path("deebert-checkpoint"), help="Checkpoint from `deebert train-exits`."),
+    layers: bool = typer.Option(True, "--layers/--no-layers", help="Show the accuracy of every off-ramp (table and bar chart)."),
+    dataset: Optional[str] = typer.Option(None, help="Evaluation data (default: the checkpoint's)."),
+    text_column: Optional[str] = typer.Option(None, help="Text column (default: the checkpoint's)."),
+    text_pair_column: Optional[str] = typer.Option(None, help="Second text column (default: the checkpoint's)."),
+    label_column: Optional[str] = typer.Option(None, help="Label column (default: the checkpoint's)."),
+    split: Optional[str] = typer.Option(None, help="Split to analyze (default: the evaluation split the checkpoint was trained with)."),
+    test_split: Optional[str] = typer.Option("test", help="Split on which to check how the recommendation holds (if the dataset has it)."),
+    thresholds: Optional[str] = typer.Option(None, help="Thresholds to sweep, comma-separated (default: a grid over [0, 1], or [0, ln C] with --entropy raw)."),
+    entropy: str = typer.Option("normalized", help="Threshold unit: normalized (0..1) or raw (nats)."),
+    max_drop: float = typer.Option(0.5, help="Accuracy budget in percentage points for the recommended threshold."),
+    timing_thresholds: Optional[str] = typer.Option(None, help="Extra thresholds to time with real early-exit runs (full depth and the recommendation are always timed)."),
+    batch_size: int = typer.Option(32, help="Batch size of the passes and timed runs."),
+    examples: int = typer.Option(3, help="Evaluation texts to show per exit layer at the recommended threshold."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write every figure to this JSON file."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw accuracy vs saving and the exit histogram to this PNG (needs matplotlib)."),
+    device: str = DEVICE_OPT,
+    config: Optional[Path] = CONFIG_OPT,
+):
+    """Per-layer accuracy, an exact threshold sweep from one all-exits pass (accuracy, mean exit layer,
+    layer saving, exit histogram), measured wall-clock at chosen thresholds, the threshold recommended for
+    an accuracy budget, dead-weight layers, and examples by exit layer."""
+    values = dict(locals())
+    for k in ("ctx", "config", "layers", "json_path"):
+        values.pop(k)
+    values["json"] = str(json_path) if json_path else None
+    values["checkpoint"] = str(checkpoint)
+    values["plot"] = str(plot) if plot else None
+    quiet_libraries()
+    with user_errors():
+        from ..core.analysis import analyze as run, plot_analysis
+        from ..core.config import AnalyzeConfig
+
+        cfg = make_config(ctx, AnalyzeConfig, config, values)
+        if cfg.plot:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                from ..core.errors import UserError
+
+                raise UserError("--plot needs matplotlib: pip install 'deebert-cli[plot]' (or pip install matplotlib)")
+        a = run(cfg)
+        if cfg.json:
+            Path(cfg.json).write_text(json.dumps(a.to_dict(), indent=2) + "\n")
+        if cfg.plot:
+            plot_analysis(a, cfg.plot)
+    render(a, layers)
+    if cfg.json:
+        err.print(f"figures written to {cfg.json}")
+    if cfg.plot:
+        err.print(f"plot written to {cfg.plot}")
+
+
+def render(a, show_layers: bool = True) -> None:
+    from rich.table import Table
+
+    m, d = a.model, a.dataset
+    out.print(f"[bold]{m.get('base_model') or a.checkpoint}[/] ({m['family']}, {m['layers']} layers) on "
+              f"{d['dataset']}, {d['evaluated_on']}, n={d['n']}")
+    if show_layers:
+        out.print("[bold]accuracy of every exit[/] (one all-exits pass)")
+        t = Table()
+        for c, j in (("layer", "right"), ("accuracy", "right"), ("macro-F1", "right"), ("", "left")):
+            t.add_column(c, justify=j)
+        lo = min(l["accuracy"] for l in a.layers)
+        for l in a.layers:
+            frac = (l["accuracy"] - lo + 0.02) / (1 - lo + 0.02)
+            t.add_row(str(l["layer"]), pct(l["accuracy"]), pct(l["macro_f1"]), "█" * max(1, round(30 * frac)))
+        out.print(t)
+    unit = "normalized entropy" if a.entropy == "normalized" else "entropy (nats)"
+    out.print(f"[bold]threshold sweep[/] ({unit}; exact, from the all-exits pass; * = recommended)")
+    t = Table()
+    for c in ("threshold", "accuracy", "Δ vs full", "mean exit", "layer saving", "wall saving", "exit histogram (layers 1..L)"):
+        t.add_column(c, justify="right" if c != "exit histogram (layers 1..L)" else "left")
+    for r in a.sweep:
+        star = " *" if a.recommendation is not None and r.threshold == a.recommendation.threshold else ""
+        t.add_row(f"{r.threshold:g}{star}", pct(r.accuracy), f"{r.accuracy_change:+.2f}", f"{r.mean_exit_layer:.2f}",
+                  pct(r.layer_saving), pct(r.wall_saving) if r.wall_saving is not None else "",
+                  " ".join(str(c) for c in r.histogram))
+    out.print(t)
+    rec = a.recommendation
+    if rec is None:
+        out.print(f"[yellow]no threshold keeps the accuracy drop within {a.max_drop:g} points[/]")
+    else:
+        line = (f"[bold]recommended threshold {rec.threshold:g}[/] for a {a.max_drop:g}-point budget: "
+                f"accuracy {pct(rec.accuracy)} ({rec.accuracy_change:+.2f} points), {pct(rec.layer_saving)} fewer layers")
+        if rec.wall_saving is not None:
+            line += f", {pct(rec.wall_saving)} less time (measured, batch {a.timing['batch_size']})"
+        out.print(line)
+        if a.test and a.test.get("at_recommended"):
+            h = a.test["at_recommended"]
+            out.print(f"on split '{a.test['split']}' (n={a.test['n']}): accuracy {pct(h['accuracy'])} "
+                      f"({h['accuracy_change']:+.2f} points vs full depth), {pct(h['layer_saving'])} fewer layers")
+    dw = a.dead_weight
+    notes = []
+    if dw["rarely_exited_layers"]:
+        notes.append(f"layers {', '.join(map(str, dw['rarely_exited_layers']))} take < {dw['exit_share_below']:.0%} of exits at the recommended threshold")
+    if dw["layers_after_saturation"]:
+        notes.append(f"accuracy is within 0.5 points of its best by layer {dw['accuracy_saturates_at_layer']}; "
+                     f"layers {', '.join(map(str, dw['layers_after_saturation']))} add little")
+    if dw["accuracy_falls_at_layers"]:
+        notes.append(f"accuracy falls at layers {', '.join(map(str, dw['accuracy_falls_at_layers']))}")
+    notes.append(f"off-ramps add {m['off_ramp_parameters'] / 1e6:.2f}M parameters to {m['backbone_parameters'] / 1e6:.2f}M "
+                 f"({100 * m['overhead']:.1f}%)")
+    out.print("[bold]dead weight:[/] " + "; ".join(notes))
+    if a.examples:
+        out.print(f"[bold]examples by exit layer[/] (threshold {rec.threshold:g}):")
+        for layer, exs in a.examples.items():
+            for e in exs:
+                mark = "✓" if e["label"] == e["predicted"] else "✗"
+                text = e["text"] if len(e["text"]) <= 90 else e["text"][:87] + "..."
+                out.print(f"  L{layer} {mark} [{e['predicted']}] {text}", soft_wrap=True, markup=False)

@@ -1,0 +1,105 @@
+"""Shared CLI plumbing: config precedence, error rendering, rich progress. Typer + rich only here."""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Any
+
+import typer
+from rich.console import Console
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False)
+
+DEVICE_OPT = typer.Option("auto", "--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")
+CONFIG_OPT = typer.Option(None, "--config", help="YAML file of options (flags given on the command line win).")
+
+
+def quiet_libraries() -> None:
+    """Silence transformers/hub progress bars and warnings: our output is the progress a user reads."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # transformers missing or changed: only cosmetics are lost
+        pass
+
+
+def fail(message: str, code: int = 2):
+    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def user_errors(interrupted_note: str = ""):
+    """UserError -> one red line, exit 2; Ctrl-C -> one line, exit 130. Bugs keep their traceback."""
+    from ..core.errors import UserError
+
+    try:
+        yield
+    except UserError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        err.print(f"interrupted{': ' + interrupted_note if interrupted_note else ''}")
+        raise typer.Exit(130)
+
+
+def explicit_flags(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
+    """Only the options the user typed (so that a --config file is not overridden by flag defaults)."""
+    keep = {}
+    for name, value in values.items():
+        src = ctx.get_parameter_source(name)
+        # compare by name: typer may ship its own click, whose enum is not click.core's
+        if src is not None and getattr(src, "name", str(src)) not in ("DEFAULT", "DEFAULT_MAP"):
+            keep[name] = value
+    return keep
+
+
+def make_config(ctx: typer.Context, cls, config_file, values: dict[str, Any]):
+    """defaults < --config YAML < typed flags -> validated ``cls``."""
+    from ..core.config import build_config, read_yaml
+
+    file_values = read_yaml(config_file) if config_file else {}
+    return build_config(cls, file_values, explicit_flags(ctx, values))
+
+
+class RichProgress:
+    """rich progress bar with loss, examples/s and ETA, implementing core.training.Progress."""
+
+    def __init__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self._p = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  {task.fields[ex_s]:.0f} ex/s"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=err, transient=False, disable=not err.is_terminal and bool(os.environ.get("DEEBERT_NO_PROGRESS")),
+        )
+        self._task = None
+
+    def start(self, description: str, total: int) -> None:
+        self._p.start()
+        self._task = self._p.add_task(description, total=total, loss=float("nan"), ex_s=0.0)
+
+    def update(self, advance: int = 1, **fields) -> None:
+        self._p.update(self._task, advance=advance, **fields)
+
+    def stop(self) -> None:
+        self._p.stop()
+
+    def log(self, message: str) -> None:
+        err.print(f"[dim]{message}[/]")
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def stdin_is_tty() -> bool:
+    return sys.stdin is not None and sys.stdin.isatty()

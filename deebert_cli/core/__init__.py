@@ -1,0 +1,1 @@
+"""Library layer of deebert: no typer/rich here; functions return data, the CLI renders it."""

@@ -1,0 +1,230 @@
+"""Run configurations: dataclasses validated in ``__post_init__``.
+
+Precedence: dataclass defaults < ``--config file.yaml`` < command-line flags. Every run writes its
+resolved config beside the weights."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checkpoint import DEFAULT_CHECKPOINT
+from .data import DEFAULT_DATASET, DataSpec
+from .errors import UserError
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def _check(cond: bool, msg: str):
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class DataOptions:
+    dataset: str = DEFAULT_DATASET
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    train_split: str = "train"
+    eval_split: str = "validation"
+    validation_fraction: float = 0.1
+
+    def _validate_data(self):
+        _check(0.0 < self.validation_fraction < 1.0, f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
+
+    def data_spec(self, seed: int) -> DataSpec:
+        return DataSpec(self.dataset, self.text_column, self.text_pair_column, self.label_column,
+                        self.train_split, self.eval_split, self.validation_fraction, seed)
+
+
+@dataclass
+class FinetuneConfig(DataOptions):
+    """Stage 1: fine-tune backbone + final classifier on the last layer's cross-entropy."""
+
+    model: str = DEFAULT_MODEL
+    max_length: int = 128
+    epochs: float = 1.0
+    max_steps: int | None = None
+    max_train_samples: int | None = None
+    batch_size: int = 32
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.0
+    seed: int = 42
+    output: str = DEFAULT_CHECKPOINT
+    device: str = "auto"
+
+    def __post_init__(self):
+        self._validate_data()
+        _check(self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}")
+        _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
+        _check(self.max_steps is None or self.max_steps > 0, f"max_steps must be > 0, got {self.max_steps}")
+        _check(self.max_train_samples is None or self.max_train_samples > 0, "max_train_samples must be > 0")
+        _check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
+        _check(0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr}")
+        _check(self.weight_decay >= 0, "weight_decay must be >= 0")
+        _check(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class TrainExitsConfig:
+    """Stage 2: freeze backbone + final classifier, train off-ramps 1..L-1 on their mean cross-entropy."""
+
+    checkpoint: str = DEFAULT_CHECKPOINT
+    output: str | None = None  # default: write back into --checkpoint
+    epochs: float = 3.0
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    seed: int = 42
+    ramp_pooling: str = "cls"
+    ramp_norm: bool = False
+    device: str = "auto"
+    dataset: str | None = None  # default: the data the checkpoint was fine-tuned on
+    max_train_samples: int | None = None
+
+    def __post_init__(self):
+        _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
+        _check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
+        _check(0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr}")
+        _check(self.ramp_pooling in ("cls", "mean"), f"ramp_pooling must be cls or mean, got '{self.ramp_pooling}'")
+        _check(self.max_train_samples is None or self.max_train_samples > 0, "max_train_samples must be > 0")
+
+
+ENGINES = ("shrink", "refill")
+FORMATS = ("text", "jsonl", "tsv")
+
+
+def parse_thresholds(text: str | None) -> list | None:
+    """'0.1,0.2, 0.3' -> [0.1, 0.2, 0.3]."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    if isinstance(text, (list, tuple)):
+        return [float(t) for t in text]
+    try:
+        return [float(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"thresholds must be comma-separated numbers, got '{text}'") from None
+
+
+@dataclass
+class PredictConfig:
+    """Early-exit prediction over lines of text."""
+
+    checkpoint: str = DEFAULT_CHECKPOINT
+    threshold: float | None = None  # None: the checkpoint's stored thresholds, else 0.3
+    thresholds: list | None = None  # one per layer (the last is ignored: it always exits)
+    entropy: str = "normalized"
+    batch_size: int = 32
+    engine: str = "shrink"
+    window: int = 1024
+    max_length: int | None = None  # default: the checkpoint's
+    format: str = "text"
+    all_probs: bool = False
+    input: str | None = None
+    output: str | None = None
+    device: str = "auto"
+    summary: bool = True
+
+    def __post_init__(self):
+        self.thresholds = parse_thresholds(self.thresholds)
+        _check(self.entropy in ("normalized", "raw"), f"entropy must be 'normalized' or 'raw', got '{self.entropy}'")
+        for t in ([self.threshold] if self.threshold is not None else []) + (self.thresholds or []):
+            _check(math.isfinite(t) and t >= 0, f"threshold must be a finite number >= 0, got {t}")
+            if self.entropy == "normalized":
+                _check(t <= 1.0, f"threshold {t} is out of range: normalized entropy lies in [0, 1] (use --entropy raw for nats)")
+        _check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
+        _check(self.window >= self.batch_size, "window must be >= batch_size")
+        _check(self.engine in ENGINES, f"engine must be one of {ENGINES}, got '{self.engine}'")
+        _check(self.format in FORMATS, f"format must be one of {FORMATS}, got '{self.format}'")
+        _check(self.max_length is None or self.max_length >= 8, "max_length must be >= 8")
+
+
+@dataclass
+class AnalyzeConfig:
+    """Per-layer quality, threshold sweep, recommendation, dead weight, examples by exit layer."""
+
+    checkpoint: str = DEFAULT_CHECKPOINT
+    dataset: str | None = None  # default: the checkpoint's data
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    split: str | None = None  # default: the checkpoint's evaluation split
+    test_split: str | None = "test"
+    thresholds: list | None = None
+    entropy: str = "normalized"
+    max_drop: float = 0.5
+    timing_thresholds: list | None = None
+    batch_size: int = 32
+    examples: int = 3
+    json: str | None = None
+    plot: str | None = None
+    device: str = "auto"
+
+    def __post_init__(self):
+        self.thresholds = parse_thresholds(self.thresholds)
+        self.timing_thresholds = parse_thresholds(self.timing_thresholds)
+        _check(self.entropy in ("normalized", "raw"), f"entropy must be 'normalized' or 'raw', got '{self.entropy}'")
+        for t in (self.thresholds or []) + (self.timing_thresholds or []):
+            _check(math.isfinite(t) and t >= 0, f"threshold must be a finite number >= 0, got {t}")
+            if self.entropy == "normalized":
+                _check(t <= 1.0, f"threshold {t} is out of range: normalized entropy lies in [0, 1]")
+        _check(self.max_drop >= 0, f"max_drop must be >= 0 (accuracy points), got {self.max_drop}")
+        _check(self.batch_size > 0, "batch_size must be > 0")
+        _check(self.examples >= 0, "examples must be >= 0")
+
+
+# ------------------------------------------------------------------------------------------------
+# loading / saving
+# ------------------------------------------------------------------------------------------------
+def field_names(cls) -> list:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def default_of(cls, name: str):
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def read_yaml(path: str | Path) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file '{p}' does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file '{p}' must hold a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def build_config(cls, file_values: dict | None = None, flags: dict | None = None):
+    """defaults < file_values < flags -> a validated ``cls``; bad keys or values raise UserError."""
+    known = set(field_names(cls))
+    merged: dict = {}
+    for source, values in (("config file", file_values or {}), ("flags", flags or {})):
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"unknown option(s) in {source}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        merged.update(values)
+    try:
+        return cls(**merged)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"invalid option: {e}") from None
+
+
+def to_yaml(cfg) -> str:
+    import yaml
+
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+
+
+__all__ = [
+    "FinetuneConfig", "TrainExitsConfig", "PredictConfig", "AnalyzeConfig", "build_config", "read_yaml",
+    "to_yaml", "default_of", "DEFAULT_MODEL", "field",
+]

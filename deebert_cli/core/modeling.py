@@ -1,0 +1,276 @@
+"""The highway model: any encoder-only transformers classifier plus one off-ramp per layer.
+
+The wrapped ``AutoModelForSequenceClassification`` stays intact (its own head is the final exit), so a
+checkpoint's final exit loads as a plain transformers classifier; off-ramps for layers 1..L-1 live beside
+it. A small per-family adapter exposes embeddings, layers, mask preparation and the family's own head.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .exits import OffRamp, RampConfig
+
+
+# --------------------------------------------------------------------------------------------------
+# family adapters
+# --------------------------------------------------------------------------------------------------
+class FamilyAdapter:
+    """Exposes the pieces of one transformers family that a layer-by-layer forward needs."""
+
+    family = "?"
+    base_attr = "?"  # attribute of the *ForSequenceClassification model holding the base model
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.base = getattr(model, self.base_attr)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.base.encoder.layer
+
+    def embed(self, input_ids, token_type_ids=None) -> torch.Tensor:
+        """[batch, seq] ids -> [batch, seq, hidden]."""
+        kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self.base.embeddings(input_ids=input_ids, **kw)
+
+    def prepare_mask(self, attention_mask: torch.Tensor, hidden: torch.Tensor):
+        """[batch, seq] 0/1 mask -> whatever this family's layers take (4D bias, bool mask or None)."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        return create_bidirectional_mask(config=self.base.config, inputs_embeds=hidden, attention_mask=attention_mask)
+
+    def run_layer(self, i: int, hidden: torch.Tensor, mask) -> torch.Tensor:
+        """[batch, seq, hidden] -> [batch, seq, hidden] through layer i (0-based)."""
+        out = self.layers[i](hidden, mask)
+        return out[0] if isinstance(out, tuple) else out
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The family's own classification head on the last layer: [batch, seq, hidden] -> [batch, C]."""
+        return self.model.classifier(hidden)
+
+    def pretrained_pooler(self) -> nn.Linear | None:
+        """The backbone's pretrained pooler Linear(H,H), if the family has one (off-ramps start from it)."""
+        return None
+
+
+class BertAdapter(FamilyAdapter):
+    family, base_attr = "bert", "bert"
+
+    def head(self, hidden):
+        # BertForSequenceClassification: pooler (dense+tanh on [CLS]) -> dropout -> classifier
+        return self.model.classifier(self.model.dropout(self.base.pooler(hidden)))
+
+    def pretrained_pooler(self):
+        return self.base.pooler.dense if self.base.pooler is not None else None
+
+
+class RobertaAdapter(FamilyAdapter):
+    family, base_attr = "roberta", "roberta"
+
+    def embed(self, input_ids, token_type_ids=None):
+        # RoBERTa derives position ids from input_ids (padding_idx), so always pass input_ids
+        return self.base.embeddings(input_ids=input_ids)
+
+
+class XLMRobertaAdapter(RobertaAdapter):
+    family = "xlm-roberta"
+
+
+class ElectraAdapter(FamilyAdapter):
+    family, base_attr = "electra", "electra"
+
+    def embed(self, input_ids, token_type_ids=None):
+        h = super().embed(input_ids, token_type_ids)
+        if hasattr(self.base, "embeddings_project"):
+            h = self.base.embeddings_project(h)
+        return h
+
+
+class DistilBertAdapter(FamilyAdapter):
+    family, base_attr = "distilbert", "distilbert"
+
+    @property
+    def layers(self):
+        return self.base.transformer.layer
+
+    def embed(self, input_ids, token_type_ids=None):
+        # DistilBERT has no segment embeddings: token_type_ids are ignored
+        return self.base.embeddings(input_ids)
+
+    def head(self, hidden):
+        m = self.model
+        x = torch.relu(m.pre_classifier(hidden[:, 0]))
+        return m.classifier(m.dropout(x))
+
+
+ADAPTERS = {a.family: a for a in (BertAdapter, RobertaAdapter, XLMRobertaAdapter, ElectraAdapter, DistilBertAdapter)}
+
+
+def adapter_for(model: nn.Module) -> FamilyAdapter:
+    model_type = model.config.model_type
+    if model_type not in ADAPTERS:
+        raise UserError(
+            f"model family '{model_type}' is not supported; supported: {', '.join(sorted(ADAPTERS))}"
+        )
+    return ADAPTERS[model_type](model)
+
+
+# --------------------------------------------------------------------------------------------------
+# highway model
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ParameterCounts:
+    backbone: int  # the plain classifier: encoder + its own head
+    ramps: int  # off-ramps of layers 1..L-1
+
+    @property
+    def overhead(self) -> float:
+        return self.ramps / self.backbone
+
+
+class HighwayModel(nn.Module):
+    """A sequence classifier with an off-ramp after every layer.
+
+    ``model`` is a transformers ``*ForSequenceClassification``; its head is the exit of the last layer.
+    ``ramps[i]`` is the off-ramp after layer i+1 (i = 0..L-2)."""
+
+    def __init__(self, model: nn.Module, ramp_cfg: RampConfig | None = None, init_from_pooler: bool = True):
+        super().__init__()
+        self.model = model
+        self.adapter = adapter_for(model)
+        self.ramp_cfg = ramp_cfg or RampConfig(dropout=_hidden_dropout(model.config))
+        cfg = model.config
+        self.hidden_size = cfg.hidden_size if hasattr(cfg, "hidden_size") else cfg.dim
+        self.ramps = nn.ModuleList(
+            OffRamp(self.hidden_size, cfg.num_labels, self.ramp_cfg) for _ in range(self.num_layers - 1)
+        )
+        pooler = self.adapter.pretrained_pooler()
+        if init_from_pooler and pooler is not None:
+            with torch.no_grad():
+                for ramp in self.ramps:  # a copy per layer: no shared tensors
+                    ramp.pooler.weight.copy_(pooler.weight)
+                    ramp.pooler.bias.copy_(pooler.bias)
+
+    # ---- facts ------------------------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def family(self) -> str:
+        return self.adapter.family
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.adapter.layers)
+
+    @property
+    def num_labels(self) -> int:
+        return self.model.config.num_labels
+
+    def parameter_counts(self) -> ParameterCounts:
+        """Off-ramp parameters vs the plain classifier (backbone + final head)."""
+        return ParameterCounts(
+            backbone=sum(p.numel() for p in self.model.parameters()),
+            ramps=sum(p.numel() for p in self.ramps.parameters()),
+        )
+
+    def backbone_parameters(self):
+        return self.model.parameters()
+
+    # ---- layer-by-layer pieces (the early-exit engine drives these) -----------------------------
+    def embed(self, input_ids, token_type_ids=None) -> torch.Tensor:
+        """[batch, seq] -> [batch, seq, hidden]."""
+        return self.adapter.embed(input_ids, token_type_ids)
+
+    def prepare_mask(self, attention_mask, hidden):
+        return self.adapter.prepare_mask(attention_mask, hidden)
+
+    def run_layer(self, i: int, hidden, mask) -> torch.Tensor:
+        """Layer i (0-based): [batch, seq, hidden] -> [batch, seq, hidden]."""
+        return self.adapter.run_layer(i, hidden, mask)
+
+    def exit_logits(self, i: int, hidden, attention_mask) -> torch.Tensor:
+        """Logits of the exit after layer i (0-based): off-ramp, or the model's own head at the last layer.
+        [batch, seq, hidden] -> [batch, classes]."""
+        if i == self.num_layers - 1:
+            return self.adapter.head(hidden)
+        return self.ramps[i](hidden, attention_mask)
+
+    # ---- whole passes -----------------------------------------------------------------------------
+    def forward(self, input_ids, attention_mask, token_type_ids=None, return_hidden: bool = False):
+        """Logits of every exit in one pass: -> [layers, batch, classes]
+        (and, with return_hidden, the hidden states [layers + 1, batch, seq, hidden])."""
+        hidden = self.embed(input_ids, token_type_ids)
+        mask = self.prepare_mask(attention_mask, hidden)
+        logits, states = [], [hidden]
+        for i in range(self.num_layers):
+            hidden = self.run_layer(i, hidden, mask)
+            states.append(hidden)
+            logits.append(self.exit_logits(i, hidden, attention_mask))
+        out = torch.stack(logits)
+        return (out, torch.stack(states)) if return_hidden else out
+
+    def pooled_states(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """What each off-ramp reads before its trainable part: [layers - 1, batch, hidden]. Stage 2 caches
+        this once, since the backbone is frozen."""
+        hidden = self.embed(input_ids, token_type_ids)
+        mask = self.prepare_mask(attention_mask, hidden)
+        pooled = []
+        for i in range(self.num_layers - 1):
+            hidden = self.run_layer(i, hidden, mask)
+            pooled.append(self.ramps[i].pool(hidden, attention_mask))
+        return torch.stack(pooled)
+
+    def final_logits(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """The plain classifier's logits (what stage 1 trains): [batch, classes]."""
+        kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kw).logits
+
+    @classmethod
+    def from_backbone(
+        cls, name_or_path: str, label_names: list[str], ramp_cfg: RampConfig | None = None
+    ) -> "HighwayModel":
+        """A fresh highway model over a pretrained backbone (hub name or local folder), with a new head
+        for ``label_names`` and off-ramps whose poolers copy the pretrained pooler where there is one."""
+        from transformers import AutoModelForSequenceClassification
+
+        model = load_hf(
+            AutoModelForSequenceClassification,
+            name_or_path,
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)},
+        )
+        adapter_for(model)  # fail early on an unsupported family
+        return cls(model, ramp_cfg)
+
+
+def _hidden_dropout(cfg) -> float:
+    for name in ("hidden_dropout_prob", "dropout", "seq_classif_dropout"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, float):
+            return v
+    return 0.1
+
+
+def load_hf(loader, name_or_path: str, **kw):
+    """``loader.from_pretrained`` with safetensors only and one clear error when the model can't be had
+    (not a local folder and the hub unreachable)."""
+    import os
+
+    try:
+        return loader.from_pretrained(name_or_path, use_safetensors=True, **kw) if _is_model(loader) else loader.from_pretrained(name_or_path, **kw)
+    except (OSError, ValueError) as e:
+        where = "local folder" if os.path.isdir(name_or_path) else "hub name"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = "" if os.path.isdir(name_or_path) else " (no such local folder; offline? set HF_HUB_OFFLINE=0 and check the network)"
+        raise UserError(f"cannot load '{name_or_path}' ({where}){hint}: {first}") from None
+
+
+def _is_model(loader) -> bool:
+    return "Model" in getattr(loader, "__name__", "")

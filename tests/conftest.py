@@ -1,0 +1,154 @@
+"""Tiny deterministic models and data for fast component tests (no network)."""
+from __future__ import annotations
+
+import json
+import random
+
+import os
+
+import pytest
+
+# tiny models gain nothing from threads, and oversubscribed OpenMP threads crawl on a busy 2-core box
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("DEEBERT_NO_PROGRESS", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    import torch
+
+    torch.set_num_threads(1)
+
+WORDS = (
+    "good great fine superb lovely brilliant moving fun charming smart "
+    "bad awful dull boring poor weak messy tedious bland lame "
+    "the a film movie plot story acting cast it is was very not quite so and but"
+).split()
+POSITIVE, NEGATIVE = WORDS[:10], WORDS[10:20]
+
+
+def write_vocab(path) -> str:
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    path.write_text("\n".join(specials + WORDS) + "\n")
+    return str(path)
+
+
+def tiny_config(family: str, num_labels: int = 2, layers: int = 4, vocab_size: int = 64):
+    from transformers import AutoConfig
+
+    common = dict(num_labels=num_labels, vocab_size=vocab_size)
+    if family == "distilbert":
+        return AutoConfig.for_model("distilbert", dim=32, n_layers=layers, n_heads=4, hidden_dim=64,
+                                    max_position_embeddings=128, **common)
+    kw = dict(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64,
+              max_position_embeddings=130, type_vocab_size=2, **common)
+    if family == "electra":
+        kw["embedding_size"] = 16  # exercises embeddings_project
+    if family in ("roberta", "xlm-roberta"):
+        kw.update(pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    return AutoConfig.for_model(family, **kw)
+
+
+def tiny_classifier(family: str, num_labels: int = 2, layers: int = 4, seed: int = 0):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(tiny_config(family, num_labels, layers))
+    return model.eval()
+
+
+def make_tiny_backbone(tmp_path, layers: int = 4, seed: int = 0, name: str = "tiny-bert") -> str:
+    """A saved tiny BERT (with pooler) + WordPiece tokenizer, usable as --model."""
+    import torch
+    from transformers import BertForSequenceClassification, BertTokenizer
+
+    out = tmp_path / name
+    out.mkdir()
+    vocab = write_vocab(tmp_path / f"{name}-vocab.txt")
+    tok = BertTokenizer(vocab=vocab, do_lower_case=True)
+    torch.manual_seed(seed)
+    cfg = tiny_config("bert", 2, layers, vocab_size=len(tok))
+    model = BertForSequenceClassification(cfg)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def make_sentiment_rows(n: int, seed: int = 0, with_score: bool = True) -> list[dict]:
+    """Synthetic sentiment rows: label follows the majority of polar words; some rows are easy
+    (many polar words), some hard (mixed), so exits really fire at different layers."""
+    rng = random.Random(seed)
+    filler = WORDS[20:]
+    rows = []
+    for i in range(n):
+        label = i % 2
+        k = rng.randint(1, 6)
+        own = POSITIVE if label else NEGATIVE
+        other = NEGATIVE if label else POSITIVE
+        words = [rng.choice(own) for _ in range(k)] + [rng.choice(other) for _ in range(rng.randint(0, k - 1))]
+        words += [rng.choice(filler) for _ in range(rng.randint(1, 12))]
+        rng.shuffle(words)
+        row = {"text": " ".join(words), "label": "positive" if label else "negative"}
+        if with_score:
+            row["score"] = round((1 if label else -1) * (0.5 + k / 2), 3)
+        rows.append(row)
+    return rows
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory) -> str:
+    return make_tiny_backbone(tmp_path_factory.mktemp("backbone"))
+
+
+def make_data_dir(tmp_path, n_train: int = 200, n_val: int = 60, name: str = "data") -> str:
+    d = tmp_path / name
+    d.mkdir()
+    write_jsonl(d / "train.jsonl", make_sentiment_rows(n_train, 0))
+    write_jsonl(d / "validation.jsonl", make_sentiment_rows(n_val, 1))
+    write_jsonl(d / "test.jsonl", make_sentiment_rows(n_val, 2))
+    return str(d)
+
+
+def train_tiny_checkpoint(tmp_path, exits: bool = True, name: str = "ckpt", **ft) -> str:
+    """Stage 1 (+ stage 2) on synthetic sentiment data with a tiny BERT: a few seconds."""
+    from deebert_cli.core.config import FinetuneConfig, TrainExitsConfig
+    from deebert_cli.core.training import finetune, train_exits
+
+    backbone = make_tiny_backbone(tmp_path, name=f"{name}-backbone")
+    data = make_data_dir(tmp_path, name=f"{name}-data")
+    out = str(tmp_path / name)
+    kw = dict(model=backbone, dataset=data, output=out, epochs=8, lr=3e-3, batch_size=16, device="cpu")
+    kw.update(ft)
+    finetune(FinetuneConfig(**kw))
+    if exits:
+        train_exits(TrainExitsConfig(checkpoint=out, epochs=10, lr=3e-3, device="cpu"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_ckpt(tmp_path_factory) -> str:
+    """A tiny checkpoint with trained off-ramps (shared, read-only by convention)."""
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("trained"))
+
+
+@pytest.fixture(scope="session")
+def stage1_ckpt(tmp_path_factory) -> str:
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("stage1"), exits=False)
+
+
+def mixed_lines(n: int, seed: int = 5) -> list:
+    """Inputs of very different lengths for batching tests."""
+    rng = random.Random(seed)
+    rows = make_sentiment_rows(n, seed, with_score=False)
+    out = []
+    for r in rows:
+        words = r["text"].split()
+        reps = rng.choice([1, 1, 2, 4])
+        out.append(" ".join(words * reps))
+    return out

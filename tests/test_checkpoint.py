@@ -1,0 +1,76 @@
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_classifier
+from deebert_cli.core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from deebert_cli.core.modeling import HighwayModel
+
+
+def _ids():
+    ids = torch.randint(5, 60, (3, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "roberta"])
+def test_save_load_round_trip_gives_identical_logits_for_every_exit(family, tmp_path, monkeypatch):
+    hw = HighwayModel(tiny_classifier(family)).eval()
+    with torch.no_grad():
+        for r in hw.ramps:  # make the off-ramps non-trivial
+            r.classifier.weight.normal_()
+    ids, mask = _ids()
+    with torch.no_grad():
+        before = hw(ids, mask)
+    save_checkpoint(Checkpoint(hw, None, {"stage": "exits_trained"}), tmp_path / "ck")
+    files = sorted(os.listdir(tmp_path / "ck"))
+    assert "model.safetensors" in files and "highway.safetensors" in files
+    assert not any(f.endswith((".bin", ".pt", ".pkl", ".pth")) for f in files)
+
+    def no_pickles(*a, **k):
+        raise AssertionError("torch.load (pickle) was called")
+
+    monkeypatch.setattr(torch, "load", no_pickles)
+    ck = load_checkpoint(tmp_path / "ck")
+    with torch.no_grad():
+        after = ck.model(ids, mask)
+    assert torch.equal(before, after)
+    assert ck.exits_trained
+
+
+def test_final_exit_loads_as_plain_transformers_classifier(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    hw = HighwayModel(tiny_classifier("bert")).eval()
+    save_checkpoint(Checkpoint(hw, None, {}), tmp_path / "ck")
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ck").eval()
+    ids, mask = _ids()
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids, attention_mask=mask).logits, hw(ids, mask)[-1], atol=1e-6)
+
+
+def test_interrupted_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    hw = HighwayModel(tiny_classifier("bert")).eval()
+    target = tmp_path / "ck"
+    save_checkpoint(Checkpoint(hw, None, {"stage": "finetuned"}), target)
+    good = load_file(str(target / "highway.safetensors"))
+
+    with torch.no_grad():
+        for p in hw.ramps.parameters():
+            p.add_(1.0)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(Checkpoint(hw, None, {"stage": "exits_trained"}), target)
+    monkeypatch.undo()
+    ck = load_checkpoint(target)
+    assert ck.stage == "finetuned"
+    after = load_file(str(target / "highway.safetensors"))
+    assert all(torch.equal(good[k], after[k]) for k in good)
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporary left behind

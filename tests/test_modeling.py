@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from conftest import tiny_classifier
+from deebert_cli.core.modeling import HighwayModel
+
+FAMILIES = ["bert", "roberta", "xlm-roberta", "distilbert", "electra"]
+
+
+def _inputs(family, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 60, (4, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[2, 3:] = 0
+    pad = 1 if family in ("roberta", "xlm-roberta") else 0
+    ids[mask == 0] = pad
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_by_layer_forward_equals_transformers_forward(family):
+    model = tiny_classifier(family)
+    hw = HighwayModel(model).eval()
+    ids, mask = _inputs(family)
+    with torch.no_grad():
+        logits, states = hw(ids, mask, return_hidden=True)
+        ref = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    ref_states = torch.stack(ref.hidden_states)  # [L+1, b, s, h]
+    assert states.shape == ref_states.shape
+    real = mask.bool()
+    assert (states - ref_states)[:, real].abs().max().item() < 1e-5
+    assert torch.allclose(logits[-1], ref.logits, atol=1e-5)
+    assert logits.shape == (hw.num_layers, 4, 2)
+    # the early-exit pieces give the same exits as the all-exits pass
+    with torch.no_grad():
+        h = hw.embed(ids)
+        m = hw.prepare_mask(mask, h)
+        for i in range(hw.num_layers):
+            h = hw.run_layer(i, h, m)
+            assert torch.allclose(hw.exit_logits(i, h, mask), logits[i], atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pretrained_weights_are_the_ones_loaded(family, tmp_path):
+    src = tiny_classifier(family, seed=3)
+    src.save_pretrained(tmp_path / "m")
+    hw = HighwayModel.from_backbone(str(tmp_path / "m"), ["a", "b"])
+    base_name = hw.adapter.base_attr
+    loaded = dict(hw.model.named_parameters())
+    for name, p in src.named_parameters():
+        if name.startswith(base_name):
+            assert torch.equal(loaded[name], p), name
+    pooler = hw.adapter.pretrained_pooler()
+    if family == "bert":  # off-ramps start as copies of the pretrained pooler
+        for ramp in hw.ramps:
+            assert torch.equal(ramp.pooler.weight, src.bert.pooler.dense.weight)
+    else:
+        assert pooler is None
+
+
+def test_off_ramps_are_distinct_modules_per_layer():
+    hw = HighwayModel(tiny_classifier("bert"))
+    ptrs = [p.data_ptr() for r in hw.ramps for p in r.parameters()]
+    assert len(ptrs) == len(set(ptrs))
+    with torch.no_grad():
+        hw.ramps[0].pooler.weight.add_(1.0)
+    assert not torch.equal(hw.ramps[0].pooler.weight, hw.ramps[1].pooler.weight)
+    assert len(hw.ramps) == hw.num_layers - 1
+
+
+def test_parameter_overhead_formula_and_bert_base_size():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    with torch.device("meta"):
+        base = BertForSequenceClassification(BertConfig(num_labels=2))
+        hw = HighwayModel(base, init_from_pooler=False)
+    counts = hw.parameter_counts()
+    h, c = 768, 2
+    assert counts.ramps == 11 * (h * h + h + h * c + c)  # 11 off-ramps: the 12th exit is BERT's own head
+    assert 109e6 < counts.backbone < 110e6
+    assert 0.055 < counts.overhead < 0.065

@@ -1,0 +1,192 @@
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import mixed_lines
+from deebert_cli.cli.app import app
+from deebert_cli.core.checkpoint import load_checkpoint
+from deebert_cli.core.data import encode
+from deebert_cli.core.exits import normalized_entropy
+from deebert_cli.core.inference import ExitRule, PredictStats, predict_stream
+from deebert_cli.core.training import collect
+
+runner = CliRunner()
+
+
+def all_exit_entropies(ckpt, lines):
+    enc = encode(ckpt.tokenizer, lines, None, 128)
+    logits = collect(ckpt.model, enc, ckpt.tokenizer.pad_token_id, 16, "cpu", pooled=False, all_logits=True)["logits"]
+    return normalized_entropy(logits)  # [L, n]
+
+
+def spread_threshold(ent):
+    """A threshold that sends samples out at several layers and sits far (> 1e-3) from every entropy, so
+    float noise from padding can't flip a decision."""
+    vals = sorted(set(ent[:-1].flatten().tolist()))
+    target = torch.quantile(ent[0], 0.4).item()
+    best = None
+    for a, b in zip(vals, vals[1:]):
+        if b - a > 2e-3:
+            mid = (a + b) / 2
+            if best is None or abs(mid - target) < abs(best - target):
+                best = mid
+    return best
+
+
+def run(ckpt, lines, rule, **kw):
+    stats = PredictStats(ckpt.model.num_layers)
+    return list(predict_stream(ckpt, iter(lines), rule, "cpu", stats=stats, **kw)), stats
+
+
+def test_batched_early_exit_equals_one_at_a_time(trained_ckpt):
+    ckpt = load_checkpoint(trained_ckpt)
+    lines = mixed_lines(240)
+    thr = spread_threshold(all_exit_entropies(ckpt, lines))
+    rule = ExitRule([thr] * ckpt.model.num_layers)
+    one, s1 = run(ckpt, lines, rule, batch_size=1, window=1)
+    assert sum(c > 0 for c in s1.histogram) >= 3, f"exits must fire at several layers: {s1.histogram}"
+    for kw in (dict(batch_size=32, window=64), dict(batch_size=32, window=1024),
+               dict(batch_size=32, engine="refill"), dict(batch_size=7, window=50, engine="refill")):
+        many, _ = run(ckpt, lines, rule, **kw)
+        assert [r.index for r in many] == list(range(len(lines)))
+        for a, b in zip(one, many):
+            assert (a.label, a.exit_layer) == (b.label, b.exit_layer), (kw, a, b)
+            assert abs(a.confidence - b.confidence) < 1e-4 and abs(a.entropy - b.entropy) < 1e-4
+
+
+def test_exit_layers_match_the_all_exits_pass(trained_ckpt):
+    ckpt = load_checkpoint(trained_ckpt)
+    lines = mixed_lines(100, seed=9)
+    ent = all_exit_entropies(ckpt, lines)
+    thr = spread_threshold(ent)
+    fires = ent < thr
+    fires[-1] = True
+    expected = (fires.int().argmax(0) + 1).tolist()
+    got, _ = run(ckpt, lines, ExitRule([thr] * ckpt.model.num_layers), batch_size=16)
+    assert [r.exit_layer for r in got] == expected
+
+
+def test_threshold_extremes(trained_ckpt):
+    ckpt = load_checkpoint(trained_ckpt)
+    L = ckpt.model.num_layers
+    lines = mixed_lines(50)
+    zero, s0 = run(ckpt, lines, ExitRule([0.0] * L))
+    assert s0.histogram == [0] * (L - 1) + [50]
+    top, s1 = run(ckpt, lines, ExitRule([1.0] * L))
+    assert s1.histogram == [50] + [0] * (L - 1)
+    raw, s2 = run(ckpt, lines, ExitRule([5.0] * L, entropy="raw"))  # above ln 2
+    assert s2.histogram[0] == 50
+    assert s0.layer_saving == 0 and s1.layer_saving == pytest.approx(1 - 1 / L)
+
+
+def test_nothing_lost_cli(trained_ckpt, tmp_path):
+    long_line = " ".join(["good film"] * 400)
+    raw = (b"good great film\n\n   \nbad awful boring\r\nnot so good\n\xff\xfe bad \xc3\n" + long_line.encode() + b"\nthe end")
+    r = runner.invoke(app, ["predict", "--checkpoint", trained_ckpt, "--format", "jsonl", "--device", "cpu"], input=raw)
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(l) for l in r.stdout.splitlines()]
+    assert len(rows) == 8
+    assert [row["empty"] for row in rows] == [False, True, True, False, False, False, False, False]
+    assert rows[0]["label"] == "positive" and rows[3]["label"] == "negative"
+    assert all(1 <= row["exit_layer"] <= 4 for row in rows if not row["empty"])
+    assert r.stderr.count("not UTF-8") == 1
+    assert "1 line(s) were longer than 128 tokens" in r.stderr
+    # text and tsv keep one line per input too (tsv adds one header line)
+    for fmt, extra in (("text", 0), ("tsv", 1)):
+        r = runner.invoke(app, ["predict", "--checkpoint", trained_ckpt, "--format", fmt, "--device", "cpu"], input=raw)
+        assert r.exit_code == 0 and len(r.stdout.splitlines()) == 8 + extra
+    r = runner.invoke(app, ["predict", "--checkpoint", trained_ckpt, "--device", "cpu"], input=b"")
+    assert r.exit_code == 0 and r.stdout == ""
+
+
+def test_input_output_files_and_all_probs(trained_ckpt, tmp_path):
+    inp = tmp_path / "in.txt"
+    inp.write_text("good film\nbad film\n")
+    outp = tmp_path / "out.tsv"
+    r = runner.invoke(app, ["predict", "--checkpoint", trained_ckpt, "--input", inp, "--output", outp, "--format", "tsv",
+                            "--all-probs", "--threshold", "0.2", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    header, *rows = outp.read_text().splitlines()
+    assert header.split("\t") == ["label", "confidence", "exit_layer", "entropy_normalized", "empty", "prob_negative", "prob_positive"]
+    assert len(rows) == 2
+    for row in rows:
+        cells = row.split("\t")
+        assert abs(float(cells[5]) + float(cells[6]) - 1) < 1e-5
+        assert float(cells[1]) == pytest.approx(max(float(cells[5]), float(cells[6])), abs=1e-6)
+    assert "summary" in r.stderr and "mean exit layer" in r.stderr
+
+
+def test_streaming_is_lazy_and_bounded(trained_ckpt):
+    ckpt = load_checkpoint(trained_ckpt)
+    consumed = 0
+    source = mixed_lines(300)
+
+    def lines():
+        nonlocal consumed
+        for k in range(20000):
+            consumed += 1
+            yield source[k % len(source)]
+
+    rule = ExitRule([0.5] * ckpt.model.num_layers)
+    for engine in ("shrink", "refill"):
+        consumed = 0
+        worst = 0
+        for k, r in enumerate(predict_stream(ckpt, lines(), rule, "cpu", batch_size=32, window=256, engine=engine), 1):
+            assert r.index == k - 1
+            worst = max(worst, consumed - k)  # lines read but not yet written
+            if k == 1:
+                assert consumed <= 256  # output starts after the first window, not the whole input
+        assert k == 20000
+        # memory stays flat: at most the window being read plus, for refill, rows a window behind
+        bound = 256 if engine == "shrink" else 2 * 256 + 32 * ckpt.model.num_layers
+        assert worst <= bound, (engine, worst)
+
+
+def test_output_begins_before_input_ends(trained_ckpt):
+    proc = subprocess.Popen([sys.executable, "-m", "deebert_cli", "predict", "--checkpoint", trained_ckpt,
+                             "--window", "64", "--device", "cpu", "--no-summary"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        proc.stdin.write(("good film\n" * 200).encode())
+        proc.stdin.flush()
+        first = proc.stdout.readline()  # would block forever if output waited for end of input
+        assert first.startswith(b"positive")
+    finally:
+        proc.stdin.close()
+        rest = proc.stdout.read()
+        proc.wait(timeout=60)
+    assert len(rest.splitlines()) == 199
+
+
+def test_bad_inputs(trained_ckpt, stage1_ckpt, tmp_path):
+    def err(*args):
+        r = runner.invoke(app, ["predict", *map(str, args), "--device", "cpu"], input="good\n")
+        assert r.exit_code == 2, r.output
+        assert "Traceback" not in r.output
+        return r.output
+
+    assert "no checkpoint" in err("--checkpoint", tmp_path / "none")
+    out = err("--checkpoint", stage1_ckpt, "--threshold", "0.3")
+    assert "deebert train-exits" in out and "--threshold 0" in out
+    assert "out of range" in err("--checkpoint", trained_ckpt, "--threshold", "1.5")
+    assert ">= 0" in err("--checkpoint", trained_ckpt, "--threshold", "-0.1")
+    assert "needs 3 values" in err("--checkpoint", trained_ckpt, "--thresholds", "0.1,0.2")
+    assert "does not exist" in err("--checkpoint", trained_ckpt, "--input", tmp_path / "nope.txt")
+    # a stage-1 checkpoint still predicts at full depth with --threshold 0
+    r = runner.invoke(app, ["predict", "--checkpoint", stage1_ckpt, "--threshold", "0", "--device", "cpu"], input="good\n")
+    assert r.exit_code == 0 and "exit 4/4" in r.stdout
+
+
+def test_per_layer_thresholds(trained_ckpt):
+    ckpt = load_checkpoint(trained_ckpt)
+    lines = mixed_lines(60)
+    # layers 1-2 never exit, layer 3 takes everyone
+    r = runner.invoke(app, ["predict", "--checkpoint", trained_ckpt, "--thresholds", "0,0,1", "--format", "jsonl",
+                            "--device", "cpu"], input="\n".join(lines) + "\n")
+    assert r.exit_code == 0, r.output
+    assert {json.loads(l)["exit_layer"] for l in r.stdout.splitlines()} == {3}
