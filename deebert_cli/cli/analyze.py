@@ -45,7 +45,7 @@ def analyze(
         from ..core.analysis import analyze as run, plot_analysis
         from ..core.config import AnalyzeConfig
 
-        cfg = make_config(ctx, AnalyzeConfig, config, values)
+        cfg = make_config(ctx, AnalyzeConfig, config, values, params={"json": "json_path"})
         if cfg.plot:
             try:
                 import matplotlib  # noqa: F401
@@ -84,13 +84,14 @@ def render(a, show_layers: bool = True) -> None:
     unit = "normalized entropy" if a.entropy == "normalized" else "entropy (nats)"
     out.print(f"[bold]threshold sweep[/] ({unit}; exact, from the all-exits pass; * = recommended)")
     t = Table()
-    for c in ("threshold", "accuracy", "Δ vs full", "mean exit", "layer saving", "wall saving", "exit histogram (layers 1..L)"):
-        t.add_column(c, justify="right" if c != "exit histogram (layers 1..L)" else "left")
+    for c in ("threshold", "accuracy", "Δ points", "mean exit", "layer saving", "wall saving"):
+        t.add_column(c, justify="right")
+    t.add_column("exits at layers 1..L", justify="left", no_wrap=True)
     for r in a.sweep:
         star = " *" if a.recommendation is not None and r.threshold == a.recommendation.threshold else ""
         t.add_row(f"{r.threshold:g}{star}", pct(r.accuracy), f"{r.accuracy_change:+.2f}", f"{r.mean_exit_layer:.2f}",
                   pct(r.layer_saving), pct(r.wall_saving) if r.wall_saving is not None else "",
-                  " ".join(str(c) for c in r.histogram))
+                  "/".join(str(c) for c in r.histogram))
     out.print(t)
     rec = a.recommendation
     if rec is None:
@@ -108,12 +109,12 @@ def render(a, show_layers: bool = True) -> None:
     dw = a.dead_weight
     notes = []
     if dw["rarely_exited_layers"]:
-        notes.append(f"layers {', '.join(map(str, dw['rarely_exited_layers']))} take < {dw['exit_share_below']:.0%} of exits at the recommended threshold")
+        notes.append(f"{_layers(dw['rarely_exited_layers'])} take < {dw['exit_share_below']:.0%} of exits at the recommended threshold")
     if dw["layers_after_saturation"]:
-        notes.append(f"accuracy is within 0.5 points of its best by layer {dw['accuracy_saturates_at_layer']}; "
-                     f"layers {', '.join(map(str, dw['layers_after_saturation']))} add little")
+        notes.append(f"accuracy is within 0.5 points of its best by layer {dw['accuracy_saturates_at_layer']}, "
+                     f"so later layers ({', '.join(map(str, dw['layers_after_saturation']))}) add little")
     if dw["accuracy_falls_at_layers"]:
-        notes.append(f"accuracy falls at layers {', '.join(map(str, dw['accuracy_falls_at_layers']))}")
+        notes.append(f"accuracy falls at {_layers(dw['accuracy_falls_at_layers'])}")
     notes.append(f"off-ramps add {m['off_ramp_parameters'] / 1e6:.2f}M parameters to {m['backbone_parameters'] / 1e6:.2f}M "
                  f"({100 * m['overhead']:.1f}%)")
     out.print("[bold]dead weight:[/] " + "; ".join(notes))
@@ -124,3 +125,7 @@ def render(a, show_layers: bool = True) -> None:
                 mark = "✓" if e["label"] == e["predicted"] else "✗"
                 text = e["text"] if len(e["text"]) <= 90 else e["text"][:87] + "..."
                 out.print(f"  L{layer} {mark} [{e['predicted']}] {text}", soft_wrap=True, markup=False)
+
+
+def _layers(ls: list) -> str:
+    return ("layer " if len(ls) == 1 else "layers ") + ", ".join(map(str, ls))

@@ -50,23 +50,24 @@ def user_errors(interrupted_note: str = ""):
         raise typer.Exit(130)
 
 
-def explicit_flags(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
-    """Only the options the user typed (so that a --config file is not overridden by flag defaults)."""
+def explicit_flags(ctx: typer.Context, values: dict[str, Any], params: dict[str, str] | None = None) -> dict[str, Any]:
+    """Only the options the user typed (so that a --config file is not overridden by flag defaults).
+    ``params`` maps a config field to its parameter name where they differ."""
     keep = {}
     for name, value in values.items():
-        src = ctx.get_parameter_source(name)
+        src = ctx.get_parameter_source((params or {}).get(name, name))
         # compare by name: typer may ship its own click, whose enum is not click.core's
         if src is not None and getattr(src, "name", str(src)) not in ("DEFAULT", "DEFAULT_MAP"):
             keep[name] = value
     return keep
 
 
-def make_config(ctx: typer.Context, cls, config_file, values: dict[str, Any]):
+def make_config(ctx: typer.Context, cls, config_file, values: dict[str, Any], params: dict[str, str] | None = None):
     """defaults < --config YAML < typed flags -> validated ``cls``."""
     from ..core.config import build_config, read_yaml
 
     file_values = read_yaml(config_file) if config_file else {}
-    return build_config(cls, file_values, explicit_flags(ctx, values))
+    return build_config(cls, file_values, explicit_flags(ctx, values, params))
 
 
 class RichProgress:

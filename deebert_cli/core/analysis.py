@@ -67,14 +67,14 @@ def sweep_from_logits(logits: torch.Tensor, labels: list, thresholds: list, kind
     ent = exit_entropy(logits, kind)  # [L, n]
     preds = logits.argmax(-1)  # [L, n]
     y = torch.tensor(labels)
-    full_acc = (preds[-1] == y).float().mean().item()
+    full_acc = (preds[-1] == y).sum().item() / n
     top = max_entropy(C, kind)
     rows = []
     for t in thresholds:
         thr = torch.full((L,), math.inf if t >= top else float(t))
         layer = first_exit(ent, thr)  # [n] 0-based
         pred = preds.gather(0, layer.view(1, -1)).squeeze(0)
-        acc = (pred == y).float().mean().item()
+        acc = (pred == y).sum().item() / n
         hist = torch.bincount(layer, minlength=L).tolist()
         mean = (layer.float() + 1).mean().item()
         rows.append(SweepRow(float(t), acc, macro_f1(pred.tolist(), labels, C), 100 * (acc - full_acc), mean,
@@ -197,27 +197,39 @@ def plot_analysis(a: Analysis, path: str) -> None:
         raise UserError("--plot needs matplotlib: pip install 'deebert-cli[plot]' (or pip install matplotlib)") from None
     fig, axes = plt.subplots(1, 3, figsize=(16, 5), constrained_layout=True)
     ax = axes[0]
-    xs = [100 * r.layer_saving for r in a.sweep]
-    ys = [100 * r.accuracy for r in a.sweep]
-    ax.plot(xs, ys, "o-", label="layer saving (exact, all-exits pass)")
-    timed = [r for r in a.sweep if r.wall_saving is not None]
-    if timed:
-        ax.plot([100 * r.wall_saving for r in timed], [100 * r.accuracy for r in timed], "s--", color="tab:orange",
-                label="measured wall-clock saving")
     full = 100 * a.layers[-1]["accuracy"]
+    # focus on the region a user chooses from; thresholds far below the budget are clipped, not hidden
+    floor = full - max(5.0, 8 * a.max_drop)
+    shown = [r for r in a.sweep if 100 * r.accuracy >= floor]
+    clipped = len(a.sweep) - len(shown)
+    ax.plot([100 * r.layer_saving for r in shown], [100 * r.accuracy for r in shown], "o-",
+            label="layer saving (exact, all-exits pass)")
+    timed = [r for r in shown if r.wall_saving is not None]
+    if timed:
+        ax.plot([100 * r.wall_saving for r in timed], [100 * r.accuracy for r in timed], "s", color="tab:orange",
+                markersize=8, label="measured wall-clock saving")
     ax.axhline(full, color="gray", lw=0.8, ls=":", label=f"full depth ({full:.1f}%)")
-    ax.axhline(full - a.max_drop, color="tab:red", lw=0.8, ls=":", label=f"budget: -{a.max_drop:g} points")
+    ax.axhline(full - a.max_drop, color="tab:red", lw=0.8, ls="--", label=f"budget: -{a.max_drop:g} points")
     if a.recommendation:
         r = a.recommendation
-        ax.annotate(f"recommended\nthreshold {r.threshold:g}", (100 * r.layer_saving, 100 * r.accuracy),
-                    textcoords="offset points", xytext=(10, -30), arrowprops={"arrowstyle": "->"})
-    for r in a.sweep[:: max(1, len(a.sweep) // 6)]:
-        ax.annotate(f"{r.threshold:g}", (100 * r.layer_saving, 100 * r.accuracy), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points", color="tab:blue")
+        ax.annotate(f"recommended: {r.threshold:g}", (100 * r.layer_saving, 100 * r.accuracy),
+                    textcoords="offset points", xytext=(-45, -45), ha="center", arrowprops={"arrowstyle": "->"})
+    last_x = -99.0
+    for r in shown:  # label thresholds that are not crowded together
+        x = 100 * r.layer_saving
+        if x - last_x >= 3:
+            ax.annotate(f"{r.threshold:g}", (x, 100 * r.accuracy), fontsize=7, xytext=(0, 6),
+                        textcoords="offset points", ha="center", color="tab:blue")
+            last_x = x
+    ys = [100 * r.accuracy for r in shown]
+    ax.set_ylim(min(ys + [full - a.max_drop]) - 1, max(ys + [full]) + 1)
+    if clipped:
+        ax.text(0.99, 0.02, f"{clipped} threshold(s) below {floor:.1f}% not shown", transform=ax.transAxes,
+                ha="right", fontsize=8, color="gray")
     ax.set_xlabel("saving vs full depth (%)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"Speed/accuracy trade-off ({a.entropy} entropy thresholds)")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper right")
     ax.grid(alpha=0.3)
 
     ax = axes[1]
