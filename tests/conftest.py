@@ -11,6 +11,9 @@ import pytest
 # tiny models gain nothing from threads, and oversubscribed OpenMP threads crawl on a busy 2-core box
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DEEBERT_NO_PROGRESS", "1")
+# tests never touch the network: hub names must fail fast and clearly
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -74,3 +74,15 @@ def test_interrupted_write_leaves_previous_checkpoint_intact(tmp_path, monkeypat
     after = load_file(str(target / "highway.safetensors"))
     assert all(torch.equal(good[k], after[k]) for k in good)
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporary left behind
+
+
+def test_public_api_from_the_package(trained_ckpt):
+    import deebert_cli
+
+    ck = deebert_cli.load_checkpoint(trained_ckpt)
+    rule = deebert_cli.ExitRule([0.3] * ck.model.num_layers)
+    res = list(deebert_cli.predict_stream(ck, ["good great film", "", "bad awful dull"], rule, "cpu"))
+    assert [r.empty for r in res] == [False, True, False]
+    assert [ck.label_names[r.label] for r in (res[0], res[2])] == ["positive", "negative"]
+    assert float(deebert_cli.normalized_entropy(torch.zeros(3))) == pytest.approx(1.0)
+    assert deebert_cli.HighwayModel is type(ck.model)

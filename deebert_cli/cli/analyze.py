@@ -25,7 +25,8 @@ def analyze(
     max_drop: float = typer.Option(0.5, help="Accuracy budget in percentage points for the recommended threshold."),
     timing_thresholds: Optional[str] = typer.Option(None, help="Extra thresholds to time with real early-exit runs (full depth and the recommendation are always timed)."),
     batch_size: int = typer.Option(32, help="Batch size of the passes and timed runs."),
-    examples: int = typer.Option(3, help="Evaluation texts to show per exit layer at the recommended threshold."),
+    examples: int = typer.Option(3, help="Evaluation texts to show per exit layer."),
+    example_threshold: Optional[float] = typer.Option(None, help="Threshold for the examples by exit layer (default: the recommended one)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every figure to this JSON file."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw accuracy vs saving and the exit histogram to this PNG (needs matplotlib)."),
     device: str = DEVICE_OPT,
@@ -119,7 +120,7 @@ def render(a, show_layers: bool = True) -> None:
                  f"({100 * m['overhead']:.1f}%)")
     out.print("[bold]dead weight:[/] " + "; ".join(notes))
     if a.examples:
-        out.print(f"[bold]examples by exit layer[/] (threshold {rec.threshold:g}):")
+        out.print(f"[bold]examples by exit layer[/] (threshold {a.example_threshold:g}):")
         for layer, exs in a.examples.items():
             for e in exs:
                 mark = "✓" if e["label"] == e["predicted"] else "✗"

@@ -53,7 +53,8 @@ class Analysis:
     recommendation: SweepRow | None
     test: dict | None  # how the recommendation holds on a test split
     dead_weight: dict
-    examples: dict  # layer -> [{"text", "label", "predicted"}] at the recommended threshold
+    examples: dict  # layer -> [{"text", "label", "predicted"}] at ``example_threshold``
+    example_threshold: float | None = None
     timing: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -163,10 +164,11 @@ def analyze(cfg: AnalyzeConfig, progress=None) -> Analysis:
             r.wall_saving = 1 - seconds[r.threshold] / seconds[0.0]
 
     examples = {}
-    if rec is not None and cfg.examples:
+    ex_thr = cfg.example_threshold if cfg.example_threshold is not None else (rec.threshold if rec else None)
+    if ex_thr is not None and cfg.examples:
         ent = exit_entropy(logits, cfg.entropy)
         top = max_entropy(len(names), cfg.entropy)
-        thr = torch.full((L,), math.inf if rec.threshold >= top else rec.threshold)
+        thr = torch.full((L,), math.inf if ex_thr >= top else ex_thr)
         layer = first_exit(ent, thr)
         for i in range(L):
             idx = (layer == i).nonzero().flatten().tolist()[: cfg.examples]
@@ -180,7 +182,7 @@ def analyze(cfg: AnalyzeConfig, progress=None) -> Analysis:
                "ramp": model.ramp_cfg.to_dict()},
         dataset={**dataclasses.asdict(spec), "evaluated_on": source, "n": len(ex)},
         entropy=cfg.entropy, layers=layers, sweep=rows, max_drop=cfg.max_drop, recommendation=rec, test=test,
-        dead_weight=dead_weight(layers, rec, len(ex)), examples=examples,
+        dead_weight=dead_weight(layers, rec, len(ex)), examples=examples, example_threshold=ex_thr,
         timing={"batch_size": cfg.batch_size, "seconds": {str(k): v for k, v in seconds.items()}, "device": str(device)},
     )
 

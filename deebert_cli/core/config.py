@@ -159,6 +159,7 @@ class AnalyzeConfig:
     timing_thresholds: list | None = None
     batch_size: int = 32
     examples: int = 3
+    example_threshold: float | None = None  # default: the recommended threshold
     json: str | None = None
     plot: str | None = None
     device: str = "auto"
@@ -174,6 +175,10 @@ class AnalyzeConfig:
         _check(self.max_drop >= 0, f"max_drop must be >= 0 (accuracy points), got {self.max_drop}")
         _check(self.batch_size > 0, "batch_size must be > 0")
         _check(self.examples >= 0, "examples must be >= 0")
+        if self.example_threshold is not None:
+            _check(self.example_threshold >= 0, "example_threshold must be >= 0")
+            if self.entropy == "normalized":
+                _check(self.example_threshold <= 1.0, f"threshold {self.example_threshold} is out of range: normalized entropy lies in [0, 1]")
 
 
 # ------------------------------------------------------------------------------------------------
