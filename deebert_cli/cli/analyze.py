@@ -23,7 +23,10 @@ def analyze(
     thresholds: Optional[str] = typer.Option(None, help="Thresholds to sweep, comma-separated (default: a grid over [0, 1], or [0, ln C] with --entropy raw)."),
     entropy: str = typer.Option("normalized", help="Threshold unit: normalized (0..1) or raw (nats)."),
     max_drop: float = typer.Option(0.5, help="Accuracy budget in percentage points for the recommended threshold."),
+    per_layer: bool = typer.Option(False, help="Also search one threshold per layer for the --max-drop budget (on this split)."),
+    store_thresholds: bool = typer.Option(False, help="Store the recommended threshold(s) (per-layer ones with --per-layer) in the checkpoint; predict uses them when given no threshold."),
     timing_thresholds: Optional[str] = typer.Option(None, help="Extra thresholds to time with real early-exit runs (full depth and the recommendation are always timed)."),
+    timing_repeats: int = typer.Option(2, help="Timed runs per threshold (interleaved; the fastest is kept)."),
     batch_size: int = typer.Option(32, help="Batch size of the passes and timed runs."),
     examples: int = typer.Option(3, help="Evaluation texts to show per exit layer."),
     example_threshold: Optional[float] = typer.Option(None, help="Threshold for the examples by exit layer (default: the recommended one)."),
@@ -107,6 +110,22 @@ def render(a, show_layers: bool = True) -> None:
             h = a.test["at_recommended"]
             out.print(f"on split '{a.test['split']}' (n={a.test['n']}): accuracy {pct(h['accuracy'])} "
                       f"({h['accuracy_change']:+.2f} points vs full depth), {pct(h['layer_saving'])} fewer layers")
+    if a.per_layer is not None:
+        pl = a.per_layer
+        line = (f"[bold]per-layer thresholds[/] {', '.join(f'{t:g}' for t in pl['thresholds'])} (layers 1..{m['layers'] - 1}): "
+                f"accuracy {pct(pl['accuracy'])} ({pl['accuracy_change']:+.2f} points), {pct(pl['layer_saving'])} fewer layers")
+        if pl.get("wall_saving") is not None:
+            line += f", {pct(pl['wall_saving'])} less time (measured)"
+        out.print(line)
+        if a.test and a.test.get("at_per_layer"):
+            h = a.test["at_per_layer"]
+            out.print(f"  on split '{a.test['split']}': accuracy {pct(h['accuracy'])} ({h['accuracy_change']:+.2f} points), "
+                      f"{pct(h['layer_saving'])} fewer layers")
+    if a.stored_thresholds is not None:
+        out.print(f"stored thresholds {', '.join(f'{t:g}' for t in a.stored_thresholds)} in {a.checkpoint}: "
+                  "`deebert predict` uses them when given no threshold")
+    for w in a.warnings:
+        err.print(f"[yellow]warning:[/] {w}")
     dw = a.dead_weight
     notes = []
     if dw["rarely_exited_layers"]:

@@ -71,4 +71,8 @@ def render_result(r) -> None:
     if "cache_seconds" in r.extra:
         timing += f"; cache pass {r.extra['cache_seconds']:.1f} s, off-ramp training {r.extra['train_seconds']:.1f} s"
     err.print(timing)
+    cal = r.extra.get("calibration")
+    if cal:
+        out.print("calibration (temperature, validation NLL before -> after): " + "; ".join(
+            f"L{c['layer']} T={c['temperature']:.2f} {c['nll_before']:.3f}->{c['nll_after']:.3f}" for c in cal))
     out.print(f"checkpoint: {r.checkpoint}")

@@ -55,6 +55,10 @@ class Analysis:
     dead_weight: dict
     examples: dict  # layer -> [{"text", "label", "predicted"}] at ``example_threshold``
     example_threshold: float | None = None
+    per_layer: dict | None = None  # thresholds searched per layer for the budget, and how they do
+    stored_thresholds: list | None = None  # what was written into the checkpoint (predict's default)
+    cls_spread: list = field(default_factory=list)  # per layer: spread of [CLS] states across inputs
+    warnings: list = field(default_factory=list)
     timing: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -81,6 +85,51 @@ def sweep_from_logits(logits: torch.Tensor, labels: list, thresholds: list, kind
         rows.append(SweepRow(float(t), acc, macro_f1(pred.tolist(), labels, C), 100 * (acc - full_acc), mean,
                              1 - mean / L, hist))
     return rows
+
+
+def outcome(logits: torch.Tensor, labels: list, thresholds: list, kind: str, ent: torch.Tensor | None = None) -> SweepRow:
+    """The entropy rule with one threshold per layer (``thresholds``: L-1 values) on all-exits logits."""
+    L, n, C = logits.shape
+    ent = exit_entropy(logits, kind) if ent is None else ent
+    top = max_entropy(C, kind)
+    thr = torch.tensor([math.inf if t >= top else float(t) for t in thresholds] + [0.0])
+    layer = first_exit(ent, thr)
+    preds = logits.argmax(-1)
+    y = torch.tensor(labels)
+    pred = preds.gather(0, layer.view(1, -1)).squeeze(0)
+    acc = (pred == y).sum().item() / n
+    full = (preds[-1] == y).sum().item() / n
+    mean = (layer.float() + 1).mean().item()
+    return SweepRow(float("nan"), acc, macro_f1(pred.tolist(), labels, C), 100 * (acc - full), mean, 1 - mean / L,
+                    torch.bincount(layer, minlength=L).tolist())
+
+
+def search_per_layer(logits: torch.Tensor, labels: list, grid: list, kind: str, max_drop: float) -> tuple:
+    """Greedy search of one threshold per layer (L-1 values from ``grid``) maximising layer saving with an
+    accuracy drop within ``max_drop`` points: from full depth, repeatedly take the raise of one layer's
+    threshold with the best saving gained per accuracy point lost. Returns (thresholds, SweepRow)."""
+    L = logits.shape[0]
+    grid = sorted(set([0.0, *grid]))
+    ent = exit_entropy(logits, kind)
+    cur = [0] * (L - 1)
+    best = outcome(logits, labels, [grid[j] for j in cur], kind, ent)
+    while True:
+        choice = None
+        for i in range(L - 1):
+            for j in range(cur[i] + 1, len(grid)):
+                cand = cur.copy()
+                cand[i] = j
+                row = outcome(logits, labels, [grid[k] for k in cand], kind, ent)
+                gain = row.layer_saving - best.layer_saving
+                if -row.accuracy_change > max_drop + 1e-9 or gain <= 1e-12:
+                    continue
+                score = gain / max(100 * (best.accuracy - row.accuracy), 1e-6)
+                if choice is None or score > choice[0]:
+                    choice = (score, cand, row)
+        if choice is None:
+            break
+        _, cur, best = choice
+    return [grid[j] for j in cur], best
 
 
 def recommend(rows: list, max_drop: float) -> SweepRow | None:
@@ -122,11 +171,22 @@ def analyze(cfg: AnalyzeConfig, progress=None) -> Analysis:
     ex, source = eval_examples(spec, names, cfg.split)
     max_length = ckpt.meta.get("max_length", 128)
 
-    def all_logits(examples):
+    def all_logits(examples, cls=False):
         enc = encode(tok, examples.texts, examples.pairs, max_length)
-        return collect(model.to(device), enc, tok.pad_token_id, cfg.batch_size, device, pooled=False, all_logits=True)["logits"]
+        got = collect(model.to(device), enc, tok.pad_token_id, cfg.batch_size, device, pooled=False, all_logits=True, cls=cls)
+        return (got["logits"], got["cls"]) if cls else got["logits"]
 
-    logits = all_logits(ex)  # [L, n, C]
+    logits, cls_states = all_logits(ex, cls=True)  # [L, n, C], [L, n, H]
+    # how much the first-token state varies across inputs, per layer (std over inputs, mean over dims)
+    spread = cls_states.std(1).mean(-1).tolist() if len(ex) > 1 else [float("nan")] * L
+    warnings = []
+    flat = [i + 1 for i in range(L - 1) if spread[i] < 0.05 * spread[-1]]
+    if flat and model.ramp_cfg.pooling == "cls":
+        warnings.append(
+            f"the [CLS] states of layer(s) {', '.join(map(str, flat))} barely vary across the evaluation set "
+            f"(spread {min(spread[i - 1] for i in flat):.4f}-{max(spread[i - 1] for i in flat):.4f} vs "
+            f"{spread[-1]:.4f} at layer {L}), so their off-ramps cannot tell inputs apart; retrain with "
+            "`deebert train-exits --ramp-pooling mean --ramp-norm`")
     labels = ex.labels
     layers = []
     for i in range(L):
@@ -137,31 +197,60 @@ def analyze(cfg: AnalyzeConfig, progress=None) -> Analysis:
     rows = sweep_from_logits(logits, labels, grid, cfg.entropy)
     rec = recommend(rows, cfg.max_drop)
 
+    per_layer = None
+    if cfg.per_layer:
+        fine = sorted(set(grid) | {round(k * 0.025, 3) * (1 if cfg.entropy == "normalized" else math.log(len(names))) for k in range(41)})
+        pl_thr, pl_row = search_per_layer(logits, labels, fine, cfg.entropy, cfg.max_drop)
+        per_layer = {"thresholds": pl_thr, **dataclasses.asdict(pl_row)}
+        per_layer.pop("threshold")
+
     test = None
     if cfg.split is None and cfg.test_split:
         splits = load_splits(spec.dataset)
         if cfg.test_split in splits and cfg.test_split not in (spec.train_split, spec.eval_split):
             tex, _ = to_examples(splits[cfg.test_split], spec, cfg.test_split, names)
-            trows = sweep_from_logits(all_logits(tex), tex.labels, grid, cfg.entropy)
+            tlogits = all_logits(tex)
+            trows = sweep_from_logits(tlogits, tex.labels, grid, cfg.entropy)
             held = next((r for r in trows if r.threshold == rec.threshold), None) if rec else None
             test = {"split": cfg.test_split, "n": len(tex), "sweep": [dataclasses.asdict(r) for r in trows],
                     "at_recommended": dataclasses.asdict(held) if held else None}
+            if per_layer is not None:
+                prow = dataclasses.asdict(outcome(tlogits, tex.labels, per_layer["thresholds"], cfg.entropy))
+                prow.pop("threshold")
+                test["at_per_layer"] = prow
 
-    # wall-clock: real early-exit runs over the evaluation texts at full depth and chosen thresholds
-    timed = sorted({0.0, *(cfg.timing_thresholds or []), *([rec.threshold] if rec else [])})
+    # wall-clock: real early-exit runs over the evaluation texts at full depth and chosen thresholds,
+    # interleaved and repeated (fastest run kept) so that load on a shared machine hits them alike
+    timed = {t: [t] * (L - 1) for t in sorted({0.0, *(cfg.timing_thresholds or []), *([rec.threshold] if rec else [])})}
+    if per_layer is not None:
+        timed["per-layer"] = per_layer["thresholds"]
     lines = [t if p is None else f"{t}\t{p}" for t, p in zip(ex.texts, ex.pairs or [None] * len(ex))]
-    seconds = {}
-    for t in timed:
-        rule = ExitRule([t] * L, cfg.entropy)
-        stats = PredictStats(L)
-        start = time.perf_counter()
-        for _ in predict_stream(ckpt, lines, rule, device, batch_size=cfg.batch_size, stats=stats):
-            pass
-        seconds[t] = time.perf_counter() - start
+    seconds = {k: math.inf for k in timed}
+    for _ in range(cfg.timing_repeats):
+        for key, vals in timed.items():
+            start = time.perf_counter()
+            for _ in predict_stream(ckpt, lines, ExitRule(list(vals) + [0.0], cfg.entropy), device, batch_size=cfg.batch_size):
+                pass
+            seconds[key] = min(seconds[key], time.perf_counter() - start)
     for r in rows:
         if r.threshold in seconds:
             r.measured_seconds = seconds[r.threshold]
             r.wall_saving = 1 - seconds[r.threshold] / seconds[0.0]
+    if per_layer is not None:
+        per_layer["measured_seconds"] = seconds["per-layer"]
+        per_layer["wall_saving"] = 1 - seconds["per-layer"] / seconds[0.0]
+
+    stored = None
+    if cfg.store_thresholds:
+        if per_layer is not None:
+            stored = per_layer["thresholds"]
+        elif rec is not None:
+            stored = [rec.threshold] * (L - 1)
+        else:
+            raise UserError(f"no threshold keeps the accuracy drop within {cfg.max_drop:g} points: nothing stored")
+        store_thresholds(ckpt.path, {"entropy": cfg.entropy, "values": stored, "max_drop": cfg.max_drop,
+                                     "search": "per-layer" if per_layer is not None else "global",
+                                     "chosen_on": source})
 
     examples = {}
     ex_thr = cfg.example_threshold if cfg.example_threshold is not None else (rec.threshold if rec else None)
@@ -183,8 +272,27 @@ def analyze(cfg: AnalyzeConfig, progress=None) -> Analysis:
         dataset={**dataclasses.asdict(spec), "evaluated_on": source, "n": len(ex)},
         entropy=cfg.entropy, layers=layers, sweep=rows, max_drop=cfg.max_drop, recommendation=rec, test=test,
         dead_weight=dead_weight(layers, rec, len(ex)), examples=examples, example_threshold=ex_thr,
-        timing={"batch_size": cfg.batch_size, "seconds": {str(k): v for k, v in seconds.items()}, "device": str(device)},
+        per_layer=per_layer, stored_thresholds=stored, cls_spread=spread, warnings=warnings,
+        timing={"batch_size": cfg.batch_size, "repeats": cfg.timing_repeats, "device": str(device),
+                "seconds": {str(k): v for k, v in seconds.items()}},
     )
+
+
+def store_thresholds(path, thresholds: dict) -> None:
+    """Write ``thresholds`` into the checkpoint's deebert.json (atomically: temp file, then rename);
+    predict uses them when no threshold is given."""
+    import json
+    import os
+    from pathlib import Path
+
+    from .checkpoint import META_FILE
+
+    meta_path = Path(path) / META_FILE
+    meta = json.loads(meta_path.read_text())
+    meta["thresholds"] = thresholds
+    tmp = meta_path.with_name(f".{META_FILE}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, meta_path)
 
 
 def plot_analysis(a: Analysis, path: str) -> None:
@@ -210,6 +318,10 @@ def plot_analysis(a: Analysis, path: str) -> None:
     if timed:
         ax.plot([100 * r.wall_saving for r in timed], [100 * r.accuracy for r in timed], "s", color="tab:orange",
                 markersize=8, label="measured wall-clock saving")
+    if a.per_layer is not None:
+        pl = a.per_layer
+        ax.plot([100 * pl["layer_saving"]], [100 * pl["accuracy"]], "*", color="tab:green", markersize=14,
+                label="per-layer thresholds (searched)")
     ax.axhline(full, color="gray", lw=0.8, ls=":", label=f"full depth ({full:.1f}%)")
     ax.axhline(full - a.max_drop, color="tab:red", lw=0.8, ls="--", label=f"budget: -{a.max_drop:g} points")
     if a.recommendation:

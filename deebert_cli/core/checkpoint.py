@@ -141,6 +141,7 @@ def load_checkpoint(path: str | Path, device=None) -> Checkpoint:
     if ramps_path.is_file():
         state = {k[len("ramps."):]: v for k, v in load_file(str(ramps_path)).items()}
         missing, unexpected = model.ramps.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("temperature")]  # older files: uncalibrated
         if missing or unexpected:
             raise UserError(f"'{ramps_path}' does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     tokenizer = AutoTokenizer.from_pretrained(str(path)) if _has_tokenizer(path) else None

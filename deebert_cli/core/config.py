@@ -81,11 +81,19 @@ class TrainExitsConfig:
     seed: int = 42
     ramp_pooling: str = "cls"
     ramp_norm: bool = False
+    distill: bool = False  # FastBERT-style self-distillation from the final classifier
+    distill_temperature: float = 2.0
+    distill_alpha: float = 0.5  # weight of the distillation term (1 - alpha on the label loss)
+    unlabeled: str | None = None  # extra texts (one per line, or a data file) used with --distill
+    calibrate: bool = False  # per-off-ramp temperature scaling on the evaluation split
     device: str = "auto"
     dataset: str | None = None  # default: the data the checkpoint was fine-tuned on
     max_train_samples: int | None = None
 
     def __post_init__(self):
+        _check(self.distill_temperature > 0, f"distill_temperature must be > 0, got {self.distill_temperature}")
+        _check(0.0 <= self.distill_alpha <= 1.0, f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
+        _check(self.unlabeled is None or self.distill, "--unlabeled needs --distill (the final classifier provides the targets)")
         _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         _check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
         _check(0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr}")
@@ -156,7 +164,10 @@ class AnalyzeConfig:
     thresholds: list | None = None
     entropy: str = "normalized"
     max_drop: float = 0.5
+    per_layer: bool = False  # also search one threshold per layer for the budget
+    store_thresholds: bool = False  # write the recommended threshold(s) into the checkpoint for predict
     timing_thresholds: list | None = None
+    timing_repeats: int = 2
     batch_size: int = 32
     examples: int = 3
     example_threshold: float | None = None  # default: the recommended threshold
@@ -175,6 +186,7 @@ class AnalyzeConfig:
         _check(self.max_drop >= 0, f"max_drop must be >= 0 (accuracy points), got {self.max_drop}")
         _check(self.batch_size > 0, "batch_size must be > 0")
         _check(self.examples >= 0, "examples must be >= 0")
+        _check(self.timing_repeats >= 1, "timing_repeats must be >= 1")
         if self.example_threshold is not None:
             _check(self.example_threshold >= 0, "example_threshold must be >= 0")
             if self.entropy == "normalized":

@@ -48,6 +48,8 @@ class OffRamp(nn.Module):
         self.pooler = nn.Linear(hidden_size, hidden_size)
         self.dropout = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(hidden_size, num_labels)
+        # temperature scaling (``train-exits --calibrate``); 1 = uncalibrated
+        self.register_buffer("temperature", torch.ones(()))
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[batch, seq, hidden] -> [batch, hidden]: the part that depends on the frozen backbone only."""
@@ -56,7 +58,7 @@ class OffRamp(nn.Module):
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
         """[batch, hidden] -> logits [batch, classes]."""
         x = torch.tanh(self.pooler(self.norm(pooled)))
-        return self.classifier(self.dropout(x))
+        return self.classifier(self.dropout(x)) / self.temperature
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.classify(self.pool(hidden, attention_mask))

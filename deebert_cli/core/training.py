@@ -177,21 +177,24 @@ def _decay_groups(module: nn.Module, weight_decay: float):
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def collect(model: HighwayModel, enc: Encoded, pad_id: int, batch_size: int, device, pooled: bool = True,
-            all_logits: bool = False) -> dict:
+            all_logits: bool = False, cls: bool = False) -> dict:
     """Run the frozen model once over ``enc`` (length-sorted batches, eval mode) and return, in input order:
     ``final`` [n, C] logits of the last exit; with ``pooled`` the off-ramp inputs [L-1, n, H];
-    with ``all_logits`` the logits of every exit [L, n, C]."""
+    with ``all_logits`` the logits of every exit [L, n, C]; with ``cls`` the first-token state of
+    every layer [L, n, H]."""
     model.eval()
     n, L = len(enc), model.num_layers
     out = {"final": None}
-    finals, pools, logits_all = [None] * n, [None] * n, [None] * n
+    finals, pools, logits_all, clss = [None] * n, [None] * n, [None] * n, [None] * n
     for idx in length_sorted_batches(enc.lengths(), batch_size):
         b = {k: v.to(device) for k, v in pad_batch(enc, idx, pad_id).items()}
         hidden = model.embed(b["input_ids"], b.get("token_type_ids"))
         mask = model.prepare_mask(b["attention_mask"], hidden)
-        per_layer_pool, per_layer_logits = [], []
+        per_layer_pool, per_layer_logits, per_layer_cls = [], [], []
         for i in range(L):
             hidden = model.run_layer(i, hidden, mask)
+            if cls:
+                per_layer_cls.append(hidden[:, 0].float().cpu())
             if pooled and i < L - 1:
                 per_layer_pool.append(model.ramps[i].pool(hidden, b["attention_mask"]).float().cpu())
             if all_logits or i == L - 1:
@@ -202,7 +205,11 @@ def collect(model: HighwayModel, enc: Encoded, pad_id: int, batch_size: int, dev
                 pools[row] = torch.stack([p[j] for p in per_layer_pool])
             if all_logits:
                 logits_all[row] = torch.stack([p[j] for p in per_layer_logits])
+            if cls:
+                clss[row] = torch.stack([p[j] for p in per_layer_cls])
     out["final"] = torch.stack(finals)
+    if cls:
+        out["cls"] = torch.stack(clss, dim=1)  # [L, n, H]
     if pooled:
         out["pooled"] = torch.stack(pools, dim=1)  # [L-1, n, H]
     if all_logits:
@@ -256,33 +263,43 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
     for p in model.model.parameters():
         p.requires_grad_(False)
 
-    # one frozen pass caches what each off-ramp reads
+    # one frozen pass caches what each off-ramp reads (and the final classifier's logits: the teacher)
     t0 = time.perf_counter()
     enc_tr = encode(tokenizer, train.texts, train.pairs, max_length)
     enc_ev = encode(tokenizer, data.eval.texts, data.eval.pairs, max_length)
-    progress.log(f"caching per-layer states of {len(train)} + {len(data.eval)} examples (one frozen pass)")
-    cache_tr = collect(model, enc_tr, tokenizer.pad_token_id, 64, device)["pooled"]
+    unlabeled = read_unlabeled(cfg.unlabeled, spec) if cfg.unlabeled else None
+    n_un = len(unlabeled[0]) if unlabeled else 0
+    progress.log(f"caching per-layer states of {len(train)} + {len(data.eval)}"
+                 f"{f' + {n_un} unlabeled' if n_un else ''} examples (one frozen pass)")
+    got_tr = collect(model, enc_tr, tokenizer.pad_token_id, 64, device)
     got_ev = collect(model, enc_ev, tokenizer.pad_token_id, 64, device)
+    feats, teacher = got_tr["pooled"], got_tr["final"]  # [L-1, n, H], [n, C]
+    y = torch.tensor(train.labels)
+    if n_un:
+        got_un = collect(model, encode(tokenizer, unlabeled[0], unlabeled[1], max_length), tokenizer.pad_token_id, 64, device)
+        feats = torch.cat([feats, got_un["pooled"]], 1)
+        teacher = torch.cat([teacher, got_un["final"]], 0)
+        y = torch.cat([y, torch.full((n_un,), -100)])  # -100: no label, distillation only
     cache_seconds = time.perf_counter() - t0
 
-    feats = cache_tr.to(device)  # [L-1, n, H]
-    y = torch.tensor(train.labels, device=device)
+    feats, teacher, y = feats.to(device), teacher.to(device), y.to(device)
+    n_rows = feats.shape[1]
     opt = torch.optim.AdamW(model.ramps.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    steps_per_epoch = math.ceil(n_rows / cfg.batch_size)
     total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     gen = torch.Generator().manual_seed(cfg.seed)
-    loss_fn = nn.CrossEntropyLoss()
     model.ramps.train()
     progress.start("stage 2: train off-ramps", total)
     t1, step, seen, batches = time.perf_counter(), 0, 0, iter(())
     while step < total:
         idx = next(batches, None)
         if idx is None:
-            batches = iter(torch.randperm(len(train), generator=gen).split(cfg.batch_size))
+            batches = iter(torch.randperm(n_rows, generator=gen).split(cfg.batch_size))
             continue
         idx = idx.to(device)
-        # mean of the off-ramps' cross-entropies (DeeBERT stage 2)
-        loss = torch.stack([loss_fn(r.classify(feats[i, idx]), y[idx]) for i, r in enumerate(model.ramps)]).mean()
+        # mean over off-ramps of their losses (DeeBERT stage 2), optionally mixed with distillation
+        losses = [ramp_loss(r.classify(feats[i, idx]), y[idx], teacher[idx], cfg) for i, r in enumerate(model.ramps)]
+        loss = torch.stack(losses).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -293,11 +310,13 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
     progress.stop()
     model.ramps.eval()
 
+    ev_pooled = got_ev["pooled"].to(device)
+    labels = data.eval.labels
+    calibration = calibrate_ramps(model, ev_pooled, torch.tensor(labels, device=device)) if cfg.calibrate else None
+
     # evaluation of every exit on the cached eval states
     with torch.no_grad():
-        ev_pooled = got_ev["pooled"].to(device)
         layer_logits = [r.classify(ev_pooled[i]).cpu() for i, r in enumerate(model.ramps)] + [got_ev["final"]]
-    labels = data.eval.labels
     layers = []
     for i, lg in enumerate(layer_logits):
         p = lg.argmax(-1).tolist()
@@ -313,10 +332,88 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
     out = cfg.output or cfg.checkpoint
     epochs_done = seen / len(train)
     extra = {"cache_seconds": cache_seconds, "train_seconds": train_seconds,
-             "cached_examples": len(train) + len(data.eval)}
+             "cached_examples": len(train) + len(data.eval) + n_un}
     meta["timing"] = {"train_exits": extra}
+    if calibration is not None:
+        meta["calibration"] = calibration
+        extra["calibration"] = calibration
     save_checkpoint(Checkpoint(model.cpu(), tokenizer, meta), out, extra_files={"train_exits_config.yaml": to_yaml(cfg)},
                     keep_files_from=cfg.checkpoint)
     per_epoch = (cache_seconds * len(train) / (len(train) + len(data.eval))) + train_seconds / max(epochs_done, 1e-9)
     return TrainResult(out, STAGE_EXITS, len(train), step, train_seconds + cache_seconds, per_epoch,
                        seen / max(train_seconds, 1e-9), report, extra)
+
+
+def ramp_loss(logits: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor, cfg: TrainExitsConfig) -> torch.Tensor:
+    """One off-ramp's loss on a batch: cross-entropy on labeled rows (y != -100); with ``cfg.distill``,
+    (1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T), the KL term over every row (FastBERT)."""
+    import torch.nn.functional as F
+
+    labeled = y != -100
+    ce = F.cross_entropy(logits[labeled], y[labeled]) if bool(labeled.any()) else logits.sum() * 0.0
+    if not cfg.distill:
+        return ce
+    t = cfg.distill_temperature
+    kd = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
+                  reduction="batchmean") * t * t
+    return (1 - cfg.distill_alpha) * ce + cfg.distill_alpha * kd
+
+
+@torch.no_grad()
+def _nll(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return torch.nn.functional.cross_entropy(logits, y).item()
+
+
+def calibrate_ramps(model: HighwayModel, pooled: torch.Tensor, y: torch.Tensor) -> list:
+    """Temperature scaling per off-ramp on held-out states pooled [L-1, n, H] and labels y [n]: the
+    temperature minimising NLL (LBFGS on log T), so that entropy means the same at every layer.
+    Returns [{"layer", "temperature", "nll_before", "nll_after"}]."""
+    out = []
+    for i, ramp in enumerate(model.ramps):
+        ramp.temperature.fill_(1.0)
+        with torch.no_grad():
+            raw = ramp.classify(pooled[i]).float()
+        log_t = torch.zeros((), device=raw.device, requires_grad=True)
+        opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=100, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(raw / log_t.exp(), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        before = _nll(raw, y)
+        t = float(log_t.detach().exp().clamp(0.05, 20.0))
+        after = _nll(raw / t, y)
+        if not after <= before:  # never make it worse (e.g. a degenerate optimisation)
+            t, after = 1.0, before
+        ramp.temperature.fill_(t)
+        out.append({"layer": i + 1, "temperature": t, "nll_before": before, "nll_after": after})
+    return out
+
+
+def read_unlabeled(path: str, spec: DataSpec) -> tuple:
+    """Texts for distillation: a .txt file (one text per line; a tab separates a pair) or a data file /
+    folder read like --dataset (its text column(s); every split). Returns (texts, pairs | None)."""
+    from .data import _texts, load_splits
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"unlabeled file '{path}' does not exist")
+    if p.is_file() and p.suffix.lower() in (".txt", ""):
+        lines = [l.rstrip("\r") for l in p.read_text(encoding="utf-8", errors="replace").split("\n") if l.strip()]
+        if spec.text_pair_column:
+            parts = [l.partition("\t") for l in lines]
+            return [a for a, _, _ in parts], [b for _, _, b in parts]
+        return lines, None
+    texts, pairs = [], [] if spec.text_pair_column else None
+    for name, table in load_splits(str(p)).items():
+        if spec.text_column not in table:
+            raise UserError(f"unlabeled data split '{name}' has no column '{spec.text_column}'")
+        texts += _texts(table[spec.text_column], spec.text_column)
+        if pairs is not None:
+            pairs += _texts(table.get(spec.text_pair_column, [""] * len(table[spec.text_column])), spec.text_pair_column)
+    if not texts:
+        raise UserError(f"unlabeled data '{path}' is empty")
+    return texts, pairs
