@@ -1,0 +1,117 @@
+"""The DeeBERT recipe vs each off-ramp improvement, on one backbone, measured in one run.
+
+    .venv/bin/python benchmarks/bench_offramps.py --checkpoint runs/minilm
+
+For every variant: train the off-ramps (stage 2) on the stage-1 checkpoint, choose thresholds on the
+validation split for an accuracy budget (0.5 and 1 point), and report on the test split the accuracy
+change vs full depth, the layer saving, and the wall-clock saving of a real early-exit run (batch 32,
+interleaved with a full-depth run, fastest of 2). Prints a markdown table; writes JSON beside the runs.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+from deebert_cli.core.analysis import outcome, recommend, search_per_layer, sweep_from_logits
+from deebert_cli.core.checkpoint import load_checkpoint
+from deebert_cli.core.config import TrainExitsConfig
+from deebert_cli.core.data import DataSpec, encode, load_splits, prepare_data, to_examples
+from deebert_cli.core.inference import ExitRule, predict_stream
+from deebert_cli.core.training import collect, train_exits
+
+GRID = [round(0.025 * k, 3) for k in range(41)]
+VARIANTS = {
+    # name: (train-exits options, threshold search)
+    "DeeBERT recipe (cls)": ({}, "global"),
+    "+ mean pooling + LayerNorm": ({"ramp_pooling": "mean", "ramp_norm": True}, "global"),
+    "+ distillation": ({"distill": True}, "global"),
+    "+ calibration": ({"calibrate": True}, "global"),
+    "+ per-layer thresholds": ({}, "per-layer"),
+    "mean+norm + distill + calibrate": ({"ramp_pooling": "mean", "ramp_norm": True, "distill": True, "calibrate": True}, "global"),
+    "mean+norm + distill + calibrate + per-layer": ({"ramp_pooling": "mean", "ramp_norm": True, "distill": True, "calibrate": True}, "per-layer"),
+}
+
+
+def all_logits(ck, ex):
+    enc = encode(ck.tokenizer, ex.texts, ex.pairs, ck.meta.get("max_length", 128))
+    return collect(ck.model, enc, ck.tokenizer.pad_token_id, 64, "cpu", pooled=False, all_logits=True)["logits"]
+
+
+def wall(ck, texts, thresholds, repeats=2):
+    """Fastest of ``repeats`` runs for each thresholds vector (interleaved)."""
+    L = ck.model.num_layers
+    best = [math.inf] * len(thresholds)
+    for _ in range(repeats):
+        for k, t in enumerate(thresholds):
+            start = time.perf_counter()
+            for _ in predict_stream(ck, texts, ExitRule(list(t) + [0.0]), "cpu", batch_size=32):
+                pass
+            best[k] = min(best[k], time.perf_counter() - start)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkpoint", default="runs/minilm", help="stage-1 (or later) checkpoint")
+    ap.add_argument("--out", default="runs/offramps")
+    ap.add_argument("--budgets", default="0.5,1.0")
+    args = ap.parse_args()
+    budgets = [float(b) for b in args.budgets.split(",")]
+    base = load_checkpoint(args.checkpoint)
+    spec = DataSpec(**base.meta["data"])
+    val = prepare_data(spec).eval
+    test, _ = to_examples(load_splits(spec.dataset)["test"], spec, "test", base.label_names)
+    L = base.model.num_layers
+    trained = {}
+    results = []
+    t_start = time.perf_counter()
+    for name, (opts, search) in VARIANTS.items():
+        key = json.dumps(opts, sort_keys=True)
+        if key not in trained:
+            out = f"{args.out}-{len(trained)}"
+            res = train_exits(TrainExitsConfig(checkpoint=args.checkpoint, output=out, device="cpu", **opts))
+            ck = load_checkpoint(out)
+            trained[key] = (ck, all_logits(ck, val), all_logits(ck, test), res)
+        ck, vlog, tlog, res = trained[key]
+        row = {"variant": name, "options": opts, "search": search,
+               "val_layer_accuracy": [l["accuracy"] for l in res.eval.layers]}
+        chosen = []
+        for b in budgets:
+            if search == "global":
+                rec = recommend(sweep_from_logits(vlog, val.labels, GRID, "normalized"), b)
+                thr = [rec.threshold] * (L - 1)
+            else:
+                thr, _ = search_per_layer(vlog, val.labels, GRID, "normalized", b)
+            t = outcome(tlog, test.labels, thr, "normalized")
+            chosen.append(thr)
+            row[f"budget_{b:g}"] = {"thresholds": thr, "test_accuracy": t.accuracy, "test_change": t.accuracy_change,
+                                    "test_layer_saving": t.layer_saving, "test_histogram": t.histogram}
+        secs = wall(ck, test.texts, [[0.0] * (L - 1)] + chosen)
+        for b, s in zip(budgets, secs[1:]):
+            row[f"budget_{b:g}"]["wall_saving"] = 1 - s / secs[0]
+        results.append(row)
+        print(f"[{time.perf_counter() - t_start:6.0f}s] {name}: " + "; ".join(
+            f"{b:g}pt: {row[f'budget_{b:g}']['test_change']:+.2f} pts, {100 * row[f'budget_{b:g}']['test_layer_saving']:.1f}% layers, "
+            f"{100 * row[f'budget_{b:g}']['wall_saving']:.1f}% time" for b in budgets), flush=True)
+    Path(f"{args.out}.json").write_text(json.dumps(results, indent=2))
+    full = outcome(next(iter(trained.values()))[2], test.labels, [0.0] * (L - 1), "normalized").accuracy
+    print(f"\nstage-1 checkpoint {args.checkpoint}; test split n={len(test)}, full-depth test accuracy {100 * full:.2f}%; "
+          f"thresholds chosen on validation (n={len(val)})\n")
+    head = "| variant | val accuracy of off-ramps 1..L-1 |" + "".join(
+        f" {b:g}-pt budget: test Δ acc | layer saving | time saving |" for b in budgets)
+    print(head)
+    print("|" + "---|" * (2 + 3 * len(budgets)))
+    for r in results:
+        cells = [r["variant"], " / ".join(f"{100 * a:.1f}" for a in r["val_layer_accuracy"][:-1])]
+        for b in budgets:
+            x = r[f"budget_{b:g}"]
+            cells += [f"{x['test_change']:+.2f}", f"{100 * x['test_layer_saving']:.1f}%", f"{100 * x['wall_saving']:.1f}%"]
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
