@@ -59,6 +59,7 @@ def main():
     ap.add_argument("--checkpoint", default="runs/minilm", help="stage-1 (or later) checkpoint")
     ap.add_argument("--out", default="runs/offramps")
     ap.add_argument("--budgets", default="0.5,1.0")
+    ap.add_argument("--plot", default="docs/offramps.png", help="curves per variant on the test split")
     args = ap.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     base = load_checkpoint(args.checkpoint)
@@ -93,11 +94,14 @@ def main():
         secs = wall(ck, test.texts, [[0.0] * (L - 1)] + chosen)
         for b, s in zip(budgets, secs[1:]):
             row[f"budget_{b:g}"]["wall_saving"] = 1 - s / secs[0]
+        row["test_curve"] = [dataclasses.asdict(r) for r in sweep_from_logits(tlog, test.labels, GRID, "normalized")]
         results.append(row)
         print(f"[{time.perf_counter() - t_start:6.0f}s] {name}: " + "; ".join(
             f"{b:g}pt: {row[f'budget_{b:g}']['test_change']:+.2f} pts, {100 * row[f'budget_{b:g}']['test_layer_saving']:.1f}% layers, "
             f"{100 * row[f'budget_{b:g}']['wall_saving']:.1f}% time" for b in budgets), flush=True)
     Path(f"{args.out}.json").write_text(json.dumps(results, indent=2))
+    if args.plot:
+        plot(results, budgets, args.plot)
     full = outcome(next(iter(trained.values()))[2], test.labels, [0.0] * (L - 1), "normalized").accuracy
     print(f"\nstage-1 checkpoint {args.checkpoint}; test split n={len(test)}, full-depth test accuracy {100 * full:.2f}%; "
           f"thresholds chosen on validation (n={len(val)})\n")
@@ -111,6 +115,42 @@ def main():
             x = r[f"budget_{b:g}"]
             cells += [f"{x['test_change']:+.2f}", f"{100 * x['test_layer_saving']:.1f}%", f"{100 * x['wall_saving']:.1f}%"]
         print("| " + " | ".join(cells) + " |")
+
+
+def plot(results, budgets, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6), constrained_layout=True)
+    full = 100 * results[0]["test_curve"][0]["accuracy"]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, r in enumerate(x for x in results if x["search"] == "global"):
+        pts = [c for c in r["test_curve"] if 100 * c["accuracy"] >= full - 6]
+        ax.plot([100 * c["layer_saving"] for c in pts], [100 * c["accuracy"] for c in pts], "-", color=colors[k % 10],
+                alpha=0.8, label=f"{r['variant']} (global threshold sweep)")
+    markers = {b: m for b, m in zip(budgets, "os^D")}
+    for k, r in enumerate(results):
+        for b in budgets:
+            x = r[f"budget_{b:g}"]
+            ax.plot(100 * x["test_layer_saving"], full + x["test_change"], markers[b], color="black" if r["search"] == "per-layer" else "none",
+                    markeredgecolor="black", markersize=7)
+            ax.annotate(f"{k + 1}", (100 * x["test_layer_saving"], full + x["test_change"]), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")
+    for b in budgets:
+        ax.axhline(full - b, ls=":", lw=0.8, color="tab:red")
+        ax.text(1, full - b + 0.05, f"-{b:g} point", fontsize=8, color="tab:red")
+    ax.axhline(full, ls=":", lw=0.8, color="gray")
+    ax.set_xlabel("layer saving vs full depth on the test split (%)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Off-ramp variants on all-MiniLM-L6-v2 / movie reviews (test split)\n"
+                 "lines: global-threshold sweeps; markers: thresholds chosen on validation "
+                 f"({', '.join(f'{m}={b:g} pt' for b, m in markers.items())}; filled = per-layer; numbers = table rows)",
+                 fontsize=10)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
