@@ -14,6 +14,7 @@ out = Console(highlight=False)
 
 DEVICE_OPT = typer.Option("auto", "--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")
 CONFIG_OPT = typer.Option(None, "--config", help="YAML file of options (flags given on the command line win).")
+PRECISION_OPT = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16: autocast to that precision where the device supports it (bf16: CPU and recent GPUs; fp16: GPUs).")
 
 
 def quiet_libraries() -> None:
@@ -32,8 +33,31 @@ def quiet_libraries() -> None:
 
 
 def fail(message: str, code: int = 2):
-    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    from ..core.distributed import is_launched, process_index
+
+    where = f"process {process_index()}: " if is_launched() else ""
+    err.print(f"[bold red]error:[/] {where}{message}", soft_wrap=True)
+    finish_distributed(code)
     raise typer.Exit(code)
+
+
+def finish_distributed(code: int = 0) -> None:
+    """Under `accelerate launch`: end the process group (after a barrier when the command succeeded) and
+    leave at once with ``code``. A model loaded by transformers keeps Gloo's worker threads alive past
+    ``destroy_process_group``, and at interpreter teardown they can abort the process ("terminate called
+    without an active exception", SIGABRT) after all the work is done; everything is written and flushed
+    by now, so skipping that teardown loses nothing. A plain run returns and exits normally."""
+    from ..core.distributed import is_launched, shutdown
+
+    if not is_launched():
+        return
+    shutdown(sync=code == 0)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
 
 
 @contextlib.contextmanager

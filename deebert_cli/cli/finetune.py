@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .common import CONFIG_OPT, DEVICE_OPT, RichProgress, err, make_config, out, pct, quiet_libraries, user_errors
+from .common import CONFIG_OPT, DEVICE_OPT, PRECISION_OPT, RichProgress, err, finish_distributed, make_config, out, pct, quiet_libraries, user_errors
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # duplicated from core.config to keep --help torch-free
 
@@ -32,6 +32,7 @@ def finetune(
     seed: int = typer.Option(42, help="Random seed (same seed, data and device give identical weights on CPU)."),
     output: Path = typer.Option(Path("deebert-checkpoint"), help="Checkpoint directory to write (atomically)."),
     device: str = DEVICE_OPT,
+    precision: str = PRECISION_OPT,
     config: Optional[Path] = CONFIG_OPT,
 ):
     """Stage 1: fine-tune the backbone and final classifier on the last layer's cross-entropy."""
@@ -39,13 +40,17 @@ def finetune(
     values.pop("ctx"), values.pop("config")
     values["output"] = str(output)
     quiet_libraries()
+    from ..core.distributed import is_main_process
+
     with user_errors(f"no new checkpoint was written; '{output}' is as it was"):
         from ..core.config import FinetuneConfig
         from ..core.training import finetune as run
 
         cfg = make_config(ctx, FinetuneConfig, config, values)
         result = run(cfg, RichProgress())
-    render_result(result)
+    if is_main_process():  # under accelerate launch, one report
+        render_result(result)
+    finish_distributed()
 
 
 def render_result(r) -> None:

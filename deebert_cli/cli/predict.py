@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .common import CONFIG_OPT, DEVICE_OPT, err, make_config, quiet_libraries, user_errors
+from .common import CONFIG_OPT, DEVICE_OPT, PRECISION_OPT, err, finish_distributed, make_config, quiet_libraries, user_errors
 
 
 def predict(
@@ -27,11 +27,14 @@ def predict(
     output: Optional[Path] = typer.Option(None, "--output", help="Write results to FILE instead of stdout."),
     summary: bool = typer.Option(True, help="Print a summary on stderr at the end (count, exit histogram, mean exit layer, layer saving, examples/s)."),
     device: str = DEVICE_OPT,
+    precision: str = PRECISION_OPT,
     config: Optional[Path] = CONFIG_OPT,
 ):
     """Read one text per line (stdin or --input), exit early at the first layer whose off-ramp is
     confident enough, write one result per line in input order: label, confidence, exit_layer (1-based)
-    and the entropy at that exit. Empty lines give a row marked empty."""
+    and the entropy at that exit. Empty lines give a row marked empty. Under `accelerate launch` (with
+    --input FILE) every process predicts a strided share of the lines and the main process writes the
+    one ordered output."""
     values = dict(locals())
     for k in ("ctx", "config"):
         values.pop(k)
@@ -41,31 +44,40 @@ def predict(
     quiet_libraries()
     with user_errors("output so far is complete up to the last line written"):
         from ..core.config import PredictConfig
-        from ..core.inference import PredictStats, predict_stream, read_lines, resolve_rule
+        from ..core.inference import PredictStats, predict_sharded, predict_stream, read_lines, resolve_rule
         from ..core.checkpoint import load_checkpoint
-        from ..core.device import resolve_device
+        from ..core.distributed import Runtime
+        from ..core.errors import UserError
 
         cfg = make_config(ctx, PredictConfig, config, values)
-        dev = resolve_device(cfg.device)
+        rt = Runtime(cfg.device, cfg.precision)
+        dev = rt.device
         if cfg.input and not Path(cfg.input).is_file():
-            from ..core.errors import UserError
-
             raise UserError(f"input file '{cfg.input}' does not exist")
+        if rt.distributed and not cfg.input:
+            raise UserError("under accelerate launch every process reads the input: pass --input FILE (not stdin)")
         ckpt = load_checkpoint(cfg.checkpoint)
         rule, source = resolve_rule(ckpt, cfg.threshold, cfg.thresholds, cfg.entropy)
         L, names = ckpt.model.num_layers, ckpt.label_names
         stats = PredictStats(L)
         interactive = cfg.input is None and sys.stdin.isatty()
         bs, win = (1, 1) if interactive else (cfg.batch_size, cfg.window)
-        err.print(f"[dim]deebert predict: {rule.describe()} ({source}); {L} layers; device {dev}; engine {cfg.engine}[/]")
+        main = rt.is_main  # under accelerate launch only the main process writes and reports
+        if main:
+            where = f"{rt.world} processes" if rt.distributed else f"device {dev}"
+            err.print(f"[dim]deebert predict: {rule.describe()} ({source}); {L} layers; {where}; engine {cfg.engine}[/]")
         src = open(cfg.input, "rb") if cfg.input else sys.stdin.buffer
-        dst = open(cfg.output, "w", encoding="utf-8", newline="\n") if cfg.output else sys.stdout
+        dst = open(cfg.output, "w", encoding="utf-8", newline="\n") if cfg.output and main else sys.stdout
         try:
             fmt = Formatter(cfg.format, names, L, rule.entropy, cfg.all_probs)
-            if fmt.header:
+            if fmt.header and main:
                 dst.write(fmt.header + "\n")
-            results = predict_stream(ckpt, read_lines(src, stats), rule, dev, batch_size=bs, window=win,
-                                     max_length=cfg.max_length, engine=cfg.engine, all_probs=cfg.all_probs, stats=stats)
+            kw = dict(batch_size=bs, window=win, max_length=cfg.max_length, engine=cfg.engine,
+                      all_probs=cfg.all_probs, stats=stats, precision=cfg.precision)
+            if rt.distributed:
+                results = predict_sharded(ckpt, read_lines(src, stats), rule, rt, **kw)
+            else:
+                results = predict_stream(ckpt, read_lines(src, stats), rule, dev, **kw)
             for k, r in enumerate(results, 1):
                 dst.write(fmt(r) + "\n")
                 if interactive or k % bs == 0:
@@ -74,14 +86,16 @@ def predict(
         finally:
             if cfg.input:
                 src.close()
-            if cfg.output:
+            if cfg.output and main:
                 dst.close()
-    if stats.replaced:
-        err.print(f"[yellow]warning:[/] {stats.replaced} line(s) had bytes that are not UTF-8; they were replaced with U+FFFD")
-    if stats.truncated:
-        err.print(f"[yellow]warning:[/] {stats.truncated} line(s) were longer than {cfg.max_length or ckpt.meta.get('max_length', 128)} tokens and were truncated")
-    if cfg.summary:
-        render_summary(stats)
+    if main:
+        if stats.replaced:
+            err.print(f"[yellow]warning:[/] {stats.replaced} line(s) had bytes that are not UTF-8; they were replaced with U+FFFD")
+        if stats.truncated:
+            err.print(f"[yellow]warning:[/] {stats.truncated} line(s) were longer than {cfg.max_length or ckpt.meta.get('max_length', 128)} tokens and were truncated")
+        if cfg.summary:
+            render_summary(stats)
+    finish_distributed()
 
 
 class Formatter:

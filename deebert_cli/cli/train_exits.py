@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .common import CONFIG_OPT, DEVICE_OPT, RichProgress, make_config, quiet_libraries, user_errors
+from .common import CONFIG_OPT, DEVICE_OPT, RichProgress, finish_distributed, make_config, quiet_libraries, user_errors
 from .finetune import render_result
 
 
@@ -29,6 +29,7 @@ def train_exits(
     dataset: Optional[str] = typer.Option(None, help="Override the dataset (default: the one the checkpoint was fine-tuned on; same columns)."),
     max_train_samples: Optional[int] = typer.Option(None, help="Use a seeded random subset of the training split."),
     device: str = DEVICE_OPT,
+    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 for the frozen backbone pass that caches the off-ramp inputs (bf16: CPU and recent GPUs; fp16: GPUs); the small off-ramps train in fp32."),
     config: Optional[Path] = CONFIG_OPT,
 ):
     """Stage 2: freeze backbone and final classifier, train the off-ramps of layers 1..L-1 on the mean of
@@ -39,10 +40,14 @@ def train_exits(
     values["checkpoint"] = str(checkpoint)
     values["output"] = str(output) if output else None
     quiet_libraries()
+    from ..core.distributed import is_main_process
+
     with user_errors(f"no new checkpoint was written; '{output or checkpoint}' is as it was"):
         from ..core.config import TrainExitsConfig
         from ..core.training import train_exits as run
 
         cfg = make_config(ctx, TrainExitsConfig, config, values)
         result = run(cfg, RichProgress())
-    render_result(result)
+    if is_main_process():  # under accelerate launch, one report
+        render_result(result)
+    finish_distributed()

@@ -21,6 +21,13 @@ def _check(cond: bool, msg: str):
         raise ValueError(msg)
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")  # same as core.device.PRECISIONS
+
+
+def _check_precision(value: str):
+    _check(value in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got '{value}'")
+
+
 @dataclass
 class DataOptions:
     dataset: str = DEFAULT_DATASET
@@ -55,9 +62,11 @@ class FinetuneConfig(DataOptions):
     seed: int = 42
     output: str = DEFAULT_CHECKPOINT
     device: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 with gradient scaling)
 
     def __post_init__(self):
         self._validate_data()
+        _check_precision(self.precision)
         _check(self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}")
         _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         _check(self.max_steps is None or self.max_steps > 0, f"max_steps must be > 0, got {self.max_steps}")
@@ -89,11 +98,13 @@ class TrainExitsConfig:
     device: str = "auto"
     dataset: str | None = None  # default: the data the checkpoint was fine-tuned on
     max_train_samples: int | None = None
+    precision: str = "fp32"  # of the frozen backbone pass; the small off-ramps always train in fp32
 
     def __post_init__(self):
         _check(self.distill_temperature > 0, f"distill_temperature must be > 0, got {self.distill_temperature}")
         _check(0.0 <= self.distill_alpha <= 1.0, f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
         _check(self.unlabeled is None or self.distill, "--unlabeled needs --distill (the final classifier provides the targets)")
+        _check_precision(self.precision)
         _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         _check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
         _check(0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr}")
@@ -135,8 +146,10 @@ class PredictConfig:
     output: str | None = None
     device: str = "auto"
     summary: bool = True
+    precision: str = "fp32"
 
     def __post_init__(self):
+        _check_precision(self.precision)
         self.thresholds = parse_thresholds(self.thresholds)
         _check(self.entropy in ("normalized", "raw"), f"entropy must be 'normalized' or 'raw', got '{self.entropy}'")
         for t in ([self.threshold] if self.threshold is not None else []) + (self.thresholds or []):

@@ -317,6 +317,11 @@ class Encoded:
     def lengths(self) -> list:
         return [len(x) for x in self.input_ids]
 
+    def subset(self, idx) -> "Encoded":
+        idx = list(idx)
+        tt = None if self.token_type_ids is None else [self.token_type_ids[i] for i in idx]
+        return Encoded([self.input_ids[i] for i in idx], tt)
+
 
 def encode(tokenizer, texts: list, pairs: list | None, max_length: int) -> Encoded:
     """Tokenise with truncation to ``max_length`` and count the texts that were cut."""

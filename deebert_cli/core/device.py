@@ -42,3 +42,38 @@ def _mps_available() -> bool:
 
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())
+
+
+# ------------------------------------------------------------------------------------------------
+# numeric precision
+# ------------------------------------------------------------------------------------------------
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def check_precision(precision: str, device) -> None:
+    """Raise UserError unless ``device`` can autocast to ``precision`` (fp32 always works)."""
+    import torch
+
+    if precision == "fp32":
+        return
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision '{precision}': use {', '.join(PRECISIONS)}")
+    kind = device.type
+    if kind == "cpu" and precision == "fp16":
+        raise UserError("--precision fp16 needs a GPU (CUDA or MPS); on CPU use --precision bf16 or fp32")
+    if kind == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--precision bf16 is not supported by {torch.cuda.get_device_name(device)}; use fp16 or fp32")
+    if kind not in ("cpu", "cuda", "mps") or not torch.amp.is_autocast_available(kind):
+        raise UserError(f"--precision {precision}: autocast is not available on device '{device}'; use fp32")
+
+
+def autocast(device, precision: str = "fp32"):
+    """Context manager: mixed-precision autocast on ``device`` (a no-op for fp32)."""
+    import contextlib
+
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)

@@ -21,6 +21,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .data import Encoded, encode, pad_batch
+from .device import autocast
 from .errors import UserError
 from .exits import exit_entropy, max_entropy
 
@@ -157,8 +158,10 @@ def split_pair(line: str) -> tuple:
 class EarlyExitEngine:
     """Runs ``rule`` over tokenised rows with a given checkpoint; see the module docstring."""
 
-    def __init__(self, ckpt: Checkpoint, rule: ExitRule, device, batch_size: int = 32, all_probs: bool = False):
+    def __init__(self, ckpt: Checkpoint, rule: ExitRule, device, batch_size: int = 32, all_probs: bool = False,
+                 precision: str = "fp32"):
         self.model = ckpt.model.to(device).eval()
+        self.precision = precision
         self.pad_id = ckpt.tokenizer.pad_token_id if ckpt.tokenizer is not None else 0
         self.device = device
         self.L = self.model.num_layers
@@ -168,10 +171,18 @@ class EarlyExitEngine:
         self.all_probs = all_probs
 
     # -- shrinking batch ----------------------------------------------------------------------------
+    def _amp(self):
+        """Autocast for the model's compute (entered around compute only, never across a ``yield``)."""
+        return autocast(self.device, self.precision)
+
     @torch.no_grad()
     def run_batch(self, batch: dict) -> tuple:
         """One padded batch -> (exit_layer [b] 0-based, logits [b, C], entropy [b]). Rows that exit
         leave the batch; padding columns that no remaining row needs are trimmed."""
+        with self._amp():
+            return self._run_batch(batch)
+
+    def _run_batch(self, batch: dict) -> tuple:
         m = self.model
         attn = batch["attention_mask"]
         hidden = m.embed(batch["input_ids"], batch.get("token_type_ids"))
@@ -241,8 +252,9 @@ class EarlyExitEngine:
             for j, t in enumerate(take):
                 n = t[1].shape[0]
                 hidden[j, :n], attn[j, :n] = t[1], 1
-            hidden = m.run_layer(i, hidden, m.prepare_mask(attn, hidden))
-            logits = m.exit_logits(i, hidden, attn).float()
+            with self._amp():
+                hidden = m.run_layer(i, hidden, m.prepare_mask(attn, hidden))
+                logits = m.exit_logits(i, hidden, attn).float()
             ent = exit_entropy(logits, self.rule.entropy)
             done = (ent < self.thr[i]).tolist() if i < L - 1 else [True] * len(take)
             for j, t in enumerate(take):
@@ -255,14 +267,16 @@ class EarlyExitEngine:
         enc_ids = [f[1] for f in fresh]
         tt = [f[2] for f in fresh] if fresh[0][2] is not None else None
         b = {k: v.to(self.device) for k, v in pad_batch(Encoded(enc_ids, tt), range(len(fresh)), self.pad_id).items()}
-        hidden = self.model.embed(b["input_ids"], b.get("token_type_ids"))
+        with self._amp():
+            hidden = self.model.embed(b["input_ids"], b.get("token_type_ids"))
         for j, f in enumerate(fresh):
             queue.append((f[0], hidden[j, : len(f[1])]))
 
 
 def predict_stream(ckpt: Checkpoint, lines: Iterable[str], rule: ExitRule, device, *, batch_size: int = 32,
                    window: int = 1024, max_length: int | None = None, engine: str = "shrink",
-                   all_probs: bool = False, stats: PredictStats | None = None) -> Iterator[Prediction]:
+                   all_probs: bool = False, stats: PredictStats | None = None,
+                   precision: str = "fp32") -> Iterator[Prediction]:
     """Predict every line of ``lines`` (read lazily, ``window`` lines at a time) and yield one result
     per line in input order.
 
@@ -273,7 +287,7 @@ def predict_stream(ckpt: Checkpoint, lines: Iterable[str], rule: ExitRule, devic
         raise UserError(f"'{ckpt.path}' has no tokenizer files")
     pairs = bool(ckpt.meta.get("data", {}).get("text_pair_column"))
     max_length = max_length or ckpt.meta.get("max_length", 128)
-    eng = EarlyExitEngine(ckpt, rule, device, batch_size, all_probs)
+    eng = EarlyExitEngine(ckpt, rule, device, batch_size, all_probs, precision)
     stats = stats if stats is not None else PredictStats(eng.L)
     tok = ckpt.tokenizer
     ready: dict = {}  # index -> Prediction, waiting for earlier lines
@@ -352,3 +366,29 @@ def _result(index: int, layer: int, logits: torch.Tensor, ent: torch.Tensor, all
     conf, label = probs.max(-1)
     return Prediction(index=index, label=int(label), confidence=float(conf), exit_layer=int(layer) + 1,
                       entropy=float(ent), probs=probs.tolist() if all_probs else None)
+
+
+def predict_sharded(ckpt: Checkpoint, lines: Iterable[str], rule: ExitRule, rt, *, stats: PredictStats,
+                    window: int = 1024, **kw) -> Iterator[Prediction]:
+    """:func:`predict_stream` spread over the processes of ``rt`` (a :class:`~.distributed.Runtime` under
+    ``accelerate launch``): every process reads all of ``lines`` and predicts its strided share (lines
+    ``rank, rank+W, ...``, empty ones included); the main process yields every result in input order,
+    one per line, the others yield nothing. Every process must consume the iterator to the end (the
+    gathering is collective); ``stats`` then holds the totals over all processes (``stats.replaced``, counted
+    by :func:`read_lines` over the whole input, is left as it is)."""
+    from .distributed import ordered_shards
+
+    mine = PredictStats(ckpt.model.num_layers)
+
+    def run(shard):
+        return predict_stream(ckpt, shard, rule, rt.device, window=window, stats=mine, **kw)
+
+    for index, r in ordered_shards(rt, lines, run, chunk=window):
+        r.index = index
+        yield r
+    parts = rt.gather_objects((mine.count, mine.empty, mine.truncated, mine.histogram, mine.seconds))
+    stats.count = sum(p[0] for p in parts)
+    stats.empty = sum(p[1] for p in parts)
+    stats.truncated = sum(p[2] for p in parts)
+    stats.histogram = [sum(p[3][i] for p in parts) for i in range(stats.num_layers)]
+    stats.seconds = max(p[4] for p in parts)

@@ -22,7 +22,8 @@ from torch import nn
 from .checkpoint import STAGE_EXITS, STAGE_FINETUNED, Checkpoint, load_checkpoint, save_checkpoint
 from .config import DEFAULT_MODEL, FinetuneConfig, TrainExitsConfig, to_yaml
 from .data import DataSpec, Encoded, encode, length_sorted_batches, pad_batch, prepare_data
-from .device import resolve_device
+from .device import autocast
+from .distributed import Runtime
 from .errors import UserError
 from .exits import OffRamp, RampConfig
 from .metrics import accuracy, macro_f1
@@ -80,10 +81,6 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def _device(spec: str):
-    return resolve_device(spec)
-
-
 # ------------------------------------------------------------------------------------------------
 # stage 1
 # ------------------------------------------------------------------------------------------------
@@ -93,8 +90,9 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> TrainResu
 
     from .modeling import load_hf
 
-    progress = progress or Progress()
-    device = _device(cfg.device)
+    rt = Runtime(cfg.device, cfg.precision)
+    device = rt.device
+    progress = progress if progress is not None and rt.is_main else Progress()  # only the main process reports
     seed_everything(cfg.seed)
     spec = cfg.data_spec(cfg.seed)
     data = prepare_data(spec)
@@ -115,6 +113,10 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> TrainResu
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
     gen = torch.Generator().manual_seed(cfg.seed)
     loss_fn = nn.CrossEntropyLoss()
+    # Under a launcher: DDP over the classifier (what stage 1 trains); every process draws the same seeded
+    # permutation and takes a strided share of each global batch, so --batch-size stays the global batch
+    # and the number of steps and the LR schedule are those of one process.
+    net, opt = rt.prepare(model.model, opt)
 
     model.model.train()
     progress.start("stage 1: fine-tune", total)
@@ -125,24 +127,35 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> TrainResu
             batches = iter(torch.randperm(len(train), generator=gen).split(cfg.batch_size))
             continue
         idx = idx.tolist()
-        batch = {k: v.to(device) for k, v in pad_batch(enc, idx, tokenizer.pad_token_id).items()}
-        logits = model.final_logits(**batch)
-        loss = loss_fn(logits, labels[idx].to(device))
+        mine, weight = rt.shard(idx), 1.0
+        if not mine:  # fewer rows than processes: still join the gradient all-reduce, contributing nothing
+            mine, weight = idx[:1], 0.0
+        batch = {k: v.to(device) for k, v in pad_batch(enc, mine, tokenizer.pad_token_id).items()}
+        with rt.autocast():
+            logits = _final_logits(net, batch)
+        y = labels[mine].to(device)
+        if rt.distributed:
+            # DDP averages gradients over processes: scale this share's summed loss so that the average
+            # is the global batch's mean loss, whatever the shard sizes
+            loss = nn.functional.cross_entropy(logits.float(), y, reduction="sum") * (weight * rt.world / len(idx))
+        else:
+            loss = loss_fn(logits.float(), y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        rt.backward(loss)
+        rt.clip_grad_norm_(model.model.parameters(), 1.0, opt)
+        if rt.step(opt):
+            sched.step()
         step += 1
         seen += len(idx)
         el = time.perf_counter() - t0
-        progress.update(1, loss=loss.item(), ex_s=seen / max(el, 1e-9))
+        shown = rt.sum(loss.item()) / rt.world if rt.distributed else loss.item()
+        progress.update(1, loss=shown, ex_s=seen / max(el, 1e-9))
     seconds = time.perf_counter() - t0
     progress.stop()
 
     model.eval()
     ev = encode(tokenizer, data.eval.texts, data.eval.pairs, cfg.max_length)
-    final = collect(model, ev, tokenizer.pad_token_id, cfg.batch_size, device, pooled=False)["final"]
+    final = collect_sharded(rt, model, ev, tokenizer.pad_token_id, cfg.batch_size, pooled=False)["final"]
     preds = final.argmax(-1).tolist()
     report = EvalReport(len(data.eval), data.eval_source, accuracy(preds, data.eval.labels),
                         macro_f1(preds, data.eval.labels, model.num_labels))
@@ -156,10 +169,17 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> TrainResu
         "metrics": {"finetune": dataclasses.asdict(report)},
     }
     epochs_done = seen / len(train)
-    save_checkpoint(Checkpoint(model.cpu(), tokenizer, meta), cfg.output,
-                    extra_files={"finetune_config.yaml": to_yaml(cfg)})
+    if rt.is_main:
+        save_checkpoint(Checkpoint(model.cpu(), tokenizer, meta), cfg.output,
+                        extra_files={"finetune_config.yaml": to_yaml(cfg)})
+    rt.wait_for_everyone()
     return TrainResult(cfg.output, STAGE_FINETUNED, len(train), step, seconds, seconds / max(epochs_done, 1e-9),
                        seen / max(seconds, 1e-9), report)
+
+
+def _final_logits(net: nn.Module, batch: dict) -> torch.Tensor:
+    """The classifier's logits through ``net`` (the HF model, or its DDP wrapper: DDP needs its own forward)."""
+    return net(**batch).logits
 
 
 def _decay_groups(module: nn.Module, weight_decay: float):
@@ -177,28 +197,19 @@ def _decay_groups(module: nn.Module, weight_decay: float):
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def collect(model: HighwayModel, enc: Encoded, pad_id: int, batch_size: int, device, pooled: bool = True,
-            all_logits: bool = False, cls: bool = False) -> dict:
+            all_logits: bool = False, precision: str = "fp32", cls: bool = False) -> dict:
     """Run the frozen model once over ``enc`` (length-sorted batches, eval mode) and return, in input order:
     ``final`` [n, C] logits of the last exit; with ``pooled`` the off-ramp inputs [L-1, n, H];
     with ``all_logits`` the logits of every exit [L, n, C]; with ``cls`` the first-token state of
-    every layer [L, n, H]."""
+    every layer [L, n, H]. Outputs are float32 on the CPU."""
     model.eval()
     n, L = len(enc), model.num_layers
     out = {"final": None}
     finals, pools, logits_all, clss = [None] * n, [None] * n, [None] * n, [None] * n
     for idx in length_sorted_batches(enc.lengths(), batch_size):
         b = {k: v.to(device) for k, v in pad_batch(enc, idx, pad_id).items()}
-        hidden = model.embed(b["input_ids"], b.get("token_type_ids"))
-        mask = model.prepare_mask(b["attention_mask"], hidden)
-        per_layer_pool, per_layer_logits, per_layer_cls = [], [], []
-        for i in range(L):
-            hidden = model.run_layer(i, hidden, mask)
-            if cls:
-                per_layer_cls.append(hidden[:, 0].float().cpu())
-            if pooled and i < L - 1:
-                per_layer_pool.append(model.ramps[i].pool(hidden, b["attention_mask"]).float().cpu())
-            if all_logits or i == L - 1:
-                per_layer_logits.append(model.exit_logits(i, hidden, b["attention_mask"]).float().cpu())
+        with autocast(device, precision):
+            per_layer_pool, per_layer_logits, per_layer_cls = _collect_batch(model, b, L, pooled, all_logits, cls)
         for j, row in enumerate(idx):
             finals[row] = per_layer_logits[-1][j]
             if pooled:
@@ -214,6 +225,45 @@ def collect(model: HighwayModel, enc: Encoded, pad_id: int, batch_size: int, dev
         out["pooled"] = torch.stack(pools, dim=1)  # [L-1, n, H]
     if all_logits:
         out["logits"] = torch.stack(logits_all, dim=1)  # [L, n, C]
+    return out
+
+
+def _collect_batch(model: HighwayModel, b: dict, L: int, pooled: bool, all_logits: bool, cls: bool = False) -> tuple:
+    hidden = model.embed(b["input_ids"], b.get("token_type_ids"))
+    mask = model.prepare_mask(b["attention_mask"], hidden)
+    per_layer_pool, per_layer_logits, per_layer_cls = [], [], []
+    for i in range(L):
+        hidden = model.run_layer(i, hidden, mask)
+        if cls:
+            per_layer_cls.append(hidden[:, 0].float().cpu())
+        if pooled and i < L - 1:
+            per_layer_pool.append(model.ramps[i].pool(hidden, b["attention_mask"]).float().cpu())
+        if all_logits or i == L - 1:
+            per_layer_logits.append(model.exit_logits(i, hidden, b["attention_mask"]).float().cpu())
+    return per_layer_pool, per_layer_logits, per_layer_cls
+
+
+def collect_sharded(rt: Runtime, model: HighwayModel, enc: Encoded, pad_id: int, batch_size: int,
+                    pooled: bool = True, all_logits: bool = False) -> dict:
+    """:func:`collect` with the rows spread over the processes of ``rt`` and gathered back in input order on
+    every process (each row once), so figures computed from it equal a single-process pass. Without a
+    launcher this is exactly :func:`collect`."""
+    if not rt.distributed:
+        return collect(model, enc, pad_id, batch_size, rt.device, pooled, all_logits, rt.precision)
+    n, L = len(enc), model.num_layers
+    rows = rt.shard(range(n))
+    if rows:
+        got = collect(model, enc.subset(rows), pad_id, batch_size, rt.device, pooled, all_logits, rt.precision)
+    else:  # more processes than rows
+        got = {"final": torch.zeros(0, model.num_labels)}
+        if pooled:
+            got["pooled"] = torch.zeros(L - 1, 0, model.hidden_size)
+        if all_logits:
+            got["logits"] = torch.zeros(L, 0, model.num_labels)
+    out = {"final": rt.gather_rows(got["final"], n)}
+    for key in ("pooled", "logits"):
+        if key in got:  # rows are dim 1 there
+            out[key] = rt.gather_rows(got[key].transpose(0, 1), n).transpose(0, 1).contiguous()
     return out
 
 
@@ -238,8 +288,9 @@ def reset_ramps(model: HighwayModel, ramp_cfg: RampConfig, seed: int) -> None:
 
 def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> TrainResult:
     """Stage 2: train off-ramps 1..L-1 of a stage-1 checkpoint; backbone and final head stay bit-for-bit."""
-    progress = progress or Progress()
-    device = _device(cfg.device)
+    rt = Runtime(cfg.device, cfg.precision)
+    device = rt.device
+    progress = progress if progress is not None and rt.is_main else Progress()  # only the main process reports
     ckpt = load_checkpoint(cfg.checkpoint)
     if ckpt.stage not in (STAGE_FINETUNED, STAGE_EXITS) or "data" not in ckpt.meta:
         raise UserError(f"'{cfg.checkpoint}' is not a stage-1 checkpoint (run `deebert finetune` first)")
@@ -263,7 +314,11 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
     for p in model.model.parameters():
         p.requires_grad_(False)
 
-    # one frozen pass caches what each off-ramp reads (and the final classifier's logits: the teacher)
+    # One frozen pass caches what each off-ramp reads (and the final classifier's logits: the teacher of
+    # --distill). Under a launcher the pass (the expensive part) is sharded over the processes and the
+    # cache gathered, in input order, on every process. The off-ramps then train on that full cache with
+    # the same seed on every process: identical updates, no gradient traffic (a few small linear layers on
+    # cached states gain nothing from DDP), and the main process writes exactly what a single process would.
     t0 = time.perf_counter()
     enc_tr = encode(tokenizer, train.texts, train.pairs, max_length)
     enc_ev = encode(tokenizer, data.eval.texts, data.eval.pairs, max_length)
@@ -271,12 +326,12 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
     n_un = len(unlabeled[0]) if unlabeled else 0
     progress.log(f"caching per-layer states of {len(train)} + {len(data.eval)}"
                  f"{f' + {n_un} unlabeled' if n_un else ''} examples (one frozen pass)")
-    got_tr = collect(model, enc_tr, tokenizer.pad_token_id, 64, device)
-    got_ev = collect(model, enc_ev, tokenizer.pad_token_id, 64, device)
+    got_tr = collect_sharded(rt, model, enc_tr, tokenizer.pad_token_id, 64)
+    got_ev = collect_sharded(rt, model, enc_ev, tokenizer.pad_token_id, 64)
     feats, teacher = got_tr["pooled"], got_tr["final"]  # [L-1, n, H], [n, C]
     y = torch.tensor(train.labels)
     if n_un:
-        got_un = collect(model, encode(tokenizer, unlabeled[0], unlabeled[1], max_length), tokenizer.pad_token_id, 64, device)
+        got_un = collect_sharded(rt, model, encode(tokenizer, unlabeled[0], unlabeled[1], max_length), tokenizer.pad_token_id, 64)
         feats = torch.cat([feats, got_un["pooled"]], 1)
         teacher = torch.cat([teacher, got_un["final"]], 0)
         y = torch.cat([y, torch.full((n_un,), -100)])  # -100: no label, distillation only
@@ -337,8 +392,10 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
     if calibration is not None:
         meta["calibration"] = calibration
         extra["calibration"] = calibration
-    save_checkpoint(Checkpoint(model.cpu(), tokenizer, meta), out, extra_files={"train_exits_config.yaml": to_yaml(cfg)},
-                    keep_files_from=cfg.checkpoint)
+    if rt.is_main:
+        save_checkpoint(Checkpoint(model.cpu(), tokenizer, meta), out,
+                        extra_files={"train_exits_config.yaml": to_yaml(cfg)}, keep_files_from=cfg.checkpoint)
+    rt.wait_for_everyone()
     per_epoch = (cache_seconds * len(train) / (len(train) + len(data.eval))) + train_seconds / max(epochs_done, 1e-9)
     return TrainResult(out, STAGE_EXITS, len(train), step, train_seconds + cache_seconds, per_epoch,
                        seen / max(train_seconds, 1e-9), report, extra)
