@@ -60,8 +60,12 @@ def main():
     ap.add_argument("--out", default="runs/offramps")
     ap.add_argument("--budgets", default="0.5,1.0")
     ap.add_argument("--plot", default="docs/offramps.png", help="curves per variant on the test split")
+    ap.add_argument("--replot", action="store_true", help="only redraw the plot from the saved JSON")
     args = ap.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
+    if args.replot:
+        plot(json.loads(Path(f"{args.out}.json").read_text()), budgets, args.plot)
+        return
     base = load_checkpoint(args.checkpoint)
     spec = DataSpec(**base.meta["data"])
     val = prepare_data(spec).eval
@@ -145,9 +149,9 @@ def plot(results, budgets, path):
     ax.set_xlabel("layer saving vs full depth on the test split (%)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Off-ramp variants on all-MiniLM-L6-v2 / movie reviews (test split)\n"
-                 "lines: global-threshold sweeps; markers: thresholds chosen on validation "
-                 f"({', '.join(f'{m}={b:g} pt' for b, m in markers.items())}; filled = per-layer; numbers = table rows)",
-                 fontsize=10)
+                 "lines: global-threshold sweeps; markers: thresholds chosen on validation\n"
+                 f"({', '.join(f'{m} = {b:g}-point budget' for b, m in markers.items())}; filled = per-layer thresholds; "
+                 "numbers = table rows)", fontsize=10)
     ax.legend(fontsize=8, loc="lower left")
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=120)
