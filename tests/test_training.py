@@ -197,3 +197,27 @@ def test_default_model_resolves_to_the_installed_package_or_stays_a_hub_name():
     else:
         assert path == DEFAULT_MODEL
     assert resolve_model_path("org/other-model") == "org/other-model"
+
+
+def test_sentence_pairs_train_and_predict_with_a_tab(tmp_path):
+    rows = make_sentiment_rows(60, 3)
+    pairs = [{"premise": r["text"], "hypothesis": rows[(i + 1) % 60]["text"], "label": r["label"]} for i, r in enumerate(rows)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    bb = make_tiny_backbone(tmp_path)
+    out = tmp_path / "ck"
+    r = invoke("finetune", "--model", bb, "--dataset", data, "--text-column", "premise", "--text-pair-column", "hypothesis",
+               "--output", out, "--max-steps", 3, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert invoke("train-exits", "--checkpoint", out, "--epochs", 1, "--device", "cpu").exit_code == 0
+    r = runner.invoke(app, ["predict", "--checkpoint", str(out), "--format", "jsonl", "--device", "cpu"],
+                      input="good film\tbad film\nonly one text\n\n")
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(l) for l in r.stdout.splitlines()]
+    assert [x["empty"] for x in lines] == [False, False, True]
+    # the second text really reaches the model: a pair differs from its first text alone
+    from deebert_cli.core.checkpoint import load_checkpoint
+    from deebert_cli.core.inference import ExitRule, predict_stream
+
+    ck = load_checkpoint(out)
+    a, b = predict_stream(ck, ["good film\tbad awful dull boring", "good film\t"], ExitRule([0.0] * 4), "cpu")
+    assert abs(a.confidence - b.confidence) > 1e-6
