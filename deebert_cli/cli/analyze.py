@@ -28,6 +28,7 @@ def analyze(
     timing_thresholds: Optional[str] = typer.Option(None, help="Extra thresholds to time with real early-exit runs (full depth and the recommendation are always timed)."),
     timing_repeats: int = typer.Option(2, help="Timed runs per threshold (interleaved; the fastest is kept)."),
     batch_size: int = typer.Option(32, help="Batch size of the passes and timed runs."),
+    patience: Optional[str] = typer.Option(None, help="Patience values to sweep for the patience policy (PABEE), comma-separated (default: 0..L-1)."),
     examples: int = typer.Option(3, help="Evaluation texts to show per exit layer."),
     example_threshold: Optional[float] = typer.Option(None, help="Threshold for the examples by exit layer (default: the recommended one)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every figure to this JSON file."),
@@ -97,6 +98,22 @@ def render(a, show_layers: bool = True) -> None:
                   pct(r.layer_saving), pct(r.wall_saving) if r.wall_saving is not None else "",
                   "/".join(str(c) for c in r.histogram))
     out.print(t)
+    if a.patience_sweep:
+        out.print("[bold]patience sweep[/] (exit once N+1 consecutive off-ramps agree; exact; * = recommended)")
+        t = Table()
+        for c in ("patience", "accuracy", "Δ points", "mean exit", "layer saving"):
+            t.add_column(c, justify="right")
+        t.add_column("exits at layers 1..L", justify="left", no_wrap=True)
+        prec = a.patience_recommendation
+        for r in a.patience_sweep:
+            star = " *" if prec is not None and r.patience == prec.patience else ""
+            t.add_row(f"{r.patience}{star}", pct(r.accuracy), f"{r.accuracy_change:+.2f}", f"{r.mean_exit_layer:.2f}",
+                      pct(r.layer_saving), "/".join(str(c) for c in r.histogram))
+        out.print(t)
+        if prec is not None:
+            out.print(f"[bold]recommended patience {prec.patience}[/] for a {a.max_drop:g}-point budget: accuracy "
+                      f"{pct(prec.accuracy)} ({prec.accuracy_change:+.2f} points), {pct(prec.layer_saving)} fewer layers "
+                      f"(`deebert predict --exit-policy patience --patience {prec.patience}`)")
     rec = a.recommendation
     if rec is None:
         out.print(f"[yellow]no threshold keeps the accuracy drop within {a.max_drop:g} points[/]")

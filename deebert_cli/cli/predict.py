@@ -17,6 +17,8 @@ def predict(
     threshold: Optional[float] = typer.Option(None, help="Exit when the off-ramp's entropy is below this. Normalized entropy (0..1) by default, nats with --entropy raw. 0 runs every input to the last layer; at or above the maximum exits everyone at layer 1. Default: thresholds stored in the checkpoint, else 0.3."),
     thresholds: Optional[str] = typer.Option(None, help="One threshold per layer 1..L-1, comma-separated (overrides --threshold)."),
     entropy: str = typer.Option("normalized", help="Threshold unit: normalized (entropy / ln C, in [0, 1]) or raw (nats, as in the DeeBERT paper)."),
+    exit_policy: str = typer.Option("entropy", help="entropy (DeeBERT: exit when the off-ramp's entropy is below the threshold) or patience (PABEE: exit once --patience + 1 consecutive off-ramps predict the same class)."),
+    patience: int = typer.Option(3, help="Patience policy: exit at the first layer whose prediction equals those of the N layers before it (0 exits at layer 1)."),
     batch_size: int = typer.Option(32, help="Rows per batch; rows that exit leave the batch."),
     engine: str = typer.Option("shrink", help="shrink (exited rows leave the batch) or refill (per-layer queues refilled from the input)."),
     window: int = typer.Option(1024, help="Lines read at a time (sorted by length within a window to cut padding)."),
@@ -57,7 +59,8 @@ def predict(
         if rt.distributed and not cfg.input:
             raise UserError("under accelerate launch every process reads the input: pass --input FILE (not stdin)")
         ckpt = load_checkpoint(cfg.checkpoint)
-        rule, source = resolve_rule(ckpt, cfg.threshold, cfg.thresholds, cfg.entropy)
+        rule, source = resolve_rule(ckpt, cfg.threshold, cfg.thresholds, cfg.entropy, policy=cfg.exit_policy,
+                                    patience=cfg.patience)
         L, names = ckpt.model.num_layers, ckpt.label_names
         stats = PredictStats(L)
         interactive = cfg.input is None and sys.stdin.isatty()

@@ -1,4 +1,5 @@
-"""How a model's layers behave: per-exit quality, exact threshold sweeps from one all-exits pass,
+"""How a model's layers behave: per-exit quality, exact sweeps of every exit policy (entropy thresholds,
+patience values) from one all-exits pass,
 a recommended threshold for an accuracy budget, dead weight, and examples by exit layer."""
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from .config import AnalyzeConfig
 from .data import DataSpec, eval_examples, encode, load_splits, to_examples
 from .device import resolve_device
 from .errors import UserError
-from .exits import exit_entropy, first_exit, max_entropy
+from .exits import exit_entropy, first_exit, max_entropy, patience_exit
 from .inference import ExitRule, PredictStats, predict_stream
 from .metrics import accuracy, macro_f1
 
@@ -32,6 +33,19 @@ class SweepRow:
     histogram: list  # samples exiting at layers 1..L
     measured_seconds: float | None = None  # wall-clock of a real early-exit run (timed thresholds only)
     wall_saving: float | None = None  # 1 - seconds / seconds at full depth
+
+
+@dataclass
+class PatienceRow:
+    """The patience policy at one patience value (exact, from the all-exits logits)."""
+
+    patience: int
+    accuracy: float
+    macro_f1: float
+    accuracy_change: float  # percentage points vs full depth
+    mean_exit_layer: float
+    layer_saving: float
+    histogram: list
 
 
 @dataclass
@@ -60,6 +74,8 @@ class Analysis:
     cls_spread: list = field(default_factory=list)  # per layer: spread of [CLS] states across inputs
     warnings: list = field(default_factory=list)
     timing: dict = field(default_factory=dict)
+    patience_sweep: list = field(default_factory=list)  # PatienceRow per patience value
+    patience_recommendation: PatienceRow | None = None  # largest saving within max_drop
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -85,6 +101,31 @@ def sweep_from_logits(logits: torch.Tensor, labels: list, thresholds: list, kind
         rows.append(SweepRow(float(t), acc, macro_f1(pred.tolist(), labels, C), 100 * (acc - full_acc), mean,
                              1 - mean / L, hist))
     return rows
+
+
+def patience_sweep(logits: torch.Tensor, labels: list, values: list) -> list:
+    """Exact outcome of the patience policy at every patience value from all-exits logits [L, n, C]
+    (the same decision steps predict's engines take, so this equals running predict with --patience N)."""
+    L, n, C = logits.shape
+    preds = logits.argmax(-1)  # [L, n]
+    y = torch.tensor(labels)
+    full_acc = (preds[-1] == y).sum().item() / n
+    rows = []
+    for N in values:
+        layer = patience_exit(logits, N)  # [n] 0-based
+        pred = preds.gather(0, layer.view(1, -1)).squeeze(0)
+        acc = (pred == y).sum().item() / n
+        mean = (layer.float() + 1).mean().item()
+        rows.append(PatienceRow(int(N), acc, macro_f1(pred.tolist(), labels, C), 100 * (acc - full_acc), mean,
+                                1 - mean / L, torch.bincount(layer, minlength=L).tolist()))
+    return rows
+
+
+def recommend_patience(rows: list, max_drop: float) -> PatienceRow | None:
+    """The patience value with the largest layer saving within ``max_drop`` points (ties: more accurate,
+    then larger patience)."""
+    ok = [r for r in rows if -r.accuracy_change <= max_drop + 1e-9]
+    return max(ok, key=lambda r: (round(r.layer_saving, 12), r.accuracy, r.patience)) if ok else None
 
 
 def outcome(logits: torch.Tensor, labels: list, thresholds: list, kind: str, ent: torch.Tensor | None = None) -> SweepRow:
@@ -196,6 +237,8 @@ def analyze(cfg: AnalyzeConfig, progress=None) -> Analysis:
     grid = sorted(set(grid))
     rows = sweep_from_logits(logits, labels, grid, cfg.entropy)
     rec = recommend(rows, cfg.max_drop)
+    prows = patience_sweep(logits, labels, sorted(set(cfg.patience if cfg.patience is not None else range(L))))
+    prec = recommend_patience(prows, cfg.max_drop)
 
     per_layer = None
     if cfg.per_layer:
@@ -275,6 +318,7 @@ def analyze(cfg: AnalyzeConfig, progress=None) -> Analysis:
         per_layer=per_layer, stored_thresholds=stored, cls_spread=spread, warnings=warnings,
         timing={"batch_size": cfg.batch_size, "repeats": cfg.timing_repeats, "device": str(device),
                 "seconds": {str(k): v for k, v in seconds.items()}},
+        patience_sweep=prows, patience_recommendation=prec,
     )
 
 
@@ -313,7 +357,14 @@ def plot_analysis(a: Analysis, path: str) -> None:
     shown = [r for r in a.sweep if 100 * r.accuracy >= floor]
     clipped = len(a.sweep) - len(shown)
     ax.plot([100 * r.layer_saving for r in shown], [100 * r.accuracy for r in shown], "o-",
-            label="layer saving (exact, all-exits pass)")
+            label="entropy policy: layer saving (exact, all-exits pass)")
+    pshown = [r for r in a.patience_sweep if 100 * r.accuracy >= floor]
+    if pshown:
+        ax.plot([100 * r.layer_saving for r in pshown], [100 * r.accuracy for r in pshown], "^-", color="tab:brown",
+                label="patience policy (exact; labels = N)")
+        for r in pshown:
+            ax.annotate(f"N={r.patience}", (100 * r.layer_saving, 100 * r.accuracy), fontsize=7, xytext=(0, -10),
+                        textcoords="offset points", ha="center", color="tab:brown")
     timed = [r for r in shown if r.wall_saving is not None]
     if timed:
         ax.plot([100 * r.wall_saving for r in timed], [100 * r.accuracy for r in timed], "s", color="tab:orange",
@@ -335,14 +386,14 @@ def plot_analysis(a: Analysis, path: str) -> None:
             ax.annotate(f"{r.threshold:g}", (x, 100 * r.accuracy), fontsize=7, xytext=(0, 6),
                         textcoords="offset points", ha="center", color="tab:blue")
             last_x = x
-    ys = [100 * r.accuracy for r in shown]
+    ys = [100 * r.accuracy for r in shown + pshown]
     ax.set_ylim(min(ys + [full - a.max_drop]) - 1, max(ys + [full]) + 1)
     if clipped:
         ax.text(0.99, 0.02, f"{clipped} threshold(s) below {floor:.1f}% not shown", transform=ax.transAxes,
                 ha="right", fontsize=8, color="gray")
     ax.set_xlabel("saving vs full depth (%)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"Speed/accuracy trade-off ({a.entropy} entropy thresholds)")
+    ax.set_title(f"Speed/accuracy trade-off ({a.entropy} entropy thresholds, patience)")
     ax.legend(fontsize=8, loc="upper right")
     ax.grid(alpha=0.3)
 

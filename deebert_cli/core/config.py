@@ -128,6 +128,23 @@ def parse_thresholds(text: str | None) -> list | None:
         raise ValueError(f"thresholds must be comma-separated numbers, got '{text}'") from None
 
 
+def parse_ints(text, what: str) -> list | None:
+    """'1,2, 3' -> [1, 2, 3] (a single int or a list passes through)."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    if isinstance(text, int):
+        return [text]
+    if isinstance(text, (list, tuple)):
+        return [int(t) for t in text]
+    try:
+        return [int(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated whole numbers, got '{text}'") from None
+
+
+EXIT_POLICIES = ("entropy", "patience")
+
+
 @dataclass
 class PredictConfig:
     """Early-exit prediction over lines of text."""
@@ -136,6 +153,8 @@ class PredictConfig:
     threshold: float | None = None  # None: the checkpoint's stored thresholds, else 0.3
     thresholds: list | None = None  # one per layer (the last is ignored: it always exits)
     entropy: str = "normalized"
+    exit_policy: str = "entropy"  # entropy (DeeBERT) or patience (PABEE)
+    patience: int = 3  # patience policy: exit once patience + 1 consecutive off-ramps agree
     batch_size: int = 32
     engine: str = "shrink"
     window: int = 1024
@@ -156,6 +175,8 @@ class PredictConfig:
             _check(math.isfinite(t) and t >= 0, f"threshold must be a finite number >= 0, got {t}")
             if self.entropy == "normalized":
                 _check(t <= 1.0, f"threshold {t} is out of range: normalized entropy lies in [0, 1] (use --entropy raw for nats)")
+        _check(self.exit_policy in EXIT_POLICIES, f"exit_policy must be one of {', '.join(EXIT_POLICIES)}, got '{self.exit_policy}'")
+        _check(self.patience >= 0, f"patience must be >= 0, got {self.patience}")
         _check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
         _check(self.window >= self.batch_size, "window must be >= batch_size")
         _check(self.engine in ENGINES, f"engine must be one of {ENGINES}, got '{self.engine}'")
@@ -184,6 +205,7 @@ class AnalyzeConfig:
     batch_size: int = 32
     examples: int = 3
     example_threshold: float | None = None  # default: the recommended threshold
+    patience: list | None = None  # patience values to sweep beside the entropy thresholds (default 0..L-1)
     json: str | None = None
     plot: str | None = None
     device: str = "auto"
@@ -191,6 +213,9 @@ class AnalyzeConfig:
     def __post_init__(self):
         self.thresholds = parse_thresholds(self.thresholds)
         self.timing_thresholds = parse_thresholds(self.timing_thresholds)
+        self.patience = parse_ints(self.patience, "patience")
+        for n in self.patience or []:
+            _check(n >= 0, f"patience values must be >= 0, got {n}")
         _check(self.entropy in ("normalized", "raw"), f"entropy must be 'normalized' or 'raw', got '{self.entropy}'")
         for t in (self.thresholds or []) + (self.timing_thresholds or []):
             _check(math.isfinite(t) and t >= 0, f"threshold must be a finite number >= 0, got {t}")

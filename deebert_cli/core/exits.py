@@ -107,3 +107,74 @@ def first_exit(signal: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     fires[-1] = True
     # argmax returns the first True along dim 0
     return fires.int().argmax(0).clamp(max=layers - 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# exit policies: one decision step per layer, with per-row state that travels with the row
+# ------------------------------------------------------------------------------------------------
+POLICIES = ("entropy", "patience")
+
+
+class EntropyPolicy:
+    """DeeBERT: leave after layer i if the off-ramp's entropy is strictly below ``thr[i]``. Stateless."""
+
+    def __init__(self, thresholds: torch.Tensor, kind: str = "normalized"):
+        self.thr, self.kind = thresholds, kind  # [layers]
+
+    def init_state(self, b: int, device) -> tuple:
+        return ()
+
+    def step(self, i: int, logits: torch.Tensor, state: tuple) -> tuple:
+        """logits [b, C] at layer i -> (done [b] bool, new state)."""
+        return exit_entropy(logits, self.kind) < self.thr[i], state
+
+
+class PatiencePolicy:
+    """PABEE (Zhou et al. 2020). Each row keeps (last prediction, streak): ``streak`` counts the layers
+    in a row, ending at the current one, whose prediction agrees with the layer before. A row leaves after
+    layer i (0-based) as soon as ``streak >= patience``, i.e. when the predictions of layers
+    i-patience..i all agree (patience + 1 equal predictions). Classification: predictions are the argmax
+    class and agree when equal. Regression (``tolerance`` set): the prediction is the single output and
+    consecutive values agree when they differ by less than ``tolerance``. ``patience`` 0 exits everyone
+    at layer 1; the engine always exits at the last layer."""
+
+    def __init__(self, patience: int, tolerance: float | None = None):
+        self.patience, self.tolerance = patience, tolerance
+
+    def prediction(self, logits: torch.Tensor) -> torch.Tensor:
+        """[b, C] -> [b] float: the argmax class, or the value for regression."""
+        return logits[:, 0].float() if self.tolerance is not None else logits.argmax(-1).float()
+
+    def init_state(self, b: int, device) -> tuple:
+        """(last prediction [b] float, streak [b] long)."""
+        return torch.zeros(b, device=device), torch.zeros(b, dtype=torch.long, device=device)
+
+    def step(self, i: int, logits: torch.Tensor, state: tuple) -> tuple:
+        """logits [b, C] at layer i, state (last [b], streak [b]) -> (done [b] bool, (pred, streak))."""
+        pred = self.prediction(logits)
+        last, streak = state
+        if i == 0:
+            streak = torch.zeros_like(streak)
+        else:
+            same = (pred - last).abs() < self.tolerance if self.tolerance is not None else pred == last
+            streak = torch.where(same, streak + 1, torch.zeros_like(streak))
+        return streak >= self.patience, (pred, streak)
+
+
+def policy_exit(policy, logits: torch.Tensor) -> torch.Tensor:
+    """Exit layer (0-based) per sample of ``policy`` from all-exits logits [layers, n, C] -> [n]; the
+    same steps the engines take, run over every layer at once (the last layer always exits)."""
+    L, n = logits.shape[:2]
+    state = policy.init_state(n, logits.device)
+    layer = torch.full((n,), L - 1, dtype=torch.long, device=logits.device)
+    open_ = torch.ones(n, dtype=torch.bool, device=logits.device)
+    for i in range(L - 1):
+        done, state = policy.step(i, logits[i].float(), state)
+        layer[open_ & done] = i
+        open_ &= ~done
+    return layer
+
+
+def patience_exit(logits: torch.Tensor, patience: int, tolerance: float | None = None) -> torch.Tensor:
+    """Exit layer (0-based) under the patience rule (see :class:`PatiencePolicy`): [layers, n, C] -> [n]."""
+    return policy_exit(PatiencePolicy(patience, tolerance), logits)

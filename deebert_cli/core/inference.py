@@ -1,5 +1,10 @@
 """Batched early-exit inference.
 
+Exit rules are policies (:mod:`.exits`): entropy (DeeBERT) or patience (PABEE). A policy decides layer by
+layer from the off-ramp's logits and may keep per-row state (patience: last prediction and streak); that
+state travels with its row (sliced with the hidden states in ``shrink``, carried in the queue items in
+``refill``), so every engine and batch size gives the same exits.
+
 Two engines run the same exit rule and give the same answers (test-enforced):
 
 * ``shrink``: a batch goes layer by layer; rows that exit leave it, so later layers compute only on the
@@ -23,7 +28,7 @@ from .checkpoint import Checkpoint
 from .data import Encoded, encode, pad_batch
 from .device import autocast
 from .errors import UserError
-from .exits import exit_entropy, max_entropy
+from .exits import EntropyPolicy, PatiencePolicy, exit_entropy, max_entropy
 
 
 # ------------------------------------------------------------------------------------------------
@@ -43,6 +48,9 @@ class ExitRule:
         vals = [math.inf if t >= top else float(t) for t in self.thresholds]
         return torch.tensor(vals, dtype=torch.float32, device=device)
 
+    def policy(self, num_labels: int, device) -> EntropyPolicy:
+        return EntropyPolicy(self.tensor(num_labels, device), self.entropy)
+
     def describe(self) -> str:
         unit = "normalized entropy (0..1)" if self.entropy == "normalized" else "entropy in nats"
         ts = self.thresholds[:-1]
@@ -50,11 +58,38 @@ class ExitRule:
         return f"exit when {unit} < {val}"
 
 
+@dataclass
+class PatienceRule:
+    """Patience rule (PABEE): leave once the off-ramps' predictions of ``patience`` + 1 consecutive layers
+    agree (see :class:`~.exits.PatiencePolicy`); ``tolerance`` is for regression. ``entropy`` is only the
+    unit of the entropy reported beside each prediction."""
+
+    patience: int
+    tolerance: float | None = None
+    entropy: str = "normalized"
+
+    def policy(self, num_labels: int, device) -> PatiencePolicy:
+        return PatiencePolicy(self.patience, self.tolerance)
+
+    def describe(self) -> str:
+        if self.tolerance is not None:
+            return f"exit when {self.patience + 1} consecutive off-ramps agree within {self.tolerance:g} (patience {self.patience})"
+        return f"exit when {self.patience + 1} consecutive off-ramps predict the same class (patience {self.patience})"
+
+
 def resolve_rule(ckpt: Checkpoint, threshold: float | None, thresholds: list | None, entropy: str,
-                 default: float = 0.3) -> tuple:
-    """Pick the exit rule: per-layer --thresholds > --threshold > thresholds stored in the checkpoint >
-    ``default``. Returns (ExitRule, source description)."""
+                 default: float = 0.3, policy: str = "entropy", patience: int = 3) -> tuple:
+    """Pick the exit rule. Patience policy: a :class:`PatienceRule` (thresholds must not be given).
+    Entropy: per-layer --thresholds > --threshold > thresholds stored in the checkpoint > ``default``.
+    Returns (rule, source description)."""
     L = ckpt.model.num_layers
+    if policy == "patience":
+        if threshold is not None or thresholds:
+            raise UserError("--threshold/--thresholds apply to --exit-policy entropy; the patience policy takes --patience N")
+        if not ckpt.exits_trained:
+            raise UserError(f"the off-ramps of '{ckpt.path}' are not trained: run `deebert train-exits` first "
+                            "(the patience policy compares their predictions)")
+        return PatienceRule(patience, None, entropy), "--exit-policy patience"
     if thresholds:
         if len(thresholds) not in (L - 1, L):
             raise UserError(f"--thresholds needs {L - 1} values (layers 1..{L - 1}; the last layer always exits), got {len(thresholds)}")
@@ -166,7 +201,7 @@ class EarlyExitEngine:
         self.device = device
         self.L = self.model.num_layers
         self.rule = rule
-        self.thr = rule.tensor(self.model.num_labels, device)
+        self.policy = rule.policy(self.model.num_labels, device)
         self.batch_size = batch_size
         self.all_probs = all_probs
 
@@ -188,6 +223,7 @@ class EarlyExitEngine:
         hidden = m.embed(batch["input_ids"], batch.get("token_type_ids"))
         b = hidden.shape[0]
         active = torch.arange(b, device=hidden.device)
+        state = self.policy.init_state(b, hidden.device)  # per-row policy state, sliced with the rows
         exit_layer = torch.full((b,), self.L - 1, dtype=torch.long, device=hidden.device)
         out_logits = torch.empty((b, m.num_labels), dtype=torch.float32, device=hidden.device)
         out_ent = torch.empty((b,), dtype=torch.float32, device=hidden.device)
@@ -195,7 +231,9 @@ class EarlyExitEngine:
             hidden = m.run_layer(i, hidden, m.prepare_mask(attn, hidden))
             logits = m.exit_logits(i, hidden, attn).float()
             ent = exit_entropy(logits, self.rule.entropy)
-            done = ent < self.thr[i] if i < self.L - 1 else torch.ones_like(ent, dtype=torch.bool)
+            done, state = self.policy.step(i, logits, state)
+            if i == self.L - 1:
+                done = torch.ones_like(done)
             if bool(done.any()):
                 rows = active[done]
                 exit_layer[rows], out_logits[rows], out_ent[rows] = i, logits[done], ent[done]
@@ -203,6 +241,7 @@ class EarlyExitEngine:
                 if not bool(keep.any()):
                     break
                 hidden, attn, active = hidden[keep], attn[keep], active[keep]
+                state = tuple(t[keep] for t in state)
                 width = int(attn.sum(1).max())
                 if width < hidden.shape[1]:  # right padding: trailing columns no remaining row uses
                     hidden, attn = hidden[:, :width], attn[:, :width]
@@ -217,7 +256,7 @@ class EarlyExitEngine:
         newer inputs pass it (its queue then runs part-full), so the caller's reorder buffer stays
         bounded. At the end, partial queues drain shallowest first so rows merge downstream."""
         m, B, L = self.model, self.batch_size, self.L
-        queues = [deque() for _ in range(L)]  # items: (key, hidden [len, H])
+        queues = [deque() for _ in range(L)]  # items: (key, hidden [len, H], policy state: tuple of 0-d tensors)
         exhausted = False
         newest = -1
         rows = iter(rows)
@@ -252,16 +291,18 @@ class EarlyExitEngine:
             for j, t in enumerate(take):
                 n = t[1].shape[0]
                 hidden[j, :n], attn[j, :n] = t[1], 1
+            state = tuple(torch.stack([t[2][k] for t in take]) for k in range(len(take[0][2])))
             with self._amp():
                 hidden = m.run_layer(i, hidden, m.prepare_mask(attn, hidden))
                 logits = m.exit_logits(i, hidden, attn).float()
             ent = exit_entropy(logits, self.rule.entropy)
-            done = (ent < self.thr[i]).tolist() if i < L - 1 else [True] * len(take)
+            done, state = self.policy.step(i, logits, state)
+            done = done.tolist() if i < L - 1 else [True] * len(take)
             for j, t in enumerate(take):
                 if done[j]:
                     yield t[0], i, logits[j], ent[j]
                 else:
-                    queues[i + 1].append((t[0], hidden[j, : t[1].shape[0]]))
+                    queues[i + 1].append((t[0], hidden[j, : t[1].shape[0]], tuple(x[j] for x in state)))
 
     def _embed_into(self, fresh: list, queue: deque) -> None:
         enc_ids = [f[1] for f in fresh]
@@ -269,8 +310,9 @@ class EarlyExitEngine:
         b = {k: v.to(self.device) for k, v in pad_batch(Encoded(enc_ids, tt), range(len(fresh)), self.pad_id).items()}
         with self._amp():
             hidden = self.model.embed(b["input_ids"], b.get("token_type_ids"))
+        state = self.policy.init_state(len(fresh), self.device)
         for j, f in enumerate(fresh):
-            queue.append((f[0], hidden[j, : len(f[1])]))
+            queue.append((f[0], hidden[j, : len(f[1])], tuple(x[j] for x in state)))
 
 
 def predict_stream(ckpt: Checkpoint, lines: Iterable[str], rule: ExitRule, device, *, batch_size: int = 32,
