@@ -29,6 +29,7 @@ def analyze(
     timing_repeats: int = typer.Option(2, help="Timed runs per threshold (interleaved; the fastest is kept)."),
     batch_size: int = typer.Option(32, help="Batch size of the passes and timed runs."),
     patience: Optional[str] = typer.Option(None, help="Patience values to sweep for the patience policy (PABEE), comma-separated (default: 0..L-1)."),
+    tolerance: float = typer.Option(0.1, help="Regression checkpoints: consecutive off-ramp values agree when they differ by less than this (patience sweep)."),
     examples: int = typer.Option(3, help="Evaluation texts to show per exit layer."),
     example_threshold: Optional[float] = typer.Option(None, help="Threshold for the examples by exit layer (default: the recommended one)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every figure to this JSON file."),
@@ -76,6 +77,8 @@ def render(a, show_layers: bool = True) -> None:
     m, d = a.model, a.dataset
     out.print(f"[bold]{m.get('base_model') or a.checkpoint}[/] ({m['family']}, {m['layers']} layers) on "
               f"{d['dataset']}, {d['evaluated_on']}, n={d['n']}")
+    if a.task == "regression":
+        return render_regression(a, show_layers)
     if show_layers:
         out.print("[bold]accuracy of every exit[/] (one all-exits pass)")
         t = Table()
@@ -162,6 +165,32 @@ def render(a, show_layers: bool = True) -> None:
                 mark = "✓" if e["label"] == e["predicted"] else "✗"
                 text = e["text"] if len(e["text"]) <= 90 else e["text"][:87] + "..."
                 out.print(f"  L{layer} {mark} [{e['predicted']}] {text}", soft_wrap=True, markup=False)
+
+
+def render_regression(a, show_layers: bool = True) -> None:
+    """Per-exit error and correlation, and the patience sweep, of a regression checkpoint."""
+    from rich.table import Table
+
+    if show_layers:
+        out.print("[bold]error and correlation of every exit[/] (one all-exits pass)")
+        t = Table()
+        for c in ("layer", "MSE", "Pearson", "Spearman"):
+            t.add_column(c, justify="right")
+        for l in a.layers:
+            t.add_row(str(l["layer"]), f"{l['mse']:.4f}", f"{l['pearson']:.4f}", f"{l['spearman']:.4f}")
+        out.print(t)
+    if a.patience_sweep:
+        tol = a.patience_sweep[0].tolerance
+        out.print(f"[bold]patience sweep[/] (exit once N+1 consecutive off-ramps agree within {tol:g}; exact)")
+        t = Table()
+        for c in ("patience", "MSE", "Δ MSE", "Pearson", "Spearman", "mean exit", "layer saving"):
+            t.add_column(c, justify="right")
+        t.add_column("exits at layers 1..L", justify="left", no_wrap=True)
+        for r in a.patience_sweep:
+            t.add_row(str(r.patience), f"{r.mse:.4f}", f"{r.mse_change:+.4f}", f"{r.pearson:.4f}", f"{r.spearman:.4f}",
+                      f"{r.mean_exit_layer:.2f}", pct(r.layer_saving), "/".join(str(c) for c in r.histogram))
+        out.print(t)
+    out.print("entropy exits do not apply to a regression checkpoint: predict with `--exit-policy patience --tolerance T`")
 
 
 def _layers(ls: list) -> str:

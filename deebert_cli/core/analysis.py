@@ -17,7 +17,7 @@ from .device import resolve_device
 from .errors import UserError
 from .exits import exit_entropy, first_exit, max_entropy, patience_exit
 from .inference import ExitRule, PredictStats, predict_stream
-from .metrics import accuracy, macro_f1
+from .metrics import accuracy, macro_f1, regression_report
 
 DEFAULT_GRID = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -43,6 +43,21 @@ class PatienceRow:
     accuracy: float
     macro_f1: float
     accuracy_change: float  # percentage points vs full depth
+    mean_exit_layer: float
+    layer_saving: float
+    histogram: list
+
+
+@dataclass
+class RegressionPatienceRow:
+    """The patience policy on a regression checkpoint at one patience value and tolerance."""
+
+    patience: int
+    tolerance: float
+    mse: float
+    pearson: float
+    spearman: float
+    mse_change: float  # vs full depth (positive = worse)
     mean_exit_layer: float
     layer_saving: float
     histogram: list
@@ -76,6 +91,7 @@ class Analysis:
     timing: dict = field(default_factory=dict)
     patience_sweep: list = field(default_factory=list)  # PatienceRow per patience value
     patience_recommendation: PatienceRow | None = None  # largest saving within max_drop
+    task: str = "classification"  # regression: layers hold mse/pearson/spearman, no entropy sweep
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -118,6 +134,22 @@ def patience_sweep(logits: torch.Tensor, labels: list, values: list) -> list:
         mean = (layer.float() + 1).mean().item()
         rows.append(PatienceRow(int(N), acc, macro_f1(pred.tolist(), labels, C), 100 * (acc - full_acc), mean,
                                 1 - mean / L, torch.bincount(layer, minlength=L).tolist()))
+    return rows
+
+
+def regression_patience_sweep(values_all: torch.Tensor, targets: list, patience: list, tolerance: float) -> list:
+    """Exact outcome of the patience policy on a regression checkpoint from all-exits outputs [L, n, 1]:
+    per patience value, MSE / Pearson / Spearman of the values at the exit layer, and the exit histogram."""
+    L = values_all.shape[0]
+    full = regression_report(values_all[-1, :, 0].tolist(), targets)["mse"]
+    rows = []
+    for N in patience:
+        layer = patience_exit(values_all, N, tolerance)  # [n] 0-based
+        pred = values_all[:, :, 0].gather(0, layer.view(1, -1)).squeeze(0).tolist()
+        rep = regression_report(pred, targets)
+        mean = (layer.float() + 1).mean().item()
+        rows.append(RegressionPatienceRow(int(N), tolerance, rep["mse"], rep["pearson"], rep["spearman"], rep["mse"] - full,
+                                          mean, 1 - mean / L, torch.bincount(layer, minlength=L).tolist()))
     return rows
 
 
@@ -218,6 +250,8 @@ def analyze(cfg: AnalyzeConfig, progress=None) -> Analysis:
         return (got["logits"], got["cls"]) if cls else got["logits"]
 
     logits, cls_states = all_logits(ex, cls=True)  # [L, n, C], [L, n, H]
+    if ckpt.task == "regression":
+        return _analyze_regression(cfg, ckpt, spec, source, ex, logits)
     # how much the first-token state varies across inputs, per layer (std over inputs, mean over dims)
     spread = cls_states.std(1).mean(-1).tolist() if len(ex) > 1 else [float("nan")] * L
     warnings = []
@@ -322,6 +356,65 @@ def analyze(cfg: AnalyzeConfig, progress=None) -> Analysis:
     )
 
 
+def _analyze_regression(cfg: AnalyzeConfig, ckpt, spec: DataSpec, source: str, ex, values: torch.Tensor) -> Analysis:
+    """analyze for a regression checkpoint from all-exits outputs [L, n, 1]: per-layer MSE and Pearson /
+    Spearman correlation, and the patience sweep at ``cfg.tolerance`` (entropy does not apply)."""
+    from .training import layer_metrics
+
+    if cfg.store_thresholds or cfg.per_layer:
+        raise UserError("--store-thresholds and --per-layer are about entropy thresholds, which do not apply to a regression checkpoint")
+    model = ckpt.model
+    L = model.num_layers
+    layers = [layer_metrics(i, values[i], ex.labels, "regression", 1) for i in range(L)]
+    prows = regression_patience_sweep(values, ex.labels, sorted(set(cfg.patience if cfg.patience is not None else range(L))),
+                                      cfg.tolerance)
+    counts = model.parameter_counts()
+    return Analysis(
+        checkpoint=str(cfg.checkpoint),
+        model={"family": model.family, "layers": L, "base_model": ckpt.meta.get("base_model"), "labels": ckpt.label_names,
+               "backbone_parameters": counts.backbone, "off_ramp_parameters": counts.ramps, "overhead": counts.overhead,
+               "ramp": model.ramp_cfg.to_dict()},
+        dataset={**dataclasses.asdict(spec), "evaluated_on": source, "n": len(ex)},
+        entropy="n/a", layers=layers, sweep=[], max_drop=cfg.max_drop, recommendation=None, test=None,
+        dead_weight={}, examples={}, patience_sweep=prows, task="regression",
+    )
+
+
+def plot_regression(a: Analysis, path: str) -> None:
+    """PNG for a regression checkpoint: MSE vs layer saving of the patience sweep, and per-exit correlation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), constrained_layout=True)
+    ax = axes[0]
+    ps = a.patience_sweep
+    ax.plot([100 * r.layer_saving for r in ps], [r.mse for r in ps], "^-", color="tab:brown",
+            label=f"patience policy (tolerance {ps[0].tolerance:g})" if ps else "patience policy")
+    for r in ps:
+        ax.annotate(f"N={r.patience}", (100 * r.layer_saving, r.mse), fontsize=7, xytext=(0, 6),
+                    textcoords="offset points", ha="center")
+    ax.axhline(a.layers[-1]["mse"], color="gray", lw=0.8, ls=":", label="full depth")
+    ax.set_xlabel("layer saving vs full depth (%)")
+    ax.set_ylabel("MSE (lower is better)")
+    ax.set_title("Speed/error trade-off")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax = axes[1]
+    ls = [l["layer"] for l in a.layers]
+    ax.plot(ls, [l["pearson"] for l in a.layers], "o-", label="Pearson")
+    ax.plot(ls, [l["spearman"] for l in a.layers], "s-", label="Spearman")
+    ax.set_xticks(ls)
+    ax.set_xlabel("exit layer")
+    ax.set_ylabel("correlation with the target")
+    ax.set_title("Correlation of each exit (no early exit)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def store_thresholds(path, thresholds: dict) -> None:
     """Write ``thresholds`` into the checkpoint's deebert.json (atomically: temp file, then rename);
     predict uses them when no threshold is given."""
@@ -344,6 +437,8 @@ def plot_analysis(a: Analysis, path: str) -> None:
     exit histogram at the recommended threshold."""
     try:
         import matplotlib
+        if a.task == "regression":
+            return plot_regression(a, path)
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

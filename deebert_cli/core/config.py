@@ -21,6 +21,7 @@ def _check(cond: bool, msg: str):
         raise ValueError(msg)
 
 
+TASKS = ("classification", "regression")
 PRECISIONS = ("fp32", "bf16", "fp16")  # same as core.device.PRECISIONS
 
 
@@ -43,7 +44,8 @@ class DataOptions:
 
     def data_spec(self, seed: int) -> DataSpec:
         return DataSpec(self.dataset, self.text_column, self.text_pair_column, self.label_column,
-                        self.train_split, self.eval_split, self.validation_fraction, seed)
+                        self.train_split, self.eval_split, self.validation_fraction, seed,
+                        task=getattr(self, "task", "classification"))
 
 
 @dataclass
@@ -51,6 +53,7 @@ class FinetuneConfig(DataOptions):
     """Stage 1: fine-tune backbone + final classifier on the last layer's cross-entropy."""
 
     model: str = DEFAULT_MODEL
+    task: str = "classification"  # or "regression" (float label column, MSE, one output)
     max_length: int = 128
     epochs: float = 1.0
     max_steps: int | None = None
@@ -66,6 +69,7 @@ class FinetuneConfig(DataOptions):
 
     def __post_init__(self):
         self._validate_data()
+        _check(self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got '{self.task}'")
         _check_precision(self.precision)
         _check(self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}")
         _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
@@ -155,6 +159,7 @@ class PredictConfig:
     entropy: str = "normalized"
     exit_policy: str = "entropy"  # entropy (DeeBERT) or patience (PABEE)
     patience: int = 3  # patience policy: exit once patience + 1 consecutive off-ramps agree
+    tolerance: float = 0.1  # patience on a regression checkpoint: "agree" = differ by less than this
     batch_size: int = 32
     engine: str = "shrink"
     window: int = 1024
@@ -177,6 +182,7 @@ class PredictConfig:
                 _check(t <= 1.0, f"threshold {t} is out of range: normalized entropy lies in [0, 1] (use --entropy raw for nats)")
         _check(self.exit_policy in EXIT_POLICIES, f"exit_policy must be one of {', '.join(EXIT_POLICIES)}, got '{self.exit_policy}'")
         _check(self.patience >= 0, f"patience must be >= 0, got {self.patience}")
+        _check(math.isfinite(self.tolerance) and self.tolerance > 0, f"tolerance must be > 0, got {self.tolerance}")
         _check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
         _check(self.window >= self.batch_size, "window must be >= batch_size")
         _check(self.engine in ENGINES, f"engine must be one of {ENGINES}, got '{self.engine}'")
@@ -206,6 +212,7 @@ class AnalyzeConfig:
     examples: int = 3
     example_threshold: float | None = None  # default: the recommended threshold
     patience: list | None = None  # patience values to sweep beside the entropy thresholds (default 0..L-1)
+    tolerance: float = 0.1  # regression checkpoints: patience agreement tolerance of the sweep
     json: str | None = None
     plot: str | None = None
     device: str = "auto"
@@ -216,6 +223,7 @@ class AnalyzeConfig:
         self.patience = parse_ints(self.patience, "patience")
         for n in self.patience or []:
             _check(n >= 0, f"patience values must be >= 0, got {n}")
+        _check(math.isfinite(self.tolerance) and self.tolerance > 0, f"tolerance must be > 0, got {self.tolerance}")
         _check(self.entropy in ("normalized", "raw"), f"entropy must be 'normalized' or 'raw', got '{self.entropy}'")
         for t in (self.thresholds or []) + (self.timing_thresholds or []):
             _check(math.isfinite(t) and t >= 0, f"threshold must be a finite number >= 0, got {t}")

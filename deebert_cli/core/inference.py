@@ -78,18 +78,24 @@ class PatienceRule:
 
 
 def resolve_rule(ckpt: Checkpoint, threshold: float | None, thresholds: list | None, entropy: str,
-                 default: float = 0.3, policy: str = "entropy", patience: int = 3) -> tuple:
+                 default: float = 0.3, policy: str = "entropy", patience: int = 3,
+                 tolerance: float = 0.1) -> tuple:
     """Pick the exit rule. Patience policy: a :class:`PatienceRule` (thresholds must not be given).
     Entropy: per-layer --thresholds > --threshold > thresholds stored in the checkpoint > ``default``.
+    A regression checkpoint refuses entropy and uses ``tolerance`` with patience.
     Returns (rule, source description)."""
     L = ckpt.model.num_layers
+    regression = ckpt.task == "regression"
+    if regression and policy == "entropy":
+        raise UserError(f"'{ckpt.path}' is a regression checkpoint: entropy needs class probabilities; "
+                        "use --exit-policy patience (with --tolerance)")
     if policy == "patience":
         if threshold is not None or thresholds:
             raise UserError("--threshold/--thresholds apply to --exit-policy entropy; the patience policy takes --patience N")
         if not ckpt.exits_trained:
             raise UserError(f"the off-ramps of '{ckpt.path}' are not trained: run `deebert train-exits` first "
                             "(the patience policy compares their predictions)")
-        return PatienceRule(patience, None, entropy), "--exit-policy patience"
+        return PatienceRule(patience, tolerance if regression else None, entropy), "--exit-policy patience"
     if thresholds:
         if len(thresholds) not in (L - 1, L):
             raise UserError(f"--thresholds needs {L - 1} values (layers 1..{L - 1}; the last layer always exits), got {len(thresholds)}")
@@ -126,6 +132,7 @@ class Prediction:
     entropy: float = float("nan")
     probs: list | None = None
     empty: bool = False
+    value: float = float("nan")  # regression checkpoints: the predicted value
 
 
 @dataclass
@@ -204,6 +211,13 @@ class EarlyExitEngine:
         self.policy = rule.policy(self.model.num_labels, device)
         self.batch_size = batch_size
         self.all_probs = all_probs
+        self.regression = ckpt.task == "regression"
+
+    def _entropy(self, logits: torch.Tensor) -> torch.Tensor:
+        """[b, C] -> [b]: the entropy reported with each result (nan for regression)."""
+        if self.regression:
+            return torch.full(logits.shape[:1], float("nan"), device=logits.device)
+        return exit_entropy(logits, self.rule.entropy)
 
     # -- shrinking batch ----------------------------------------------------------------------------
     def _amp(self):
@@ -230,7 +244,7 @@ class EarlyExitEngine:
         for i in range(self.L):
             hidden = m.run_layer(i, hidden, m.prepare_mask(attn, hidden))
             logits = m.exit_logits(i, hidden, attn).float()
-            ent = exit_entropy(logits, self.rule.entropy)
+            ent = self._entropy(logits)
             done, state = self.policy.step(i, logits, state)
             if i == self.L - 1:
                 done = torch.ones_like(done)
@@ -295,7 +309,7 @@ class EarlyExitEngine:
             with self._amp():
                 hidden = m.run_layer(i, hidden, m.prepare_mask(attn, hidden))
                 logits = m.exit_logits(i, hidden, attn).float()
-            ent = exit_entropy(logits, self.rule.entropy)
+            ent = self._entropy(logits)
             done, state = self.policy.step(i, logits, state)
             done = done.tolist() if i < L - 1 else [True] * len(take)
             for j, t in enumerate(take):
@@ -367,7 +381,7 @@ def predict_stream(ckpt: Checkpoint, lines: Iterable[str], rule: ExitRule, devic
         if engine == "refill":
             stream = (r for rows in windows() for r in rows)
             for key, layer, logits, ent in eng.run_refill(stream, max_lag=window):
-                yield _result(key, layer, logits, ent, all_probs)
+                yield _result(key, layer, logits, ent, all_probs, eng.regression)
             return
         for rows in windows():
             for s in range(0, len(rows), batch_size):
@@ -376,7 +390,7 @@ def predict_stream(ckpt: Checkpoint, lines: Iterable[str], rule: ExitRule, devic
                 b = {k: v.to(device) for k, v in pad_batch(enc, range(len(part)), eng.pad_id).items()}
                 layer, logits, ent = eng.run_batch(b)
                 for j, r in enumerate(part):
-                    yield _result(r[0], int(layer[j]), logits[j], ent[j], all_probs)
+                    yield _result(r[0], int(layer[j]), logits[j], ent[j], all_probs, eng.regression)
             yield None  # window done: flush empties waiting in the buffer
 
     t0 = time.perf_counter()
@@ -403,7 +417,11 @@ def predict_stream(ckpt: Checkpoint, lines: Iterable[str], rule: ExitRule, devic
     stats.seconds = time.perf_counter() - t0
 
 
-def _result(index: int, layer: int, logits: torch.Tensor, ent: torch.Tensor, all_probs: bool) -> Prediction:
+def _result(index: int, layer: int, logits: torch.Tensor, ent: torch.Tensor, all_probs: bool,
+            regression: bool = False) -> Prediction:
+    """One row's Prediction from its exit's logits [C] (regression: the value is logits[0])."""
+    if regression:
+        return Prediction(index=index, exit_layer=int(layer) + 1, value=float(logits[0]))
     probs = torch.softmax(logits.float(), -1)
     conf, label = probs.max(-1)
     return Prediction(index=index, label=int(label), confidence=float(conf), exit_layer=int(layer) + 1,
