@@ -26,7 +26,8 @@ def reg_ckpt(tmp_path_factory):
                             "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert "Pearson" in r.stdout
-    r = runner.invoke(app, ["train-exits", "--checkpoint", out, "--epochs", "10", "--lr", "3e-3", "--device", "cpu"])
+    r = runner.invoke(app, ["train-exits", "--checkpoint", out, "--epochs", "10", "--lr", "3e-3", "--learned-exits",
+                            "--device", "cpu"])
     assert r.exit_code == 0, r.output
     return out
 
@@ -65,7 +66,8 @@ def test_regression_end_to_end(reg_ckpt, tmp_path):
     assert {"mse", "pearson", "spearman"} <= set(layers[-1]) and layers[-1]["pearson"] > 0.5
     # entropy is refused, naming the policy that works
     r = runner.invoke(app, ["predict", "--checkpoint", reg_ckpt, "--device", "cpu"], input="good film\n")
-    assert r.exit_code == 2 and "--exit-policy patience" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "--exit-policy patience" in r.output and "--exit-policy learned" in r.output
+    assert "Traceback" not in r.output
     # patience: value and exit layer, one line per input
     data_dir = meta["data"]["dataset"]
     rows = [json.loads(l) for l in open(f"{data_dir}/validation.jsonl")]
@@ -86,6 +88,7 @@ def test_regression_end_to_end(reg_ckpt, tmp_path):
     assert "Spearman" in r.stdout and png.read_bytes()[:4] == b"\x89PNG"
     a = json.loads(out.read_text())
     assert a["task"] == "regression" and {"mse", "pearson", "spearman"} <= set(a["layers"][0])
+    assert len(a["learned_sweep"]) > 0 and "learned-exit sweep" in r.stdout
     for s in a["patience_sweep"]:
         p = runner.invoke(app, ["predict", "--checkpoint", reg_ckpt, "--exit-policy", "patience", "--patience",
                                 str(s["patience"]), "--tolerance", str(tol), "--format", "jsonl", "--device", "cpu",
@@ -119,3 +122,11 @@ def test_regression_patience_batched_equals_one_at_a_time(reg_ckpt):
         assert [r.index for r in many] == list(range(len(lines)))
         for a, b in zip(one, many):
             assert a.exit_layer == b.exit_layer and abs(a.value - b.value) < 1e-4, (kw, a, b)
+
+
+def test_regression_learned_exits_predict(reg_ckpt):
+    r = runner.invoke(app, ["predict", "--checkpoint", reg_ckpt, "--exit-policy", "learned", "--threshold", "0.5",
+                            "--format", "tsv", "--device", "cpu"], input="good film\nbad awful\n")
+    assert r.exit_code == 0, r.output
+    header, *rows = r.stdout.splitlines()
+    assert header.split("\t") == ["value", "exit_layer", "empty"] and len(rows) == 2

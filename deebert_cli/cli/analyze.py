@@ -29,6 +29,7 @@ def analyze(
     timing_repeats: int = typer.Option(2, help="Timed runs per threshold (interleaved; the fastest is kept)."),
     batch_size: int = typer.Option(32, help="Batch size of the passes and timed runs."),
     patience: Optional[str] = typer.Option(None, help="Patience values to sweep for the patience policy (PABEE), comma-separated (default: 0..L-1)."),
+    learned_thresholds: Optional[str] = typer.Option(None, help="Learned-exit thresholds to sweep, comma-separated in [0, 1] (checkpoints trained with --learned-exits; default: a grid over [0, 1])."),
     tolerance: float = typer.Option(0.1, help="Regression checkpoints: consecutive off-ramp values agree when they differ by less than this (patience sweep)."),
     examples: int = typer.Option(3, help="Evaluation texts to show per exit layer."),
     example_threshold: Optional[float] = typer.Option(None, help="Threshold for the examples by exit layer (default: the recommended one)."),
@@ -117,6 +118,16 @@ def render(a, show_layers: bool = True) -> None:
             out.print(f"[bold]recommended patience {prec.patience}[/] for a {a.max_drop:g}-point budget: accuracy "
                       f"{pct(prec.accuracy)} ({prec.accuracy_change:+.2f} points), {pct(prec.layer_saving)} fewer layers "
                       f"(`deebert predict --exit-policy patience --patience {prec.patience}`)")
+    if a.learned_sweep:
+        out.print("[bold]learned-exit sweep[/] (exit when the predicted chance of being right > threshold; exact)")
+        t = Table()
+        for c in ("threshold", "accuracy", "Δ points", "mean exit", "layer saving"):
+            t.add_column(c, justify="right")
+        t.add_column("exits at layers 1..L", justify="left", no_wrap=True)
+        for r in a.learned_sweep:
+            t.add_row(f"{r.threshold:g}", pct(r.accuracy), f"{r.accuracy_change:+.2f}", f"{r.mean_exit_layer:.2f}",
+                      pct(r.layer_saving), "/".join(str(c) for c in r.histogram))
+        out.print(t)
     rec = a.recommendation
     if rec is None:
         out.print(f"[yellow]no threshold keeps the accuracy drop within {a.max_drop:g} points[/]")
@@ -190,7 +201,18 @@ def render_regression(a, show_layers: bool = True) -> None:
             t.add_row(str(r.patience), f"{r.mse:.4f}", f"{r.mse_change:+.4f}", f"{r.pearson:.4f}", f"{r.spearman:.4f}",
                       f"{r.mean_exit_layer:.2f}", pct(r.layer_saving), "/".join(str(c) for c in r.histogram))
         out.print(t)
-    out.print("entropy exits do not apply to a regression checkpoint: predict with `--exit-policy patience --tolerance T`")
+    if a.learned_sweep:
+        out.print("[bold]learned-exit sweep[/] (exit when the predicted tanh(|error|) < threshold; exact)")
+        t = Table()
+        for c in ("threshold", "MSE", "Δ MSE", "Pearson", "Spearman", "mean exit", "layer saving"):
+            t.add_column(c, justify="right")
+        t.add_column("exits at layers 1..L", justify="left", no_wrap=True)
+        for r in a.learned_sweep:
+            t.add_row(f"{r.threshold:g}", f"{r.mse:.4f}", f"{r.mse_change:+.4f}", f"{r.pearson:.4f}", f"{r.spearman:.4f}",
+                      f"{r.mean_exit_layer:.2f}", pct(r.layer_saving), "/".join(str(c) for c in r.histogram))
+        out.print(t)
+    out.print("entropy exits do not apply to a regression checkpoint: predict with `--exit-policy patience --tolerance T`"
+              " (or `--exit-policy learned --threshold T` after `train-exits --learned-exits`)")
 
 
 def _layers(ls: list) -> str:

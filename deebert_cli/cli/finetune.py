@@ -87,4 +87,9 @@ def render_result(r) -> None:
     if cal:
         out.print("calibration (temperature, validation NLL before -> after): " + "; ".join(
             f"L{c['layer']} T={c['temperature']:.2f} {c['nll_before']:.3f}->{c['nll_after']:.3f}" for c in cal))
+    learned = r.extra.get("learned_exits")
+    if learned:
+        out.print("learned exits (evaluation loss" + (", predictor accuracy" if "predictor_accuracy" in learned[0] else "") + "): " + "; ".join(
+            f"L{x['layer']} {x['eval_loss']:.3f}" + (f" {100 * x['predictor_accuracy']:.1f}%" if "predictor_accuracy" in x else "")
+            for x in learned))
     out.print(f"checkpoint: {r.checkpoint}")

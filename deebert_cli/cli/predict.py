@@ -17,7 +17,7 @@ def predict(
     threshold: Optional[float] = typer.Option(None, help="Exit when the off-ramp's entropy is below this. Normalized entropy (0..1) by default, nats with --entropy raw. 0 runs every input to the last layer; at or above the maximum exits everyone at layer 1. Default: thresholds stored in the checkpoint, else 0.3."),
     thresholds: Optional[str] = typer.Option(None, help="One threshold per layer 1..L-1, comma-separated (overrides --threshold)."),
     entropy: str = typer.Option("normalized", help="Threshold unit: normalized (entropy / ln C, in [0, 1]) or raw (nats, as in the DeeBERT paper)."),
-    exit_policy: str = typer.Option("entropy", help="entropy (DeeBERT: exit when the off-ramp's entropy is below the threshold) or patience (PABEE: exit once --patience + 1 consecutive off-ramps predict the same class)."),
+    exit_policy: str = typer.Option("entropy", help="entropy (DeeBERT: exit when the off-ramp's entropy is below the threshold), patience (PABEE: exit once --patience + 1 consecutive off-ramps predict the same class) or learned (BERxiT: exit when the learned exit's score crosses --threshold; needs train-exits --learned-exits)."),
     patience: int = typer.Option(3, help="Patience policy: exit at the first layer whose prediction equals those of the N layers before it (0 exits at layer 1)."),
     tolerance: float = typer.Option(0.1, help="Patience policy on a regression checkpoint: consecutive off-ramp values agree when they differ by less than this."),
     batch_size: int = typer.Option(32, help="Rows per batch; rows that exit leave the batch."),

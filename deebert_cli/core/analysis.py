@@ -15,7 +15,7 @@ from .config import AnalyzeConfig
 from .data import DataSpec, eval_examples, encode, load_splits, to_examples
 from .device import resolve_device
 from .errors import UserError
-from .exits import exit_entropy, first_exit, max_entropy, patience_exit
+from .exits import LearnedPolicy, exit_entropy, first_exit, max_entropy, patience_exit, policy_exit
 from .inference import ExitRule, PredictStats, predict_stream
 from .metrics import accuracy, macro_f1, regression_report
 
@@ -64,6 +64,20 @@ class RegressionPatienceRow:
 
 
 @dataclass
+class RegressionSweepRow:
+    """A thresholded policy (learned exits) on a regression checkpoint at one threshold."""
+
+    threshold: float
+    mse: float
+    pearson: float
+    spearman: float
+    mse_change: float
+    mean_exit_layer: float
+    layer_saving: float
+    histogram: list
+
+
+@dataclass
 class SplitSweep:
     split: str
     n: int
@@ -92,6 +106,7 @@ class Analysis:
     patience_sweep: list = field(default_factory=list)  # PatienceRow per patience value
     patience_recommendation: PatienceRow | None = None  # largest saving within max_drop
     task: str = "classification"  # regression: layers hold mse/pearson/spearman, no entropy sweep
+    learned_sweep: list = field(default_factory=list)  # learned exits (BERxiT): SweepRow / RegressionSweepRow per threshold
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -150,6 +165,41 @@ def regression_patience_sweep(values_all: torch.Tensor, targets: list, patience:
         mean = (layer.float() + 1).mean().item()
         rows.append(RegressionPatienceRow(int(N), tolerance, rep["mse"], rep["pearson"], rep["spearman"], rep["mse"] - full,
                                           mean, 1 - mean / L, torch.bincount(layer, minlength=L).tolist()))
+    return rows
+
+
+@torch.no_grad()
+def exit_scores(model, pooled: torch.Tensor) -> torch.Tensor:
+    """Learned exit scores of off-ramps 1..L-1 from their cached inputs pooled [L-1, n, H] -> [L-1, n]."""
+    return torch.stack([r.exit_score(pooled[i]) for i, r in enumerate(model.ramps)]).float().cpu()
+
+
+def learned_sweep(logits: torch.Tensor, labels: list, scores: torch.Tensor, grid: list, regression: bool = False) -> list:
+    """Exact outcome of the learned-exit policy at every threshold of ``grid`` from all-exits logits
+    [L, n, C] and exit scores [L-1, n] (the engines' decision steps): SweepRow per threshold, or
+    RegressionSweepRow for a regression checkpoint."""
+    L, n, C = logits.shape
+    rows = []
+    if regression:
+        full = regression_report(logits[-1, :, 0].tolist(), labels)["mse"]
+    else:
+        preds = logits.argmax(-1)
+        y = torch.tensor(labels)
+        full_acc = (preds[-1] == y).sum().item() / n
+    for t in grid:
+        layer = policy_exit(LearnedPolicy(float(t), regression), logits, scores)
+        mean = (layer.float() + 1).mean().item()
+        hist = torch.bincount(layer, minlength=L).tolist()
+        if regression:
+            pred = logits[:, :, 0].gather(0, layer.view(1, -1)).squeeze(0).tolist()
+            rep = regression_report(pred, labels)
+            rows.append(RegressionSweepRow(float(t), rep["mse"], rep["pearson"], rep["spearman"], rep["mse"] - full,
+                                           mean, 1 - mean / L, hist))
+        else:
+            pred = preds.gather(0, layer.view(1, -1)).squeeze(0)
+            acc = (pred == y).sum().item() / n
+            rows.append(SweepRow(float(t), acc, macro_f1(pred.tolist(), labels, C), 100 * (acc - full_acc), mean,
+                                 1 - mean / L, hist))
     return rows
 
 
@@ -244,14 +294,24 @@ def analyze(cfg: AnalyzeConfig, progress=None) -> Analysis:
     ex, source = eval_examples(spec, names, cfg.split)
     max_length = ckpt.meta.get("max_length", 128)
 
+    learned = model.ramp_cfg.learned_exit
+    scores = None  # learned exit scores [L-1, n] of the evaluation split
+
     def all_logits(examples, cls=False):
+        nonlocal scores
         enc = encode(tok, examples.texts, examples.pairs, max_length)
-        got = collect(model.to(device), enc, tok.pad_token_id, cfg.batch_size, device, pooled=False, all_logits=True, cls=cls)
+        got = collect(model.to(device), enc, tok.pad_token_id, cfg.batch_size, device, pooled=learned and cls,
+                      all_logits=True, cls=cls)
+        if cls and learned:
+            scores = exit_scores(model, got["pooled"].to(device))
         return (got["logits"], got["cls"]) if cls else got["logits"]
 
     logits, cls_states = all_logits(ex, cls=True)  # [L, n, C], [L, n, H]
+    lgrid = sorted(set(cfg.learned_thresholds or DEFAULT_GRID))
     if ckpt.task == "regression":
-        return _analyze_regression(cfg, ckpt, spec, source, ex, logits)
+        a = _analyze_regression(cfg, ckpt, spec, source, ex, logits)
+        a.learned_sweep = learned_sweep(logits, ex.labels, scores, lgrid, regression=True) if learned else []
+        return a
     # how much the first-token state varies across inputs, per layer (std over inputs, mean over dims)
     spread = cls_states.std(1).mean(-1).tolist() if len(ex) > 1 else [float("nan")] * L
     warnings = []
@@ -353,6 +413,7 @@ def analyze(cfg: AnalyzeConfig, progress=None) -> Analysis:
         timing={"batch_size": cfg.batch_size, "repeats": cfg.timing_repeats, "device": str(device),
                 "seconds": {str(k): v for k, v in seconds.items()}},
         patience_sweep=prows, patience_recommendation=prec,
+        learned_sweep=learned_sweep(logits, labels, scores, lgrid) if learned else [],
     )
 
 
@@ -395,6 +456,9 @@ def plot_regression(a: Analysis, path: str) -> None:
     for r in ps:
         ax.annotate(f"N={r.patience}", (100 * r.layer_saving, r.mse), fontsize=7, xytext=(0, 6),
                     textcoords="offset points", ha="center")
+    if a.learned_sweep:
+        ax.plot([100 * r.layer_saving for r in a.learned_sweep], [r.mse for r in a.learned_sweep], "D-",
+                color="tab:cyan", label="learned exits")
     ax.axhline(a.layers[-1]["mse"], color="gray", lw=0.8, ls=":", label="full depth")
     ax.set_xlabel("layer saving vs full depth (%)")
     ax.set_ylabel("MSE (lower is better)")
@@ -460,6 +524,10 @@ def plot_analysis(a: Analysis, path: str) -> None:
         for r in pshown:
             ax.annotate(f"N={r.patience}", (100 * r.layer_saving, 100 * r.accuracy), fontsize=7, xytext=(0, -10),
                         textcoords="offset points", ha="center", color="tab:brown")
+    lshown = [r for r in a.learned_sweep if 100 * r.accuracy >= floor]
+    if lshown:
+        ax.plot([100 * r.layer_saving for r in lshown], [100 * r.accuracy for r in lshown], "D-", color="tab:cyan",
+                label="learned exits (exact; labels = threshold)")
     timed = [r for r in shown if r.wall_saving is not None]
     if timed:
         ax.plot([100 * r.wall_saving for r in timed], [100 * r.accuracy for r in timed], "s", color="tab:orange",
@@ -481,7 +549,7 @@ def plot_analysis(a: Analysis, path: str) -> None:
             ax.annotate(f"{r.threshold:g}", (x, 100 * r.accuracy), fontsize=7, xytext=(0, 6),
                         textcoords="offset points", ha="center", color="tab:blue")
             last_x = x
-    ys = [100 * r.accuracy for r in shown + pshown]
+    ys = [100 * r.accuracy for r in shown + pshown + lshown]
     ax.set_ylim(min(ys + [full - a.max_drop]) - 1, max(ys + [full]) + 1)
     if clipped:
         ax.text(0.99, 0.02, f"{clipped} threshold(s) below {floor:.1f}% not shown", transform=ax.transAxes,

@@ -99,6 +99,7 @@ class TrainExitsConfig:
     distill_alpha: float = 0.5  # weight of the distillation term (1 - alpha on the label loss)
     unlabeled: str | None = None  # extra texts (one per line, or a data file) used with --distill
     calibrate: bool = False  # per-off-ramp temperature scaling on the evaluation split
+    learned_exits: bool = False  # BERxiT: also train a Linear(H, 1) exit predictor per off-ramp
     device: str = "auto"
     dataset: str | None = None  # default: the data the checkpoint was fine-tuned on
     max_train_samples: int | None = None
@@ -146,7 +147,7 @@ def parse_ints(text, what: str) -> list | None:
         raise ValueError(f"{what} must be comma-separated whole numbers, got '{text}'") from None
 
 
-EXIT_POLICIES = ("entropy", "patience")
+EXIT_POLICIES = ("entropy", "patience", "learned")
 
 
 @dataclass
@@ -157,7 +158,7 @@ class PredictConfig:
     threshold: float | None = None  # None: the checkpoint's stored thresholds, else 0.3
     thresholds: list | None = None  # one per layer (the last is ignored: it always exits)
     entropy: str = "normalized"
-    exit_policy: str = "entropy"  # entropy (DeeBERT) or patience (PABEE)
+    exit_policy: str = "entropy"  # entropy (DeeBERT), patience (PABEE) or learned (BERxiT)
     patience: int = 3  # patience policy: exit once patience + 1 consecutive off-ramps agree
     tolerance: float = 0.1  # patience on a regression checkpoint: "agree" = differ by less than this
     batch_size: int = 32
@@ -213,6 +214,7 @@ class AnalyzeConfig:
     example_threshold: float | None = None  # default: the recommended threshold
     patience: list | None = None  # patience values to sweep beside the entropy thresholds (default 0..L-1)
     tolerance: float = 0.1  # regression checkpoints: patience agreement tolerance of the sweep
+    learned_thresholds: list | None = None  # learned-exit thresholds to sweep (checkpoints with learned exits)
     json: str | None = None
     plot: str | None = None
     device: str = "auto"
@@ -224,6 +226,9 @@ class AnalyzeConfig:
         for n in self.patience or []:
             _check(n >= 0, f"patience values must be >= 0, got {n}")
         _check(math.isfinite(self.tolerance) and self.tolerance > 0, f"tolerance must be > 0, got {self.tolerance}")
+        self.learned_thresholds = parse_thresholds(self.learned_thresholds)
+        for t in self.learned_thresholds or []:
+            _check(0.0 <= t <= 1.0, f"learned threshold {t} is out of range: learned exit scores lie in [0, 1]")
         _check(self.entropy in ("normalized", "raw"), f"entropy must be 'normalized' or 'raw', got '{self.entropy}'")
         for t in (self.thresholds or []) + (self.timing_thresholds or []):
             _check(math.isfinite(t) and t >= 0, f"threshold must be a finite number >= 0, got {t}")

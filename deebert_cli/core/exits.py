@@ -18,6 +18,7 @@ class RampConfig:
     pooling: str = "cls"
     norm: bool = False
     dropout: float = 0.1
+    learned_exit: bool = False  # BERxiT: a Linear(H, 1) + sigmoid exit predictor on the pooler output
 
     def __post_init__(self):
         if self.pooling not in POOLINGS:
@@ -50,15 +51,33 @@ class OffRamp(nn.Module):
         self.classifier = nn.Linear(hidden_size, num_labels)
         # temperature scaling (``train-exits --calibrate``); 1 = uncalibrated
         self.register_buffer("temperature", torch.ones(()))
+        # learned exit (BERxiT, ``train-exits --learned-exits``): reads the pooler output, like the classifier
+        self.exit_head = nn.Linear(hidden_size, 1) if cfg.learned_exit else None
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[batch, seq, hidden] -> [batch, hidden]: the part that depends on the frozen backbone only."""
         return pool(hidden, attention_mask, self.cfg.pooling)
 
+    def features(self, pooled: torch.Tensor) -> torch.Tensor:
+        """[batch, hidden] -> the pooler output tanh(pooler(norm(pooled))) [batch, hidden]."""
+        return torch.tanh(self.pooler(self.norm(pooled)))
+
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
         """[batch, hidden] -> logits [batch, classes]."""
-        x = torch.tanh(self.pooler(self.norm(pooled)))
-        return self.classifier(self.dropout(x)) / self.temperature
+        return self.classifier(self.dropout(self.features(pooled))) / self.temperature
+
+    def exit_score(self, pooled: torch.Tensor) -> torch.Tensor:
+        """[batch, hidden] -> learned exit score [batch] in (0, 1): the predicted chance that this off-ramp
+        is right (classification) or its predicted tanh(|error|) (regression)."""
+        if self.exit_head is None:
+            raise ValueError("this off-ramp has no learned exit (train-exits --learned-exits)")
+        return torch.sigmoid(self.exit_head(self.features(pooled)).float()).squeeze(-1)
+
+    def classify_and_score(self, pooled: torch.Tensor) -> tuple:
+        """[batch, hidden] -> (logits [batch, classes], exit score [batch]) with one pooler pass."""
+        x = self.features(pooled)
+        score = torch.sigmoid(self.exit_head(x).float()).squeeze(-1)
+        return self.classifier(self.dropout(x)) / self.temperature, score
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.classify(self.pool(hidden, attention_mask))
@@ -112,7 +131,7 @@ def first_exit(signal: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 # exit policies: one decision step per layer, with per-row state that travels with the row
 # ------------------------------------------------------------------------------------------------
-POLICIES = ("entropy", "patience")
+POLICIES = ("entropy", "patience", "learned")
 
 
 class EntropyPolicy:
@@ -124,7 +143,9 @@ class EntropyPolicy:
     def init_state(self, b: int, device) -> tuple:
         return ()
 
-    def step(self, i: int, logits: torch.Tensor, state: tuple) -> tuple:
+    needs_score = False
+
+    def step(self, i: int, logits: torch.Tensor, state: tuple, score: torch.Tensor | None = None) -> tuple:
         """logits [b, C] at layer i -> (done [b] bool, new state)."""
         return exit_entropy(logits, self.kind) < self.thr[i], state
 
@@ -138,6 +159,8 @@ class PatiencePolicy:
     consecutive values agree when they differ by less than ``tolerance``. ``patience`` 0 exits everyone
     at layer 1; the engine always exits at the last layer."""
 
+    needs_score = False
+
     def __init__(self, patience: int, tolerance: float | None = None):
         self.patience, self.tolerance = patience, tolerance
 
@@ -149,7 +172,7 @@ class PatiencePolicy:
         """(last prediction [b] float, streak [b] long)."""
         return torch.zeros(b, device=device), torch.zeros(b, dtype=torch.long, device=device)
 
-    def step(self, i: int, logits: torch.Tensor, state: tuple) -> tuple:
+    def step(self, i: int, logits: torch.Tensor, state: tuple, score: torch.Tensor | None = None) -> tuple:
         """logits [b, C] at layer i, state (last [b], streak [b]) -> (done [b] bool, (pred, streak))."""
         pred = self.prediction(logits)
         last, streak = state
@@ -161,15 +184,35 @@ class PatiencePolicy:
         return streak >= self.patience, (pred, streak)
 
 
-def policy_exit(policy, logits: torch.Tensor) -> torch.Tensor:
-    """Exit layer (0-based) per sample of ``policy`` from all-exits logits [layers, n, C] -> [n]; the
-    same steps the engines take, run over every layer at once (the last layer always exits)."""
+class LearnedPolicy:
+    """BERxiT (Xin et al. 2021): each off-ramp's learned exit predictor scores its own output. A row leaves
+    after layer i when the score crosses ``threshold``: classification, the predicted chance of being
+    right is strictly above it; regression, the predicted tanh(|error|) is strictly below it. Stateless;
+    the engine always exits at the last layer (which has no predictor)."""
+
+    needs_score = True
+
+    def __init__(self, threshold: float, regression: bool = False):
+        self.threshold, self.regression = threshold, regression
+
+    def init_state(self, b: int, device) -> tuple:
+        return ()
+
+    def step(self, i: int, logits: torch.Tensor, state: tuple, score: torch.Tensor | None = None) -> tuple:
+        """score [b] at layer i -> (done [b] bool, state)."""
+        return (score < self.threshold) if self.regression else (score > self.threshold), state
+
+
+def policy_exit(policy, logits: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
+    """Exit layer (0-based) per sample of ``policy`` from all-exits logits [layers, n, C] (and learned exit
+    scores [layers - 1, n] for the learned policy) -> [n]; the same steps the engines take, run over every
+    layer at once (the last layer always exits)."""
     L, n = logits.shape[:2]
     state = policy.init_state(n, logits.device)
     layer = torch.full((n,), L - 1, dtype=torch.long, device=logits.device)
     open_ = torch.ones(n, dtype=torch.bool, device=logits.device)
     for i in range(L - 1):
-        done, state = policy.step(i, logits[i].float(), state)
+        done, state = policy.step(i, logits[i].float(), state, None if scores is None else scores[i].float())
         layer[open_ & done] = i
         open_ &= ~done
     return layer

@@ -28,7 +28,7 @@ from .checkpoint import Checkpoint
 from .data import Encoded, encode, pad_batch
 from .device import autocast
 from .errors import UserError
-from .exits import EntropyPolicy, PatiencePolicy, exit_entropy, max_entropy
+from .exits import EntropyPolicy, LearnedPolicy, PatiencePolicy, exit_entropy, max_entropy
 
 
 # ------------------------------------------------------------------------------------------------
@@ -77,6 +77,23 @@ class PatienceRule:
         return f"exit when {self.patience + 1} consecutive off-ramps predict the same class (patience {self.patience})"
 
 
+@dataclass
+class LearnedRule:
+    """Learned-exit rule (BERxiT): leave when the off-ramp's exit predictor crosses ``threshold`` (see
+    :class:`~.exits.LearnedPolicy`). ``entropy`` is only the unit of the entropy reported beside each result."""
+
+    threshold: float
+    regression: bool = False
+    entropy: str = "normalized"
+
+    def policy(self, num_labels: int, device) -> LearnedPolicy:
+        return LearnedPolicy(self.threshold, self.regression)
+
+    def describe(self) -> str:
+        what = "predicted tanh(|error|) < " if self.regression else "predicted chance of being right > "
+        return f"exit when the learned exit's {what}{self.threshold:g}"
+
+
 def resolve_rule(ckpt: Checkpoint, threshold: float | None, thresholds: list | None, entropy: str,
                  default: float = 0.3, policy: str = "entropy", patience: int = 3,
                  tolerance: float = 0.1) -> tuple:
@@ -88,7 +105,16 @@ def resolve_rule(ckpt: Checkpoint, threshold: float | None, thresholds: list | N
     regression = ckpt.task == "regression"
     if regression and policy == "entropy":
         raise UserError(f"'{ckpt.path}' is a regression checkpoint: entropy needs class probabilities; "
-                        "use --exit-policy patience (with --tolerance)")
+                        "use --exit-policy patience (with --tolerance) or --exit-policy learned (with --threshold)")
+    if policy == "learned":
+        if thresholds:
+            raise UserError("--thresholds is per-layer entropy; the learned policy takes one --threshold")
+        if not ckpt.exits_trained or not ckpt.model.ramp_cfg.learned_exit:
+            raise UserError(f"'{ckpt.path}' has no learned exits: run `deebert train-exits --learned-exits` first")
+        t = threshold if threshold is not None else (0.1 if regression else 0.9)
+        if not 0.0 <= t <= 1.0:
+            raise UserError(f"--threshold {t} is out of range: learned exit scores lie in [0, 1]")
+        return LearnedRule(t, regression, entropy), "--threshold" if threshold is not None else f"default learned threshold {t:g}"
     if policy == "patience":
         if threshold is not None or thresholds:
             raise UserError("--threshold/--thresholds apply to --exit-policy entropy; the patience policy takes --patience N")
@@ -213,6 +239,14 @@ class EarlyExitEngine:
         self.all_probs = all_probs
         self.regression = ckpt.task == "regression"
 
+    def _exit(self, i: int, hidden: torch.Tensor, attn: torch.Tensor) -> tuple:
+        """Exit after layer i: (logits [b, C] float32, learned exit score [b] or None when the policy
+        needs none)."""
+        if self.policy.needs_score:
+            logits, score = self.model.exit_logits_and_score(i, hidden, attn)
+            return logits.float(), score.float()
+        return self.model.exit_logits(i, hidden, attn).float(), None
+
     def _entropy(self, logits: torch.Tensor) -> torch.Tensor:
         """[b, C] -> [b]: the entropy reported with each result (nan for regression)."""
         if self.regression:
@@ -243,9 +277,9 @@ class EarlyExitEngine:
         out_ent = torch.empty((b,), dtype=torch.float32, device=hidden.device)
         for i in range(self.L):
             hidden = m.run_layer(i, hidden, m.prepare_mask(attn, hidden))
-            logits = m.exit_logits(i, hidden, attn).float()
+            logits, score = self._exit(i, hidden, attn)
             ent = self._entropy(logits)
-            done, state = self.policy.step(i, logits, state)
+            done, state = self.policy.step(i, logits, state, score)
             if i == self.L - 1:
                 done = torch.ones_like(done)
             if bool(done.any()):
@@ -308,9 +342,9 @@ class EarlyExitEngine:
             state = tuple(torch.stack([t[2][k] for t in take]) for k in range(len(take[0][2])))
             with self._amp():
                 hidden = m.run_layer(i, hidden, m.prepare_mask(attn, hidden))
-                logits = m.exit_logits(i, hidden, attn).float()
+                logits, score = self._exit(i, hidden, attn)
             ent = self._entropy(logits)
-            done, state = self.policy.step(i, logits, state)
+            done, state = self.policy.step(i, logits, state, score)
             done = done.tolist() if i < L - 1 else [True] * len(take)
             for j, t in enumerate(take):
                 if done[j]:

@@ -201,6 +201,15 @@ class HighwayModel(nn.Module):
             return self.adapter.head(hidden)
         return self.ramps[i](hidden, attention_mask)
 
+    def exit_logits_and_score(self, i: int, hidden, attention_mask) -> tuple:
+        """(logits [batch, classes], learned exit score [batch]) of the exit after layer i; the last layer
+        (the model's own head, no predictor) scores 1 and always exits anyway."""
+        if i == self.num_layers - 1:
+            logits = self.adapter.head(hidden)
+            return logits, torch.ones(logits.shape[0], device=logits.device)
+        ramp = self.ramps[i]
+        return ramp.classify_and_score(ramp.pool(hidden, attention_mask))
+
     # ---- whole passes -----------------------------------------------------------------------------
     def forward(self, input_ids, attention_mask, token_type_ids=None, return_hidden: bool = False):
         """Logits of every exit in one pass: -> [layers, batch, classes]

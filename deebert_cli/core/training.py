@@ -338,7 +338,7 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
     max_length = ckpt.meta.get("max_length", 128)
 
     seed_everything(cfg.seed)
-    reset_ramps(model, RampConfig(cfg.ramp_pooling, cfg.ramp_norm, model.ramp_cfg.dropout), cfg.seed)
+    reset_ramps(model, RampConfig(cfg.ramp_pooling, cfg.ramp_norm, model.ramp_cfg.dropout, cfg.learned_exits), cfg.seed)
     model.to(device)
     for p in model.model.parameters():
         p.requires_grad_(False)
@@ -397,6 +397,10 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
     ev_pooled = got_ev["pooled"].to(device)
     labels = data.eval.labels
     calibration = calibrate_ramps(model, ev_pooled, torch.tensor(labels, device=device)) if cfg.calibrate else None
+    learned = None
+    if cfg.learned_exits:  # after calibration: the predictors learn when the final off-ramps are right
+        ev_y = torch.tensor(labels, dtype=y.dtype, device=device)
+        learned = train_exit_heads(model, feats, y, ev_pooled, ev_y, cfg, task, progress)
 
     # evaluation of every exit on the cached eval states
     with torch.no_grad():
@@ -410,11 +414,15 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
     meta["stage"] = STAGE_EXITS
     meta.setdefault("metrics", {})["train_exits"] = dataclasses.asdict(report)
     meta.pop("thresholds", None)  # thresholds searched for older off-ramps no longer apply
+    meta.pop("learned_exits", None)  # nor do the figures of older learned exits
     out = cfg.output or cfg.checkpoint
     epochs_done = seen / len(train)
     extra = {"cache_seconds": cache_seconds, "train_seconds": train_seconds,
              "cached_examples": len(train) + len(data.eval) + n_un}
     meta["timing"] = {"train_exits": extra}
+    if learned is not None:
+        meta["learned_exits"] = learned
+        extra["learned_exits"] = learned
     if calibration is not None:
         meta["calibration"] = calibration
         extra["calibration"] = calibration
@@ -425,6 +433,70 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
     per_epoch = (cache_seconds * len(train) / (len(train) + len(data.eval))) + train_seconds / max(epochs_done, 1e-9)
     return TrainResult(out, STAGE_EXITS, len(train), step, train_seconds + cache_seconds, per_epoch,
                        seen / max(train_seconds, 1e-9), report, extra)
+
+
+def exit_targets(ramp: OffRamp, x: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    """What a learned exit predicts from the pooler output x [n, H] (off-ramp in eval mode): 1/0 for
+    whether the off-ramp's class is right (classification), or tanh(|prediction - y|) (regression) -> [n]."""
+    with torch.no_grad():
+        logits = ramp.classifier(x) / ramp.temperature
+        if task == "regression":
+            return torch.tanh((logits[:, 0].float() - y.float()).abs())
+        return (logits.argmax(-1) == y).float()
+
+
+def _exit_head_loss(ramp: OffRamp, x: torch.Tensor, target: torch.Tensor, task: str) -> torch.Tensor:
+    """BCE (classification) or MSE (regression) of sigmoid(exit_head(x)) [n] against target [n]."""
+    import torch.nn.functional as F
+
+    score = torch.sigmoid(ramp.exit_head(x).float()).squeeze(-1)
+    return F.mse_loss(score, target) if task == "regression" else F.binary_cross_entropy(score, target)
+
+
+def train_exit_heads(model: HighwayModel, feats: torch.Tensor, y: torch.Tensor, ev_feats: torch.Tensor,
+                     ev_y: torch.Tensor, cfg: TrainExitsConfig, task: str, progress: Progress) -> list:
+    """BERxiT learned exits: with the off-ramps trained and frozen, train each off-ramp's Linear(H, 1)
+    exit predictor on the cached pooled states feats [L-1, n, H] (labels y [n]; -100 = unlabeled, skipped)
+    for ``cfg.epochs`` epochs, the mean of the per-layer losses. Returns per layer the evaluation-split
+    loss and (classification) how often score > 0.5 matches the off-ramp being right."""
+    keep = y != -100
+    feats, y = feats[:, keep], y[keep]
+    ramps = list(model.ramps)
+    with torch.no_grad():
+        xs = [r.features(feats[i]) for i, r in enumerate(ramps)]  # each [n, H]
+        ev_xs = [r.features(ev_feats[i]) for i, r in enumerate(ramps)]
+    targets = [exit_targets(r, xs[i], y, task) for i, r in enumerate(ramps)]
+    heads = [p for r in ramps for p in r.exit_head.parameters()]
+    opt = torch.optim.AdamW(heads, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n = y.shape[0]
+    total = max(1, math.ceil(cfg.epochs * math.ceil(n / cfg.batch_size)))
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    progress.start("learned exits", total)
+    step, batches = 0, iter(())
+    while step < total:
+        idx = next(batches, None)
+        if idx is None:
+            batches = iter(torch.randperm(n, generator=gen).split(cfg.batch_size))
+            continue
+        idx = idx.to(y.device)
+        loss = torch.stack([_exit_head_loss(r, xs[i][idx], targets[i][idx], task) for i, r in enumerate(ramps)]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        progress.update(1, loss=loss.item())
+    progress.stop()
+    out = []
+    with torch.no_grad():
+        for i, r in enumerate(ramps):
+            t = exit_targets(r, ev_xs[i], ev_y, task)
+            row = {"layer": i + 1, "eval_loss": _exit_head_loss(r, ev_xs[i], t, task).item()}
+            if task != "regression":
+                score = torch.sigmoid(r.exit_head(ev_xs[i]).float()).squeeze(-1)
+                row["predictor_accuracy"] = ((score > 0.5).float() == t).float().mean().item()
+                row["ramp_right_share"] = t.mean().item()
+            out.append(row)
+    return out
 
 
 def ramp_loss(logits: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor, cfg: TrainExitsConfig,
