@@ -112,3 +112,17 @@ def test_patience_sweep_agrees_with_predict(trained_ckpt, tmp_path):
         acc = sum(x["label"] == row["label"] for x, row in zip(preds, rows)) / len(rows)
         assert hist == s["histogram"], s["patience"]
         assert acc == pytest.approx(s["accuracy"], abs=1e-9), s["patience"]
+
+
+def test_exit_policy_selects_the_policies_compared(trained_ckpt, tmp_path):
+    out = tmp_path / "a.json"
+    r = runner.invoke(app, ["analyze", "--checkpoint", trained_ckpt, "--exit-policy", "patience", "--timing-repeats", "1",
+                            "--json", str(out), "--plot", str(tmp_path / "a.png"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    a = json.loads(out.read_text())
+    assert a["sweep"] == [] and a["recommendation"] is None and len(a["patience_sweep"]) == a["model"]["layers"]
+    assert "patience sweep" in r.stdout and "threshold sweep" not in r.stdout
+    r = runner.invoke(app, ["analyze", "--checkpoint", trained_ckpt, "--exit-policy", "learned", "--device", "cpu"])
+    assert r.exit_code == 2 and "--learned-exits" in r.output
+    r = runner.invoke(app, ["analyze", "--checkpoint", trained_ckpt, "--exit-policy", "nope", "--device", "cpu"])
+    assert r.exit_code == 2 and "exit_policy" in r.output

@@ -29,6 +29,7 @@ def analyze(
     timing_repeats: int = typer.Option(2, help="Timed runs per threshold (interleaved; the fastest is kept)."),
     batch_size: int = typer.Option(32, help="Batch size of the passes and timed runs."),
     patience: Optional[str] = typer.Option(None, help="Patience values to sweep for the patience policy (PABEE), comma-separated (default: 0..L-1)."),
+    exit_policy: Optional[str] = typer.Option(None, help="Exit policies to compare side by side, comma-separated among entropy, patience, learned (default: every one that applies: entropy for classification, learned with learned exits)."),
     learned_thresholds: Optional[str] = typer.Option(None, help="Learned-exit thresholds to sweep, comma-separated in [0, 1] (checkpoints trained with --learned-exits; default: a grid over [0, 1])."),
     tolerance: float = typer.Option(0.1, help="Regression checkpoints: consecutive off-ramp values agree when they differ by less than this (patience sweep)."),
     examples: int = typer.Option(3, help="Evaluation texts to show per exit layer."),
@@ -90,6 +91,15 @@ def render(a, show_layers: bool = True) -> None:
             frac = (l["accuracy"] - lo + 0.02) / (1 - lo + 0.02)
             t.add_row(str(l["layer"]), pct(l["accuracy"]), pct(l["macro_f1"]), "█" * max(1, round(30 * frac)))
         out.print(t)
+    if a.sweep:
+        _render_entropy_sweep(a)
+    _render_other_policies(a)
+    _render_recommendation(a)
+
+
+def _render_entropy_sweep(a) -> None:
+    from rich.table import Table
+
     unit = "normalized entropy" if a.entropy == "normalized" else "entropy (nats)"
     out.print(f"[bold]threshold sweep[/] ({unit}; exact, from the all-exits pass; * = recommended)")
     t = Table()
@@ -102,6 +112,11 @@ def render(a, show_layers: bool = True) -> None:
                   pct(r.layer_saving), pct(r.wall_saving) if r.wall_saving is not None else "",
                   "/".join(str(c) for c in r.histogram))
     out.print(t)
+
+
+def _render_other_policies(a) -> None:
+    from rich.table import Table
+
     if a.patience_sweep:
         out.print("[bold]patience sweep[/] (exit once N+1 consecutive off-ramps agree; exact; * = recommended)")
         t = Table()
@@ -128,10 +143,14 @@ def render(a, show_layers: bool = True) -> None:
             t.add_row(f"{r.threshold:g}", pct(r.accuracy), f"{r.accuracy_change:+.2f}", f"{r.mean_exit_layer:.2f}",
                       pct(r.layer_saving), "/".join(str(c) for c in r.histogram))
         out.print(t)
+
+
+def _render_recommendation(a) -> None:
+    m = a.model
     rec = a.recommendation
-    if rec is None:
+    if rec is None and a.sweep:
         out.print(f"[yellow]no threshold keeps the accuracy drop within {a.max_drop:g} points[/]")
-    else:
+    elif rec is not None:
         line = (f"[bold]recommended threshold {rec.threshold:g}[/] for a {a.max_drop:g}-point budget: "
                 f"accuracy {pct(rec.accuracy)} ({rec.accuracy_change:+.2f} points), {pct(rec.layer_saving)} fewer layers")
         if rec.wall_saving is not None:

@@ -14,7 +14,7 @@ from .common import CONFIG_OPT, DEVICE_OPT, PRECISION_OPT, err, finish_distribut
 def predict(
     ctx: typer.Context,
     checkpoint: Path = typer.Option(Path("deebert-checkpoint"), help="Checkpoint from `deebert train-exits`."),
-    threshold: Optional[float] = typer.Option(None, help="Exit when the off-ramp's entropy is below this. Normalized entropy (0..1) by default, nats with --entropy raw. 0 runs every input to the last layer; at or above the maximum exits everyone at layer 1. Default: thresholds stored in the checkpoint, else 0.3."),
+    threshold: Optional[float] = typer.Option(None, help="Exit when the off-ramp's entropy is below this. Normalized entropy (0..1) by default, nats with --entropy raw. 0 runs every input to the last layer; at or above the maximum exits everyone at layer 1. Default: thresholds stored in the checkpoint, else 0.3. With --exit-policy learned: the learned exit score in [0, 1] (default 0.9; regression 0.1)."),
     thresholds: Optional[str] = typer.Option(None, help="One threshold per layer 1..L-1, comma-separated (overrides --threshold)."),
     entropy: str = typer.Option("normalized", help="Threshold unit: normalized (entropy / ln C, in [0, 1]) or raw (nats, as in the DeeBERT paper)."),
     exit_policy: str = typer.Option("entropy", help="entropy (DeeBERT: exit when the off-ramp's entropy is below the threshold), patience (PABEE: exit once --patience + 1 consecutive off-ramps predict the same class) or learned (BERxiT: exit when the learned exit's score crosses --threshold; needs train-exits --learned-exits)."),

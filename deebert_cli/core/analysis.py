@@ -278,6 +278,24 @@ def dead_weight(layers: list, rec: SweepRow | None, n: int, share: float = 0.01)
             "layers_after_saturation": list(range(saturates_at + 1, len(layers) + 1)), "accuracy_falls_at_layers": falls}
 
 
+def wanted_policies(cfg: AnalyzeConfig, ckpt) -> set:
+    """The exit policies to compare: ``cfg.exit_policy``, or every one that applies to the checkpoint
+    (entropy: classification only; learned: with learned exits). Asking for one that cannot apply, or
+    leaving out entropy while asking for entropy-only figures, is a UserError."""
+    applies = {"patience"} | ({"entropy"} if ckpt.task != "regression" else set())
+    applies |= {"learned"} if ckpt.model.ramp_cfg.learned_exit else set()
+    if not cfg.exit_policy:
+        return applies
+    want = set(cfg.exit_policy)
+    if "entropy" in want and ckpt.task == "regression":
+        raise UserError("entropy needs class probabilities: a regression checkpoint compares patience (and learned) exits")
+    if "learned" in want and "learned" not in applies:
+        raise UserError(f"'{cfg.checkpoint}' has no learned exits: run `deebert train-exits --learned-exits` first")
+    if "entropy" not in want and (cfg.per_layer or cfg.store_thresholds):
+        raise UserError("--per-layer and --store-thresholds are about entropy thresholds: include entropy in --exit-policy")
+    return want
+
+
 def analyze(cfg: AnalyzeConfig, progress=None) -> Analysis:
     """Run every analysis of ``deebert analyze`` on the checkpoint's evaluation split (or ``cfg.split``)."""
     from .training import collect
@@ -308,6 +326,8 @@ def analyze(cfg: AnalyzeConfig, progress=None) -> Analysis:
 
     logits, cls_states = all_logits(ex, cls=True)  # [L, n, C], [L, n, H]
     lgrid = sorted(set(cfg.learned_thresholds or DEFAULT_GRID))
+    want = wanted_policies(cfg, ckpt)
+    learned = learned and "learned" in want
     if ckpt.task == "regression":
         a = _analyze_regression(cfg, ckpt, spec, source, ex, logits)
         a.learned_sweep = learned_sweep(logits, ex.labels, scores, lgrid, regression=True) if learned else []
@@ -329,9 +349,9 @@ def analyze(cfg: AnalyzeConfig, progress=None) -> Analysis:
         layers.append({"layer": i + 1, "accuracy": accuracy(p, labels), "macro_f1": macro_f1(p, labels, len(names))})
     grid = cfg.thresholds or list(DEFAULT_GRID if cfg.entropy == "normalized" else [t * math.log(len(names)) for t in DEFAULT_GRID])
     grid = sorted(set(grid))
-    rows = sweep_from_logits(logits, labels, grid, cfg.entropy)
+    rows = sweep_from_logits(logits, labels, grid, cfg.entropy) if "entropy" in want else []
     rec = recommend(rows, cfg.max_drop)
-    prows = patience_sweep(logits, labels, sorted(set(cfg.patience if cfg.patience is not None else range(L))))
+    prows = patience_sweep(logits, labels, sorted(set(cfg.patience if cfg.patience is not None else range(L)))) if "patience" in want else []
     prec = recommend_patience(prows, cfg.max_drop)
 
     per_layer = None
@@ -342,7 +362,7 @@ def analyze(cfg: AnalyzeConfig, progress=None) -> Analysis:
         per_layer.pop("threshold")
 
     test = None
-    if cfg.split is None and cfg.test_split:
+    if cfg.split is None and cfg.test_split and rows:
         splits = load_splits(spec.dataset)
         if cfg.test_split in splits and cfg.test_split not in (spec.train_split, spec.eval_split):
             tex, _ = to_examples(splits[cfg.test_split], spec, cfg.test_split, names)
@@ -428,7 +448,7 @@ def _analyze_regression(cfg: AnalyzeConfig, ckpt, spec: DataSpec, source: str, e
     L = model.num_layers
     layers = [layer_metrics(i, values[i], ex.labels, "regression", 1) for i in range(L)]
     prows = regression_patience_sweep(values, ex.labels, sorted(set(cfg.patience if cfg.patience is not None else range(L))),
-                                      cfg.tolerance)
+                                      cfg.tolerance) if "patience" in wanted_policies(cfg, ckpt) else []
     counts = model.parameter_counts()
     return Analysis(
         checkpoint=str(cfg.checkpoint),

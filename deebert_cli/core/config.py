@@ -215,6 +215,7 @@ class AnalyzeConfig:
     patience: list | None = None  # patience values to sweep beside the entropy thresholds (default 0..L-1)
     tolerance: float = 0.1  # regression checkpoints: patience agreement tolerance of the sweep
     learned_thresholds: list | None = None  # learned-exit thresholds to sweep (checkpoints with learned exits)
+    exit_policy: list | None = None  # policies to compare (default: every one that applies to the checkpoint)
     json: str | None = None
     plot: str | None = None
     device: str = "auto"
@@ -229,6 +230,10 @@ class AnalyzeConfig:
         self.learned_thresholds = parse_thresholds(self.learned_thresholds)
         for t in self.learned_thresholds or []:
             _check(0.0 <= t <= 1.0, f"learned threshold {t} is out of range: learned exit scores lie in [0, 1]")
+        if isinstance(self.exit_policy, str):
+            self.exit_policy = [p.strip() for p in self.exit_policy.split(",") if p.strip()] or None
+        for p in self.exit_policy or []:
+            _check(p in EXIT_POLICIES, f"exit_policy must be among {', '.join(EXIT_POLICIES)}, got '{p}'")
         _check(self.entropy in ("normalized", "raw"), f"entropy must be 'normalized' or 'raw', got '{self.entropy}'")
         for t in (self.thresholds or []) + (self.timing_thresholds or []):
             _check(math.isfinite(t) and t >= 0, f"threshold must be a finite number >= 0, got {t}")
