@@ -19,6 +19,7 @@ _API = {
     "save_checkpoint": "deebert_cli.core.checkpoint",
     "ExitRule": "deebert_cli.core.inference",
     "PatienceRule": "deebert_cli.core.inference",
+    "LearnedRule": "deebert_cli.core.inference",
     "predict_stream": "deebert_cli.core.inference",
     "resolve_device": "deebert_cli.core.device",
     "finetune": "deebert_cli.core.training",

@@ -100,3 +100,28 @@ def test_learned_sweep_agrees_with_predict(learned_ckpt, trained_ckpt, tmp_path)
     r = runner.invoke(app, ["predict", "--checkpoint", trained_ckpt, "--exit-policy", "learned", "--device", "cpu"],
                       input="good\n")
     assert r.exit_code == 2 and "--learned-exits" in r.output
+
+
+def test_every_policy_streams_and_loses_nothing(learned_ckpt):
+    from deebert_cli.core.inference import ExitRule, PatienceRule
+
+    ckpt = load_checkpoint(learned_ckpt)
+    L = ckpt.model.num_layers
+    source = mixed_lines(50) + ["", "   "]
+    consumed = 0
+
+    def lines():
+        nonlocal consumed
+        for k in range(600):
+            consumed += 1
+            yield source[k % len(source)]
+
+    for rule in (ExitRule([0.3] * L), PatienceRule(1), LearnedRule(0.6)):
+        for engine in ("shrink", "refill"):
+            consumed = 0
+            got = predict_stream(ckpt, lines(), rule, "cpu", batch_size=16, window=64, engine=engine)
+            for k, r in enumerate(got):
+                assert r.index == k and r.empty == (not source[k % len(source)].strip())
+                if k == 0:
+                    assert consumed <= 64, (rule, engine)  # output starts after the first window
+            assert k == 599
