@@ -1,4 +1,5 @@
-"""Off-ramps (DeeBERT's per-layer classifiers) and exit signals (entropy)."""
+"""Off-ramps (DeeBERT's per-layer classifiers, with an optional BERxiT learned exit) and exit policies:
+entropy (DeeBERT), patience (PABEE) and learned (BERxiT)."""
 from __future__ import annotations
 
 import math

@@ -1,9 +1,10 @@
 """Batched early-exit inference.
 
-Exit rules are policies (:mod:`.exits`): entropy (DeeBERT) or patience (PABEE). A policy decides layer by
-layer from the off-ramp's logits and may keep per-row state (patience: last prediction and streak); that
-state travels with its row (sliced with the hidden states in ``shrink``, carried in the queue items in
-``refill``), so every engine and batch size gives the same exits.
+Exit rules are policies (:mod:`.exits`): entropy (DeeBERT), patience (PABEE) or learned (BERxiT). A
+policy decides layer by layer from the off-ramp's logits (learned: its exit score) and may keep per-row
+state (patience: last prediction and streak); that state travels with its row (sliced with the hidden
+states in ``shrink``, carried in the queue items in ``refill``), so every engine and batch size gives the
+same exits.
 
 Two engines run the same exit rule and give the same answers (test-enforced):
 
@@ -98,6 +99,7 @@ def resolve_rule(ckpt: Checkpoint, threshold: float | None, thresholds: list | N
                  default: float = 0.3, policy: str = "entropy", patience: int = 3,
                  tolerance: float = 0.1) -> tuple:
     """Pick the exit rule. Patience policy: a :class:`PatienceRule` (thresholds must not be given).
+    Learned: a :class:`LearnedRule` at ``threshold`` (default 0.9; regression 0.1).
     Entropy: per-layer --thresholds > --threshold > thresholds stored in the checkpoint > ``default``.
     A regression checkpoint refuses entropy and uses ``tolerance`` with patience.
     Returns (rule, source description)."""
