@@ -576,7 +576,7 @@ def plot_analysis(a: Analysis, path: str) -> None:
                 ha="right", fontsize=8, color="gray")
     ax.set_xlabel("saving vs full depth (%)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"Speed/accuracy trade-off ({a.entropy} entropy thresholds, patience)")
+    ax.set_title(f"Speed/accuracy trade-off by exit policy ({a.entropy} entropy)")
     ax.legend(fontsize=8, loc="upper right")
     ax.grid(alpha=0.3)
 
