@@ -18,6 +18,8 @@ _API = {
     "load_checkpoint": "deebert_cli.core.checkpoint",
     "save_checkpoint": "deebert_cli.core.checkpoint",
     "ExitRule": "deebert_cli.core.inference",
+    "PatienceRule": "deebert_cli.core.inference",
+    "LearnedRule": "deebert_cli.core.inference",
     "predict_stream": "deebert_cli.core.inference",
     "resolve_device": "deebert_cli.core.device",
     "finetune": "deebert_cli.core.training",

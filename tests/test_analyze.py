@@ -87,3 +87,42 @@ def test_analyze_bad_inputs(trained_ckpt, stage1_ckpt, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
     r = runner.invoke(app, ["analyze", "--checkpoint", trained_ckpt, "--plot", "x.png", "--device", "cpu"])
     assert r.exit_code == 2 and "needs matplotlib" in r.output and "Traceback" not in r.output
+
+
+def test_patience_sweep_agrees_with_predict(trained_ckpt, tmp_path):
+    data_dir = json.load(open(f"{trained_ckpt}/deebert.json"))["data"]["dataset"]
+    rows = _jsonl(f"{data_dir}/validation.jsonl")
+    out = tmp_path / "a.json"
+    r = runner.invoke(app, ["analyze", "--checkpoint", trained_ckpt, "--patience", "0,1,2,3", "--timing-repeats", "1",
+                            "--json", str(out), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "patience sweep" in r.stdout
+    a = json.loads(out.read_text())
+    assert [s["patience"] for s in a["patience_sweep"]] == [0, 1, 2, 3]
+    assert a["patience_sweep"][0]["histogram"][0] == len(rows)  # patience 0: everyone at layer 1
+    texts = "\n".join(row["text"] for row in rows) + "\n"
+    for s in a["patience_sweep"][1:]:
+        p = runner.invoke(app, ["predict", "--checkpoint", trained_ckpt, "--exit-policy", "patience", "--patience",
+                                str(s["patience"]), "--format", "jsonl", "--device", "cpu", "--batch-size", "8"], input=texts)
+        assert p.exit_code == 0, p.output
+        preds = [json.loads(l) for l in p.stdout.splitlines()]
+        hist = [0] * a["model"]["layers"]
+        for x in preds:
+            hist[x["exit_layer"] - 1] += 1
+        acc = sum(x["label"] == row["label"] for x, row in zip(preds, rows)) / len(rows)
+        assert hist == s["histogram"], s["patience"]
+        assert acc == pytest.approx(s["accuracy"], abs=1e-9), s["patience"]
+
+
+def test_exit_policy_selects_the_policies_compared(trained_ckpt, tmp_path):
+    out = tmp_path / "a.json"
+    r = runner.invoke(app, ["analyze", "--checkpoint", trained_ckpt, "--exit-policy", "patience", "--timing-repeats", "1",
+                            "--json", str(out), "--plot", str(tmp_path / "a.png"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    a = json.loads(out.read_text())
+    assert a["sweep"] == [] and a["recommendation"] is None and len(a["patience_sweep"]) == a["model"]["layers"]
+    assert "patience sweep" in r.stdout and "threshold sweep" not in r.stdout
+    r = runner.invoke(app, ["analyze", "--checkpoint", trained_ckpt, "--exit-policy", "learned", "--device", "cpu"])
+    assert r.exit_code == 2 and "--learned-exits" in r.output
+    r = runner.invoke(app, ["analyze", "--checkpoint", trained_ckpt, "--exit-policy", "nope", "--device", "cpu"])
+    assert r.exit_code == 2 and "exit_policy" in r.output

@@ -52,3 +52,38 @@ def test_mean_pooling_ignores_padding():
     assert torch.allclose(ramp(h, m), ramp(padded, pm), atol=1e-6)
     assert torch.allclose(pool(padded, pm, "mean"), h.mean(1), atol=1e-6)
     assert torch.equal(pool(padded, pm, "cls"), h[:, 0])
+
+
+def test_patience_and_entropy_disagree_on_hand_made_logits():
+    import math
+
+    from deebert_cli.core.exits import PatiencePolicy, first_exit, normalized_entropy, patience_exit, policy_exit
+
+    # 4 layers x 2 samples x 2 classes
+    # sample 0: confidently wrong at layer 1, then flips and stays  -> entropy exits at 1, patience 1 at layer 3
+    # sample 1: unsure everywhere but always class 1               -> entropy runs to the end, patience 1 exits at 2
+    logits = torch.tensor([
+        [[6.0, -6.0], [-0.1, 0.1]],
+        [[-1.0, 1.0], [-0.1, 0.1]],
+        [[-1.0, 1.0], [-0.1, 0.1]],
+        [[-1.0, 1.0], [-0.1, 0.1]],
+    ])
+    ent = normalized_entropy(logits)
+    assert first_exit(ent, torch.tensor([0.1, 0.1, 0.1, 0.0])).tolist() == [0, 3]
+    assert patience_exit(logits, 1).tolist() == [2, 1]
+    assert patience_exit(logits, 2).tolist() == [3, 2]  # N=2: three equal predictions
+    assert patience_exit(logits, 0).tolist() == [0, 0]  # N=0: everyone leaves at layer 1
+    assert patience_exit(logits, 9).tolist() == [3, 3]  # the last layer always exits
+    # regression: values agree within a tolerance
+    values = torch.tensor([[0.0], [1.0], [1.05], [1.08]]).view(4, 1, 1)
+    assert patience_exit(values, 1, tolerance=0.1).tolist() == [2]
+    assert patience_exit(values, 2, tolerance=0.1).tolist() == [3]
+    assert patience_exit(values, 1, tolerance=2.0).tolist() == [1]
+    # the engines' step: state carried across layers
+    pol = PatiencePolicy(1)
+    state = pol.init_state(2, "cpu")
+    done, state = pol.step(0, logits[0], state)
+    assert done.tolist() == [False, False] and state[1].tolist() == [0, 0]
+    done, state = pol.step(1, logits[1], state)
+    assert done.tolist() == [False, True]
+    assert policy_exit(pol, logits).tolist() == [2, 1] and not math.isnan(float(ent.sum()))

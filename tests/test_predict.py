@@ -190,3 +190,34 @@ def test_per_layer_thresholds(trained_ckpt):
                             "--device", "cpu"], input="\n".join(lines) + "\n")
     assert r.exit_code == 0, r.output
     assert {json.loads(l)["exit_layer"] for l in r.stdout.splitlines()} == {3}
+
+
+def test_patience_batched_equals_one_at_a_time(trained_ckpt):
+    from deebert_cli.core.exits import patience_exit
+    from deebert_cli.core.inference import PatienceRule
+
+    ckpt = load_checkpoint(trained_ckpt)
+    lines = mixed_lines(160, seed=3)
+    enc = encode(ckpt.tokenizer, lines, None, 128)
+    logits = collect(ckpt.model, enc, ckpt.tokenizer.pad_token_id, 16, "cpu", pooled=False, all_logits=True)["logits"]
+    # pick the patience whose exits spread over the most layers
+    N = max(range(1, ckpt.model.num_layers), key=lambda n: len(set(patience_exit(logits, n).tolist())))
+    rule = PatienceRule(N)
+    one, s1 = run(ckpt, lines, rule, batch_size=1, window=1)
+    assert sum(c > 0 for c in s1.histogram) >= 2, f"exits must fire at several layers: {s1.histogram}"
+    assert [r.exit_layer - 1 for r in one] == patience_exit(logits, N).tolist()
+    for kw in (dict(batch_size=32, window=64), dict(batch_size=32, engine="refill"),
+               dict(batch_size=7, window=50, engine="refill")):
+        many, _ = run(ckpt, lines, rule, **kw)
+        assert [r.index for r in many] == list(range(len(lines)))
+        for a, b in zip(one, many):
+            assert (a.label, a.exit_layer) == (b.label, b.exit_layer), (kw, a, b)
+    # through the CLI, and thresholds are refused with the patience policy
+    r = runner.invoke(app, ["predict", "--checkpoint", trained_ckpt, "--exit-policy", "patience", "--patience", str(N),
+                            "--format", "jsonl", "--device", "cpu"], input="\n".join(lines) + "\n")
+    assert r.exit_code == 0, r.output
+    assert [json.loads(l)["exit_layer"] for l in r.stdout.splitlines()] == [x.exit_layer for x in one]
+    assert "patience" in r.stderr
+    r = runner.invoke(app, ["predict", "--checkpoint", trained_ckpt, "--exit-policy", "patience", "--threshold", "0.2",
+                            "--device", "cpu"], input="good\n")
+    assert r.exit_code == 2 and "--patience" in r.output

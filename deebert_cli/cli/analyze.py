@@ -28,6 +28,10 @@ def analyze(
     timing_thresholds: Optional[str] = typer.Option(None, help="Extra thresholds to time with real early-exit runs (full depth and the recommendation are always timed)."),
     timing_repeats: int = typer.Option(2, help="Timed runs per threshold (interleaved; the fastest is kept)."),
     batch_size: int = typer.Option(32, help="Batch size of the passes and timed runs."),
+    patience: Optional[str] = typer.Option(None, help="Patience values to sweep for the patience policy (PABEE), comma-separated (default: 0..L-1)."),
+    exit_policy: Optional[str] = typer.Option(None, help="Exit policies to compare side by side, comma-separated among entropy, patience, learned (default: every one that applies: entropy for classification, learned with learned exits)."),
+    learned_thresholds: Optional[str] = typer.Option(None, help="Learned-exit thresholds to sweep, comma-separated in [0, 1] (checkpoints trained with --learned-exits; default: a grid over [0, 1])."),
+    tolerance: float = typer.Option(0.1, help="Regression checkpoints: consecutive off-ramp values agree when they differ by less than this (patience sweep)."),
     examples: int = typer.Option(3, help="Evaluation texts to show per exit layer."),
     example_threshold: Optional[float] = typer.Option(None, help="Threshold for the examples by exit layer (default: the recommended one)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every figure to this JSON file."),
@@ -75,6 +79,8 @@ def render(a, show_layers: bool = True) -> None:
     m, d = a.model, a.dataset
     out.print(f"[bold]{m.get('base_model') or a.checkpoint}[/] ({m['family']}, {m['layers']} layers) on "
               f"{d['dataset']}, {d['evaluated_on']}, n={d['n']}")
+    if a.task == "regression":
+        return render_regression(a, show_layers)
     if show_layers:
         out.print("[bold]accuracy of every exit[/] (one all-exits pass)")
         t = Table()
@@ -85,6 +91,15 @@ def render(a, show_layers: bool = True) -> None:
             frac = (l["accuracy"] - lo + 0.02) / (1 - lo + 0.02)
             t.add_row(str(l["layer"]), pct(l["accuracy"]), pct(l["macro_f1"]), "█" * max(1, round(30 * frac)))
         out.print(t)
+    if a.sweep:
+        _render_entropy_sweep(a)
+    _render_other_policies(a)
+    _render_recommendation(a)
+
+
+def _render_entropy_sweep(a) -> None:
+    from rich.table import Table
+
     unit = "normalized entropy" if a.entropy == "normalized" else "entropy (nats)"
     out.print(f"[bold]threshold sweep[/] ({unit}; exact, from the all-exits pass; * = recommended)")
     t = Table()
@@ -97,10 +112,45 @@ def render(a, show_layers: bool = True) -> None:
                   pct(r.layer_saving), pct(r.wall_saving) if r.wall_saving is not None else "",
                   "/".join(str(c) for c in r.histogram))
     out.print(t)
+
+
+def _render_other_policies(a) -> None:
+    from rich.table import Table
+
+    if a.patience_sweep:
+        out.print("[bold]patience sweep[/] (exit once N+1 consecutive off-ramps agree; exact; * = recommended)")
+        t = Table()
+        for c in ("patience", "accuracy", "Δ points", "mean exit", "layer saving"):
+            t.add_column(c, justify="right")
+        t.add_column("exits at layers 1..L", justify="left", no_wrap=True)
+        prec = a.patience_recommendation
+        for r in a.patience_sweep:
+            star = " *" if prec is not None and r.patience == prec.patience else ""
+            t.add_row(f"{r.patience}{star}", pct(r.accuracy), f"{r.accuracy_change:+.2f}", f"{r.mean_exit_layer:.2f}",
+                      pct(r.layer_saving), "/".join(str(c) for c in r.histogram))
+        out.print(t)
+        if prec is not None:
+            out.print(f"[bold]recommended patience {prec.patience}[/] for a {a.max_drop:g}-point budget: accuracy "
+                      f"{pct(prec.accuracy)} ({prec.accuracy_change:+.2f} points), {pct(prec.layer_saving)} fewer layers "
+                      f"(`deebert predict --exit-policy patience --patience {prec.patience}`)")
+    if a.learned_sweep:
+        out.print("[bold]learned-exit sweep[/] (exit when the predicted chance of being right > threshold; exact)")
+        t = Table()
+        for c in ("threshold", "accuracy", "Δ points", "mean exit", "layer saving"):
+            t.add_column(c, justify="right")
+        t.add_column("exits at layers 1..L", justify="left", no_wrap=True)
+        for r in a.learned_sweep:
+            t.add_row(f"{r.threshold:g}", pct(r.accuracy), f"{r.accuracy_change:+.2f}", f"{r.mean_exit_layer:.2f}",
+                      pct(r.layer_saving), "/".join(str(c) for c in r.histogram))
+        out.print(t)
+
+
+def _render_recommendation(a) -> None:
+    m = a.model
     rec = a.recommendation
-    if rec is None:
+    if rec is None and a.sweep:
         out.print(f"[yellow]no threshold keeps the accuracy drop within {a.max_drop:g} points[/]")
-    else:
+    elif rec is not None:
         line = (f"[bold]recommended threshold {rec.threshold:g}[/] for a {a.max_drop:g}-point budget: "
                 f"accuracy {pct(rec.accuracy)} ({rec.accuracy_change:+.2f} points), {pct(rec.layer_saving)} fewer layers")
         if rec.wall_saving is not None:
@@ -145,6 +195,43 @@ def render(a, show_layers: bool = True) -> None:
                 mark = "✓" if e["label"] == e["predicted"] else "✗"
                 text = e["text"] if len(e["text"]) <= 90 else e["text"][:87] + "..."
                 out.print(f"  L{layer} {mark} [{e['predicted']}] {text}", soft_wrap=True, markup=False)
+
+
+def render_regression(a, show_layers: bool = True) -> None:
+    """Per-exit error and correlation, and the patience sweep, of a regression checkpoint."""
+    from rich.table import Table
+
+    if show_layers:
+        out.print("[bold]error and correlation of every exit[/] (one all-exits pass)")
+        t = Table()
+        for c in ("layer", "MSE", "Pearson", "Spearman"):
+            t.add_column(c, justify="right")
+        for l in a.layers:
+            t.add_row(str(l["layer"]), f"{l['mse']:.4f}", f"{l['pearson']:.4f}", f"{l['spearman']:.4f}")
+        out.print(t)
+    if a.patience_sweep:
+        tol = a.patience_sweep[0].tolerance
+        out.print(f"[bold]patience sweep[/] (exit once N+1 consecutive off-ramps agree within {tol:g}; exact)")
+        t = Table()
+        for c in ("patience", "MSE", "Δ MSE", "Pearson", "Spearman", "mean exit", "layer saving"):
+            t.add_column(c, justify="right")
+        t.add_column("exits at layers 1..L", justify="left", no_wrap=True)
+        for r in a.patience_sweep:
+            t.add_row(str(r.patience), f"{r.mse:.4f}", f"{r.mse_change:+.4f}", f"{r.pearson:.4f}", f"{r.spearman:.4f}",
+                      f"{r.mean_exit_layer:.2f}", pct(r.layer_saving), "/".join(str(c) for c in r.histogram))
+        out.print(t)
+    if a.learned_sweep:
+        out.print("[bold]learned-exit sweep[/] (exit when the predicted tanh(|error|) < threshold; exact)")
+        t = Table()
+        for c in ("threshold", "MSE", "Δ MSE", "Pearson", "Spearman", "mean exit", "layer saving"):
+            t.add_column(c, justify="right")
+        t.add_column("exits at layers 1..L", justify="left", no_wrap=True)
+        for r in a.learned_sweep:
+            t.add_row(f"{r.threshold:g}", f"{r.mse:.4f}", f"{r.mse_change:+.4f}", f"{r.pearson:.4f}", f"{r.spearman:.4f}",
+                      f"{r.mean_exit_layer:.2f}", pct(r.layer_saving), "/".join(str(c) for c in r.histogram))
+        out.print(t)
+    out.print("entropy exits do not apply to a regression checkpoint: predict with `--exit-policy patience --tolerance T`"
+              " (or `--exit-policy learned --threshold T` after `train-exits --learned-exits`)")
 
 
 def _layers(ls: list) -> str:

@@ -21,6 +21,7 @@ def finetune(
     train_split: str = typer.Option("train", help="Training split."),
     eval_split: str = typer.Option("validation", help="Evaluation split; if the dataset has none, one is carved from train."),
     validation_fraction: float = typer.Option(0.1, help="Fraction of train held out (stratified, seeded) when there is no evaluation split."),
+    task: str = typer.Option("classification", help="classification, or regression: a float label column, MSE loss, one output (off-ramps predict a value; predict with --exit-policy patience)."),
     max_length: int = typer.Option(128, help="Maximum tokens per input."),
     epochs: float = typer.Option(1.0, help="Training epochs (fractions allowed)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (overrides --epochs)."),
@@ -59,7 +60,13 @@ def render_result(r) -> None:
     ev = r.eval
     out.print(f"[bold]{r.stage}[/]: evaluation on {ev.source} ({ev.n} examples)")
     t = Table()
-    if ev.layers:
+    if ev.regression is not None:
+        for c in ("exit layer", "MSE", "Pearson", "Spearman"):
+            t.add_column(c, justify="right")
+        for row in ev.layers or [{"layer": "final", **ev.regression}]:
+            name = f"{row['layer']} (final)" if ev.layers and row is ev.layers[-1] else str(row["layer"])
+            t.add_row(name, f"{row['mse']:.4f}", f"{row['pearson']:.4f}", f"{row['spearman']:.4f}")
+    elif ev.layers:
         t.add_column("exit layer", justify="right")
         t.add_column("accuracy", justify="right")
         t.add_column("macro-F1", justify="right")
@@ -80,4 +87,9 @@ def render_result(r) -> None:
     if cal:
         out.print("calibration (temperature, validation NLL before -> after): " + "; ".join(
             f"L{c['layer']} T={c['temperature']:.2f} {c['nll_before']:.3f}->{c['nll_after']:.3f}" for c in cal))
+    learned = r.extra.get("learned_exits")
+    if learned:
+        out.print("learned exits (evaluation loss" + (", predictor accuracy" if "predictor_accuracy" in learned[0] else "") + "): " + "; ".join(
+            f"L{x['layer']} {x['eval_loss']:.3f}" + (f" {100 * x['predictor_accuracy']:.1f}%" if "predictor_accuracy" in x else "")
+            for x in learned))
     out.print(f"checkpoint: {r.checkpoint}")

@@ -14,9 +14,12 @@ from .common import CONFIG_OPT, DEVICE_OPT, PRECISION_OPT, err, finish_distribut
 def predict(
     ctx: typer.Context,
     checkpoint: Path = typer.Option(Path("deebert-checkpoint"), help="Checkpoint from `deebert train-exits`."),
-    threshold: Optional[float] = typer.Option(None, help="Exit when the off-ramp's entropy is below this. Normalized entropy (0..1) by default, nats with --entropy raw. 0 runs every input to the last layer; at or above the maximum exits everyone at layer 1. Default: thresholds stored in the checkpoint, else 0.3."),
+    threshold: Optional[float] = typer.Option(None, help="Exit when the off-ramp's entropy is below this. Normalized entropy (0..1) by default, nats with --entropy raw. 0 runs every input to the last layer; at or above the maximum exits everyone at layer 1. Default: thresholds stored in the checkpoint, else 0.3. With --exit-policy learned: the learned exit score in [0, 1] (default 0.9; regression 0.1)."),
     thresholds: Optional[str] = typer.Option(None, help="One threshold per layer 1..L-1, comma-separated (overrides --threshold)."),
     entropy: str = typer.Option("normalized", help="Threshold unit: normalized (entropy / ln C, in [0, 1]) or raw (nats, as in the DeeBERT paper)."),
+    exit_policy: str = typer.Option("entropy", help="entropy (DeeBERT: exit when the off-ramp's entropy is below the threshold), patience (PABEE: exit once --patience + 1 consecutive off-ramps predict the same class) or learned (BERxiT: exit when the learned exit's score crosses --threshold; needs train-exits --learned-exits)."),
+    patience: int = typer.Option(3, help="Patience policy: exit at the first layer whose prediction equals those of the N layers before it (0 exits at layer 1)."),
+    tolerance: float = typer.Option(0.1, help="Patience policy on a regression checkpoint: consecutive off-ramp values agree when they differ by less than this."),
     batch_size: int = typer.Option(32, help="Rows per batch; rows that exit leave the batch."),
     engine: str = typer.Option("shrink", help="shrink (exited rows leave the batch) or refill (per-layer queues refilled from the input)."),
     window: int = typer.Option(1024, help="Lines read at a time (sorted by length within a window to cut padding)."),
@@ -57,7 +60,8 @@ def predict(
         if rt.distributed and not cfg.input:
             raise UserError("under accelerate launch every process reads the input: pass --input FILE (not stdin)")
         ckpt = load_checkpoint(cfg.checkpoint)
-        rule, source = resolve_rule(ckpt, cfg.threshold, cfg.thresholds, cfg.entropy)
+        rule, source = resolve_rule(ckpt, cfg.threshold, cfg.thresholds, cfg.entropy, policy=cfg.exit_policy,
+                                    patience=cfg.patience, tolerance=cfg.tolerance)
         L, names = ckpt.model.num_layers, ckpt.label_names
         stats = PredictStats(L)
         interactive = cfg.input is None and sys.stdin.isatty()
@@ -69,7 +73,9 @@ def predict(
         src = open(cfg.input, "rb") if cfg.input else sys.stdin.buffer
         dst = open(cfg.output, "w", encoding="utf-8", newline="\n") if cfg.output and main else sys.stdout
         try:
-            fmt = Formatter(cfg.format, names, L, rule.entropy, cfg.all_probs)
+            if ckpt.task == "regression" and cfg.all_probs:
+                raise UserError("--all-probs needs class probabilities; a regression checkpoint predicts a value")
+            fmt = Formatter(cfg.format, names, L, rule.entropy, cfg.all_probs, ckpt.task == "regression")
             if fmt.header and main:
                 dst.write(fmt.header + "\n")
             kw = dict(batch_size=bs, window=win, max_length=cfg.max_length, engine=cfg.engine,
@@ -101,16 +107,20 @@ def predict(
 class Formatter:
     """One Prediction -> one output line in text, jsonl or tsv."""
 
-    def __init__(self, fmt: str, names: list, layers: int, entropy: str, all_probs: bool):
-        self.fmt, self.names, self.L, self.all_probs = fmt, names, layers, all_probs
+    def __init__(self, fmt: str, names: list, layers: int, entropy: str, all_probs: bool, regression: bool = False):
+        self.fmt, self.names, self.L, self.all_probs, self.regression = fmt, names, layers, all_probs, regression
         self.ent_col = "entropy_normalized" if entropy == "normalized" else "entropy_nats"
         self.header = None
-        if fmt == "tsv":
+        if fmt == "tsv" and regression:
+            self.header = "\t".join(["value", "exit_layer", "empty"])
+        elif fmt == "tsv":
             cols = ["label", "confidence", "exit_layer", self.ent_col, "empty"]
             cols += [f"prob_{n}" for n in names] if all_probs else []
             self.header = "\t".join(cols)
 
     def __call__(self, r) -> str:
+        if self.regression:
+            return self._value(r)
         if self.fmt == "jsonl":
             d = {"label": None, "confidence": None, "exit_layer": None, "entropy": None, "empty": True}
             if not r.empty:
@@ -131,6 +141,17 @@ class Formatter:
         if r.probs is not None:
             line += "\t" + " ".join(f"{n}={p:.4f}" for n, p in zip(self.names, r.probs))
         return line
+
+
+    def _value(self, r) -> str:
+        """A regression result: the value and its exit layer."""
+        if self.fmt == "jsonl":
+            d = {"value": None, "exit_layer": None, "empty": True} if r.empty else \
+                {"value": round(r.value, 6), "exit_layer": r.exit_layer, "empty": False}
+            return json.dumps(d)
+        if self.fmt == "tsv":
+            return "\t".join(["", "", "1"] if r.empty else [f"{r.value:.6f}", str(r.exit_layer), "0"])
+        return "<empty>" if r.empty else f"{r.value:.4f}\texit {r.exit_layer}/{self.L}"
 
 
 def render_summary(stats) -> None:

@@ -26,6 +26,7 @@ def train_exits(
     distill_alpha: float = typer.Option(0.5, help="Weight of the distillation term in [0, 1]."),
     unlabeled: Optional[str] = typer.Option(None, help="Extra unlabeled texts for --distill: a .txt file (one per line) or a data file/folder with the text column."),
     calibrate: bool = typer.Option(False, help="Fit a temperature per off-ramp on the evaluation split (stored in the checkpoint), so entropy means the same at every layer."),
+    learned_exits: bool = typer.Option(False, help="BERxiT: also train a learned exit per off-ramp (Linear(H,1) + sigmoid on its pooler output) predicting whether the off-ramp is right (regression: tanh(|error|)); predict with --exit-policy learned --threshold T."),
     dataset: Optional[str] = typer.Option(None, help="Override the dataset (default: the one the checkpoint was fine-tuned on; same columns)."),
     max_train_samples: Optional[int] = typer.Option(None, help="Use a seeded random subset of the training split."),
     device: str = DEVICE_OPT,

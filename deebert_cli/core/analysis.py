@@ -1,4 +1,5 @@
-"""How a model's layers behave: per-exit quality, exact threshold sweeps from one all-exits pass,
+"""How a model's layers behave: per-exit quality, exact sweeps of every exit policy (entropy thresholds,
+patience values) from one all-exits pass,
 a recommended threshold for an accuracy budget, dead weight, and examples by exit layer."""
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from .config import AnalyzeConfig
 from .data import DataSpec, eval_examples, encode, load_splits, to_examples
 from .device import resolve_device
 from .errors import UserError
-from .exits import exit_entropy, first_exit, max_entropy
+from .exits import LearnedPolicy, exit_entropy, first_exit, max_entropy, patience_exit, policy_exit
 from .inference import ExitRule, PredictStats, predict_stream
-from .metrics import accuracy, macro_f1
+from .metrics import accuracy, macro_f1, regression_report
 
 DEFAULT_GRID = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -32,6 +33,48 @@ class SweepRow:
     histogram: list  # samples exiting at layers 1..L
     measured_seconds: float | None = None  # wall-clock of a real early-exit run (timed thresholds only)
     wall_saving: float | None = None  # 1 - seconds / seconds at full depth
+
+
+@dataclass
+class PatienceRow:
+    """The patience policy at one patience value (exact, from the all-exits logits)."""
+
+    patience: int
+    accuracy: float
+    macro_f1: float
+    accuracy_change: float  # percentage points vs full depth
+    mean_exit_layer: float
+    layer_saving: float
+    histogram: list
+
+
+@dataclass
+class RegressionPatienceRow:
+    """The patience policy on a regression checkpoint at one patience value and tolerance."""
+
+    patience: int
+    tolerance: float
+    mse: float
+    pearson: float
+    spearman: float
+    mse_change: float  # vs full depth (positive = worse)
+    mean_exit_layer: float
+    layer_saving: float
+    histogram: list
+
+
+@dataclass
+class RegressionSweepRow:
+    """A thresholded policy (learned exits) on a regression checkpoint at one threshold."""
+
+    threshold: float
+    mse: float
+    pearson: float
+    spearman: float
+    mse_change: float
+    mean_exit_layer: float
+    layer_saving: float
+    histogram: list
 
 
 @dataclass
@@ -60,6 +103,10 @@ class Analysis:
     cls_spread: list = field(default_factory=list)  # per layer: spread of [CLS] states across inputs
     warnings: list = field(default_factory=list)
     timing: dict = field(default_factory=dict)
+    patience_sweep: list = field(default_factory=list)  # PatienceRow per patience value
+    patience_recommendation: PatienceRow | None = None  # largest saving within max_drop
+    task: str = "classification"  # regression: layers hold mse/pearson/spearman, no entropy sweep
+    learned_sweep: list = field(default_factory=list)  # learned exits (BERxiT): SweepRow / RegressionSweepRow per threshold
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -85,6 +132,82 @@ def sweep_from_logits(logits: torch.Tensor, labels: list, thresholds: list, kind
         rows.append(SweepRow(float(t), acc, macro_f1(pred.tolist(), labels, C), 100 * (acc - full_acc), mean,
                              1 - mean / L, hist))
     return rows
+
+
+def patience_sweep(logits: torch.Tensor, labels: list, values: list) -> list:
+    """Exact outcome of the patience policy at every patience value from all-exits logits [L, n, C]
+    (the same decision steps predict's engines take, so this equals running predict with --patience N)."""
+    L, n, C = logits.shape
+    preds = logits.argmax(-1)  # [L, n]
+    y = torch.tensor(labels)
+    full_acc = (preds[-1] == y).sum().item() / n
+    rows = []
+    for N in values:
+        layer = patience_exit(logits, N)  # [n] 0-based
+        pred = preds.gather(0, layer.view(1, -1)).squeeze(0)
+        acc = (pred == y).sum().item() / n
+        mean = (layer.float() + 1).mean().item()
+        rows.append(PatienceRow(int(N), acc, macro_f1(pred.tolist(), labels, C), 100 * (acc - full_acc), mean,
+                                1 - mean / L, torch.bincount(layer, minlength=L).tolist()))
+    return rows
+
+
+def regression_patience_sweep(values_all: torch.Tensor, targets: list, patience: list, tolerance: float) -> list:
+    """Exact outcome of the patience policy on a regression checkpoint from all-exits outputs [L, n, 1]:
+    per patience value, MSE / Pearson / Spearman of the values at the exit layer, and the exit histogram."""
+    L = values_all.shape[0]
+    full = regression_report(values_all[-1, :, 0].tolist(), targets)["mse"]
+    rows = []
+    for N in patience:
+        layer = patience_exit(values_all, N, tolerance)  # [n] 0-based
+        pred = values_all[:, :, 0].gather(0, layer.view(1, -1)).squeeze(0).tolist()
+        rep = regression_report(pred, targets)
+        mean = (layer.float() + 1).mean().item()
+        rows.append(RegressionPatienceRow(int(N), tolerance, rep["mse"], rep["pearson"], rep["spearman"], rep["mse"] - full,
+                                          mean, 1 - mean / L, torch.bincount(layer, minlength=L).tolist()))
+    return rows
+
+
+@torch.no_grad()
+def exit_scores(model, pooled: torch.Tensor) -> torch.Tensor:
+    """Learned exit scores of off-ramps 1..L-1 from their cached inputs pooled [L-1, n, H] -> [L-1, n]."""
+    return torch.stack([r.exit_score(pooled[i]) for i, r in enumerate(model.ramps)]).float().cpu()
+
+
+def learned_sweep(logits: torch.Tensor, labels: list, scores: torch.Tensor, grid: list, regression: bool = False) -> list:
+    """Exact outcome of the learned-exit policy at every threshold of ``grid`` from all-exits logits
+    [L, n, C] and exit scores [L-1, n] (the engines' decision steps): SweepRow per threshold, or
+    RegressionSweepRow for a regression checkpoint."""
+    L, n, C = logits.shape
+    rows = []
+    if regression:
+        full = regression_report(logits[-1, :, 0].tolist(), labels)["mse"]
+    else:
+        preds = logits.argmax(-1)
+        y = torch.tensor(labels)
+        full_acc = (preds[-1] == y).sum().item() / n
+    for t in grid:
+        layer = policy_exit(LearnedPolicy(float(t), regression), logits, scores)
+        mean = (layer.float() + 1).mean().item()
+        hist = torch.bincount(layer, minlength=L).tolist()
+        if regression:
+            pred = logits[:, :, 0].gather(0, layer.view(1, -1)).squeeze(0).tolist()
+            rep = regression_report(pred, labels)
+            rows.append(RegressionSweepRow(float(t), rep["mse"], rep["pearson"], rep["spearman"], rep["mse"] - full,
+                                           mean, 1 - mean / L, hist))
+        else:
+            pred = preds.gather(0, layer.view(1, -1)).squeeze(0)
+            acc = (pred == y).sum().item() / n
+            rows.append(SweepRow(float(t), acc, macro_f1(pred.tolist(), labels, C), 100 * (acc - full_acc), mean,
+                                 1 - mean / L, hist))
+    return rows
+
+
+def recommend_patience(rows: list, max_drop: float) -> PatienceRow | None:
+    """The patience value with the largest layer saving within ``max_drop`` points (ties: more accurate,
+    then larger patience)."""
+    ok = [r for r in rows if -r.accuracy_change <= max_drop + 1e-9]
+    return max(ok, key=lambda r: (round(r.layer_saving, 12), r.accuracy, r.patience)) if ok else None
 
 
 def outcome(logits: torch.Tensor, labels: list, thresholds: list, kind: str, ent: torch.Tensor | None = None) -> SweepRow:
@@ -155,6 +278,24 @@ def dead_weight(layers: list, rec: SweepRow | None, n: int, share: float = 0.01)
             "layers_after_saturation": list(range(saturates_at + 1, len(layers) + 1)), "accuracy_falls_at_layers": falls}
 
 
+def wanted_policies(cfg: AnalyzeConfig, ckpt) -> set:
+    """The exit policies to compare: ``cfg.exit_policy``, or every one that applies to the checkpoint
+    (entropy: classification only; learned: with learned exits). Asking for one that cannot apply, or
+    leaving out entropy while asking for entropy-only figures, is a UserError."""
+    applies = {"patience"} | ({"entropy"} if ckpt.task != "regression" else set())
+    applies |= {"learned"} if ckpt.model.ramp_cfg.learned_exit else set()
+    if not cfg.exit_policy:
+        return applies
+    want = set(cfg.exit_policy)
+    if "entropy" in want and ckpt.task == "regression":
+        raise UserError("entropy needs class probabilities: a regression checkpoint compares patience (and learned) exits")
+    if "learned" in want and "learned" not in applies:
+        raise UserError(f"'{cfg.checkpoint}' has no learned exits: run `deebert train-exits --learned-exits` first")
+    if "entropy" not in want and (cfg.per_layer or cfg.store_thresholds):
+        raise UserError("--per-layer and --store-thresholds are about entropy thresholds: include entropy in --exit-policy")
+    return want
+
+
 def analyze(cfg: AnalyzeConfig, progress=None) -> Analysis:
     """Run every analysis of ``deebert analyze`` on the checkpoint's evaluation split (or ``cfg.split``)."""
     from .training import collect
@@ -171,12 +312,26 @@ def analyze(cfg: AnalyzeConfig, progress=None) -> Analysis:
     ex, source = eval_examples(spec, names, cfg.split)
     max_length = ckpt.meta.get("max_length", 128)
 
+    learned = model.ramp_cfg.learned_exit
+    scores = None  # learned exit scores [L-1, n] of the evaluation split
+
     def all_logits(examples, cls=False):
+        nonlocal scores
         enc = encode(tok, examples.texts, examples.pairs, max_length)
-        got = collect(model.to(device), enc, tok.pad_token_id, cfg.batch_size, device, pooled=False, all_logits=True, cls=cls)
+        got = collect(model.to(device), enc, tok.pad_token_id, cfg.batch_size, device, pooled=learned and cls,
+                      all_logits=True, cls=cls)
+        if cls and learned:
+            scores = exit_scores(model, got["pooled"].to(device))
         return (got["logits"], got["cls"]) if cls else got["logits"]
 
     logits, cls_states = all_logits(ex, cls=True)  # [L, n, C], [L, n, H]
+    lgrid = sorted(set(cfg.learned_thresholds or DEFAULT_GRID))
+    want = wanted_policies(cfg, ckpt)
+    learned = learned and "learned" in want
+    if ckpt.task == "regression":
+        a = _analyze_regression(cfg, ckpt, spec, source, ex, logits)
+        a.learned_sweep = learned_sweep(logits, ex.labels, scores, lgrid, regression=True) if learned else []
+        return a
     # how much the first-token state varies across inputs, per layer (std over inputs, mean over dims)
     spread = cls_states.std(1).mean(-1).tolist() if len(ex) > 1 else [float("nan")] * L
     warnings = []
@@ -194,8 +349,10 @@ def analyze(cfg: AnalyzeConfig, progress=None) -> Analysis:
         layers.append({"layer": i + 1, "accuracy": accuracy(p, labels), "macro_f1": macro_f1(p, labels, len(names))})
     grid = cfg.thresholds or list(DEFAULT_GRID if cfg.entropy == "normalized" else [t * math.log(len(names)) for t in DEFAULT_GRID])
     grid = sorted(set(grid))
-    rows = sweep_from_logits(logits, labels, grid, cfg.entropy)
+    rows = sweep_from_logits(logits, labels, grid, cfg.entropy) if "entropy" in want else []
     rec = recommend(rows, cfg.max_drop)
+    prows = patience_sweep(logits, labels, sorted(set(cfg.patience if cfg.patience is not None else range(L)))) if "patience" in want else []
+    prec = recommend_patience(prows, cfg.max_drop)
 
     per_layer = None
     if cfg.per_layer:
@@ -205,7 +362,7 @@ def analyze(cfg: AnalyzeConfig, progress=None) -> Analysis:
         per_layer.pop("threshold")
 
     test = None
-    if cfg.split is None and cfg.test_split:
+    if cfg.split is None and cfg.test_split and rows:
         splits = load_splits(spec.dataset)
         if cfg.test_split in splits and cfg.test_split not in (spec.train_split, spec.eval_split):
             tex, _ = to_examples(splits[cfg.test_split], spec, cfg.test_split, names)
@@ -275,7 +432,71 @@ def analyze(cfg: AnalyzeConfig, progress=None) -> Analysis:
         per_layer=per_layer, stored_thresholds=stored, cls_spread=spread, warnings=warnings,
         timing={"batch_size": cfg.batch_size, "repeats": cfg.timing_repeats, "device": str(device),
                 "seconds": {str(k): v for k, v in seconds.items()}},
+        patience_sweep=prows, patience_recommendation=prec,
+        learned_sweep=learned_sweep(logits, labels, scores, lgrid) if learned else [],
     )
+
+
+def _analyze_regression(cfg: AnalyzeConfig, ckpt, spec: DataSpec, source: str, ex, values: torch.Tensor) -> Analysis:
+    """analyze for a regression checkpoint from all-exits outputs [L, n, 1]: per-layer MSE and Pearson /
+    Spearman correlation, and the patience sweep at ``cfg.tolerance`` (entropy does not apply)."""
+    from .training import layer_metrics
+
+    if cfg.store_thresholds or cfg.per_layer:
+        raise UserError("--store-thresholds and --per-layer are about entropy thresholds, which do not apply to a regression checkpoint")
+    model = ckpt.model
+    L = model.num_layers
+    layers = [layer_metrics(i, values[i], ex.labels, "regression", 1) for i in range(L)]
+    prows = regression_patience_sweep(values, ex.labels, sorted(set(cfg.patience if cfg.patience is not None else range(L))),
+                                      cfg.tolerance) if "patience" in wanted_policies(cfg, ckpt) else []
+    counts = model.parameter_counts()
+    return Analysis(
+        checkpoint=str(cfg.checkpoint),
+        model={"family": model.family, "layers": L, "base_model": ckpt.meta.get("base_model"), "labels": ckpt.label_names,
+               "backbone_parameters": counts.backbone, "off_ramp_parameters": counts.ramps, "overhead": counts.overhead,
+               "ramp": model.ramp_cfg.to_dict()},
+        dataset={**dataclasses.asdict(spec), "evaluated_on": source, "n": len(ex)},
+        entropy="n/a", layers=layers, sweep=[], max_drop=cfg.max_drop, recommendation=None, test=None,
+        dead_weight={}, examples={}, patience_sweep=prows, task="regression",
+    )
+
+
+def plot_regression(a: Analysis, path: str) -> None:
+    """PNG for a regression checkpoint: MSE vs layer saving of the patience sweep, and per-exit correlation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), constrained_layout=True)
+    ax = axes[0]
+    ps = a.patience_sweep
+    ax.plot([100 * r.layer_saving for r in ps], [r.mse for r in ps], "^-", color="tab:brown",
+            label=f"patience policy (tolerance {ps[0].tolerance:g})" if ps else "patience policy")
+    for r in ps:
+        ax.annotate(f"N={r.patience}", (100 * r.layer_saving, r.mse), fontsize=7, xytext=(0, 6),
+                    textcoords="offset points", ha="center")
+    if a.learned_sweep:
+        ax.plot([100 * r.layer_saving for r in a.learned_sweep], [r.mse for r in a.learned_sweep], "D-",
+                color="tab:cyan", label="learned exits")
+    ax.axhline(a.layers[-1]["mse"], color="gray", lw=0.8, ls=":", label="full depth")
+    ax.set_xlabel("layer saving vs full depth (%)")
+    ax.set_ylabel("MSE (lower is better)")
+    ax.set_title("Speed/error trade-off")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax = axes[1]
+    ls = [l["layer"] for l in a.layers]
+    ax.plot(ls, [l["pearson"] for l in a.layers], "o-", label="Pearson")
+    ax.plot(ls, [l["spearman"] for l in a.layers], "s-", label="Spearman")
+    ax.set_xticks(ls)
+    ax.set_xlabel("exit layer")
+    ax.set_ylabel("correlation with the target")
+    ax.set_title("Correlation of each exit (no early exit)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def store_thresholds(path, thresholds: dict) -> None:
@@ -300,6 +521,8 @@ def plot_analysis(a: Analysis, path: str) -> None:
     exit histogram at the recommended threshold."""
     try:
         import matplotlib
+        if a.task == "regression":
+            return plot_regression(a, path)
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -313,7 +536,18 @@ def plot_analysis(a: Analysis, path: str) -> None:
     shown = [r for r in a.sweep if 100 * r.accuracy >= floor]
     clipped = len(a.sweep) - len(shown)
     ax.plot([100 * r.layer_saving for r in shown], [100 * r.accuracy for r in shown], "o-",
-            label="layer saving (exact, all-exits pass)")
+            label="entropy policy: layer saving (exact, all-exits pass)")
+    pshown = [r for r in a.patience_sweep if 100 * r.accuracy >= floor]
+    if pshown:
+        ax.plot([100 * r.layer_saving for r in pshown], [100 * r.accuracy for r in pshown], "^-", color="tab:brown",
+                label="patience policy (exact; labels = N)")
+        for r in pshown:
+            ax.annotate(f"N={r.patience}", (100 * r.layer_saving, 100 * r.accuracy), fontsize=7, xytext=(0, -10),
+                        textcoords="offset points", ha="center", color="tab:brown")
+    lshown = [r for r in a.learned_sweep if 100 * r.accuracy >= floor]
+    if lshown:
+        ax.plot([100 * r.layer_saving for r in lshown], [100 * r.accuracy for r in lshown], "D-", color="tab:cyan",
+                label="learned exits (exact; labels = threshold)")
     timed = [r for r in shown if r.wall_saving is not None]
     if timed:
         ax.plot([100 * r.wall_saving for r in timed], [100 * r.accuracy for r in timed], "s", color="tab:orange",
@@ -335,14 +569,14 @@ def plot_analysis(a: Analysis, path: str) -> None:
             ax.annotate(f"{r.threshold:g}", (x, 100 * r.accuracy), fontsize=7, xytext=(0, 6),
                         textcoords="offset points", ha="center", color="tab:blue")
             last_x = x
-    ys = [100 * r.accuracy for r in shown]
+    ys = [100 * r.accuracy for r in shown + pshown + lshown]
     ax.set_ylim(min(ys + [full - a.max_drop]) - 1, max(ys + [full]) + 1)
     if clipped:
         ax.text(0.99, 0.02, f"{clipped} threshold(s) below {floor:.1f}% not shown", transform=ax.transAxes,
                 ha="right", fontsize=8, color="gray")
     ax.set_xlabel("saving vs full depth (%)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"Speed/accuracy trade-off ({a.entropy} entropy thresholds)")
+    ax.set_title(f"Speed/accuracy trade-off by exit policy ({a.entropy} entropy)")
     ax.legend(fontsize=8, loc="upper right")
     ax.grid(alpha=0.3)
 

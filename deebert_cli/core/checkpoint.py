@@ -45,6 +45,11 @@ class Checkpoint:
         return self.stage == STAGE_EXITS
 
     @property
+    def task(self) -> str:
+        """``classification`` or ``regression`` (one output)."""
+        return self.meta.get("task", "classification")
+
+    @property
     def label_names(self) -> list[str]:
         id2label = self.model.config.id2label
         return [id2label[i] for i in range(len(id2label))]

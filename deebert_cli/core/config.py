@@ -21,6 +21,7 @@ def _check(cond: bool, msg: str):
         raise ValueError(msg)
 
 
+TASKS = ("classification", "regression")
 PRECISIONS = ("fp32", "bf16", "fp16")  # same as core.device.PRECISIONS
 
 
@@ -43,7 +44,8 @@ class DataOptions:
 
     def data_spec(self, seed: int) -> DataSpec:
         return DataSpec(self.dataset, self.text_column, self.text_pair_column, self.label_column,
-                        self.train_split, self.eval_split, self.validation_fraction, seed)
+                        self.train_split, self.eval_split, self.validation_fraction, seed,
+                        task=getattr(self, "task", "classification"))
 
 
 @dataclass
@@ -51,6 +53,7 @@ class FinetuneConfig(DataOptions):
     """Stage 1: fine-tune backbone + final classifier on the last layer's cross-entropy."""
 
     model: str = DEFAULT_MODEL
+    task: str = "classification"  # or "regression" (float label column, MSE, one output)
     max_length: int = 128
     epochs: float = 1.0
     max_steps: int | None = None
@@ -66,6 +69,7 @@ class FinetuneConfig(DataOptions):
 
     def __post_init__(self):
         self._validate_data()
+        _check(self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got '{self.task}'")
         _check_precision(self.precision)
         _check(self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}")
         _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
@@ -95,6 +99,7 @@ class TrainExitsConfig:
     distill_alpha: float = 0.5  # weight of the distillation term (1 - alpha on the label loss)
     unlabeled: str | None = None  # extra texts (one per line, or a data file) used with --distill
     calibrate: bool = False  # per-off-ramp temperature scaling on the evaluation split
+    learned_exits: bool = False  # BERxiT: also train a Linear(H, 1) exit predictor per off-ramp
     device: str = "auto"
     dataset: str | None = None  # default: the data the checkpoint was fine-tuned on
     max_train_samples: int | None = None
@@ -128,6 +133,23 @@ def parse_thresholds(text: str | None) -> list | None:
         raise ValueError(f"thresholds must be comma-separated numbers, got '{text}'") from None
 
 
+def parse_ints(text, what: str) -> list | None:
+    """'1,2, 3' -> [1, 2, 3] (a single int or a list passes through)."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    if isinstance(text, int):
+        return [text]
+    if isinstance(text, (list, tuple)):
+        return [int(t) for t in text]
+    try:
+        return [int(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated whole numbers, got '{text}'") from None
+
+
+EXIT_POLICIES = ("entropy", "patience", "learned")
+
+
 @dataclass
 class PredictConfig:
     """Early-exit prediction over lines of text."""
@@ -136,6 +158,9 @@ class PredictConfig:
     threshold: float | None = None  # None: the checkpoint's stored thresholds, else 0.3
     thresholds: list | None = None  # one per layer (the last is ignored: it always exits)
     entropy: str = "normalized"
+    exit_policy: str = "entropy"  # entropy (DeeBERT), patience (PABEE) or learned (BERxiT)
+    patience: int = 3  # patience policy: exit once patience + 1 consecutive off-ramps agree
+    tolerance: float = 0.1  # patience on a regression checkpoint: "agree" = differ by less than this
     batch_size: int = 32
     engine: str = "shrink"
     window: int = 1024
@@ -156,6 +181,9 @@ class PredictConfig:
             _check(math.isfinite(t) and t >= 0, f"threshold must be a finite number >= 0, got {t}")
             if self.entropy == "normalized":
                 _check(t <= 1.0, f"threshold {t} is out of range: normalized entropy lies in [0, 1] (use --entropy raw for nats)")
+        _check(self.exit_policy in EXIT_POLICIES, f"exit_policy must be one of {', '.join(EXIT_POLICIES)}, got '{self.exit_policy}'")
+        _check(self.patience >= 0, f"patience must be >= 0, got {self.patience}")
+        _check(math.isfinite(self.tolerance) and self.tolerance > 0, f"tolerance must be > 0, got {self.tolerance}")
         _check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
         _check(self.window >= self.batch_size, "window must be >= batch_size")
         _check(self.engine in ENGINES, f"engine must be one of {ENGINES}, got '{self.engine}'")
@@ -184,6 +212,10 @@ class AnalyzeConfig:
     batch_size: int = 32
     examples: int = 3
     example_threshold: float | None = None  # default: the recommended threshold
+    patience: list | None = None  # patience values to sweep beside the entropy thresholds (default 0..L-1)
+    tolerance: float = 0.1  # regression checkpoints: patience agreement tolerance of the sweep
+    learned_thresholds: list | None = None  # learned-exit thresholds to sweep (checkpoints with learned exits)
+    exit_policy: list | None = None  # policies to compare (default: every one that applies to the checkpoint)
     json: str | None = None
     plot: str | None = None
     device: str = "auto"
@@ -191,6 +223,17 @@ class AnalyzeConfig:
     def __post_init__(self):
         self.thresholds = parse_thresholds(self.thresholds)
         self.timing_thresholds = parse_thresholds(self.timing_thresholds)
+        self.patience = parse_ints(self.patience, "patience")
+        for n in self.patience or []:
+            _check(n >= 0, f"patience values must be >= 0, got {n}")
+        _check(math.isfinite(self.tolerance) and self.tolerance > 0, f"tolerance must be > 0, got {self.tolerance}")
+        self.learned_thresholds = parse_thresholds(self.learned_thresholds)
+        for t in self.learned_thresholds or []:
+            _check(0.0 <= t <= 1.0, f"learned threshold {t} is out of range: learned exit scores lie in [0, 1]")
+        if isinstance(self.exit_policy, str):
+            self.exit_policy = [p.strip() for p in self.exit_policy.split(",") if p.strip()] or None
+        for p in self.exit_policy or []:
+            _check(p in EXIT_POLICIES, f"exit_policy must be among {', '.join(EXIT_POLICIES)}, got '{p}'")
         _check(self.entropy in ("normalized", "raw"), f"entropy must be 'normalized' or 'raw', got '{self.entropy}'")
         for t in (self.thresholds or []) + (self.timing_thresholds or []):
             _check(math.isfinite(t) and t >= 0, f"threshold must be a finite number >= 0, got {t}")

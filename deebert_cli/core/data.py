@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ class DataSpec:
     eval_split: str = "validation"
     validation_fraction: float = 0.1
     seed: int = 42
+    task: str = "classification"  # or "regression": a float label column, one output
 
 
 @dataclass
@@ -210,6 +212,8 @@ def to_examples(table: Table, spec: DataSpec, split: str, label_names: list | No
     if any(v is None or v == "" for v in raw):
         bad = next(i for i, v in enumerate(raw) if v is None or v == "")
         raise UserError(f"split '{split}' row {bad + 1} has no label in column '{spec.label_column}'")
+    if spec.task == "regression":
+        return Examples(texts, pairs, _floats(raw, split, spec.label_column)), [spec.label_column]
     class_names = table.get(f"__names__{spec.label_column}")
     keys = [class_names[int(v)] if class_names else _label_key(v) for v in raw]
     if label_names is None:
@@ -222,6 +226,20 @@ def to_examples(table: Table, spec: DataSpec, split: str, label_names: list | No
             f"(known: {', '.join(label_names)})"
         )
     return Examples(texts, pairs, [index[k] for k in keys]), label_names
+
+
+def _floats(raw: list, split: str, col: str) -> list:
+    """Regression targets as floats (a UserError names the first row that is not a number)."""
+    out = []
+    for i, v in enumerate(raw):
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            x = float("nan")
+        if not math.isfinite(x):
+            raise UserError(f"split '{split}' row {i + 1}: regression label {v!r} in column '{col}' is not a finite number")
+        out.append(x)
+    return out
 
 
 def _label_key(v) -> str:
@@ -264,7 +282,7 @@ def prepare_data(spec: DataSpec) -> PreparedData:
     train, label_names = to_examples(train_table, spec, spec.train_split, None)
     if len(train) == 0:
         raise UserError(f"split '{spec.train_split}' of '{spec.dataset}' is empty")
-    if len(label_names) < 2:
+    if len(label_names) < 2 and spec.task != "regression":
         raise UserError(f"split '{spec.train_split}' has a single class ({label_names[0]!r}); a classifier needs at least 2")
     if spec.eval_split and spec.eval_split in splits:
         evals, _ = to_examples(splits[spec.eval_split], spec, spec.eval_split, label_names)
@@ -272,9 +290,11 @@ def prepare_data(spec: DataSpec) -> PreparedData:
     elif spec.eval_split and spec.eval_split != "validation":
         raise UserError(f"evaluation split '{spec.eval_split}' not found in '{spec.dataset}'; splits: {', '.join(splits)}")
     else:
-        tr, ev = stratified_split(train.labels, spec.validation_fraction, spec.seed)
+        keys = train.labels if spec.task != "regression" else [0] * len(train)  # regression: one plain random split
+        tr, ev = stratified_split(keys, spec.validation_fraction, spec.seed)
         train, evals = train.subset(tr), train.subset(ev)
-        source = f"{spec.validation_fraction:.0%} of '{spec.train_split}' (stratified, seed {spec.seed})"
+        how = "stratified, " if spec.task != "regression" else ""
+        source = f"{spec.validation_fraction:.0%} of '{spec.train_split}' ({how}seed {spec.seed})"
     if len(evals) == 0:
         raise UserError(f"evaluation data ({source}) is empty")
     return PreparedData(train, evals, label_names, source, splits)

@@ -1,4 +1,5 @@
-"""Off-ramps (DeeBERT's per-layer classifiers) and exit signals (entropy)."""
+"""Off-ramps (DeeBERT's per-layer classifiers, with an optional BERxiT learned exit) and exit policies:
+entropy (DeeBERT), patience (PABEE) and learned (BERxiT)."""
 from __future__ import annotations
 
 import math
@@ -18,6 +19,7 @@ class RampConfig:
     pooling: str = "cls"
     norm: bool = False
     dropout: float = 0.1
+    learned_exit: bool = False  # BERxiT: a Linear(H, 1) + sigmoid exit predictor on the pooler output
 
     def __post_init__(self):
         if self.pooling not in POOLINGS:
@@ -50,15 +52,33 @@ class OffRamp(nn.Module):
         self.classifier = nn.Linear(hidden_size, num_labels)
         # temperature scaling (``train-exits --calibrate``); 1 = uncalibrated
         self.register_buffer("temperature", torch.ones(()))
+        # learned exit (BERxiT, ``train-exits --learned-exits``): reads the pooler output, like the classifier
+        self.exit_head = nn.Linear(hidden_size, 1) if cfg.learned_exit else None
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[batch, seq, hidden] -> [batch, hidden]: the part that depends on the frozen backbone only."""
         return pool(hidden, attention_mask, self.cfg.pooling)
 
+    def features(self, pooled: torch.Tensor) -> torch.Tensor:
+        """[batch, hidden] -> the pooler output tanh(pooler(norm(pooled))) [batch, hidden]."""
+        return torch.tanh(self.pooler(self.norm(pooled)))
+
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
         """[batch, hidden] -> logits [batch, classes]."""
-        x = torch.tanh(self.pooler(self.norm(pooled)))
-        return self.classifier(self.dropout(x)) / self.temperature
+        return self.classifier(self.dropout(self.features(pooled))) / self.temperature
+
+    def exit_score(self, pooled: torch.Tensor) -> torch.Tensor:
+        """[batch, hidden] -> learned exit score [batch] in (0, 1): the predicted chance that this off-ramp
+        is right (classification) or its predicted tanh(|error|) (regression)."""
+        if self.exit_head is None:
+            raise ValueError("this off-ramp has no learned exit (train-exits --learned-exits)")
+        return torch.sigmoid(self.exit_head(self.features(pooled)).float()).squeeze(-1)
+
+    def classify_and_score(self, pooled: torch.Tensor) -> tuple:
+        """[batch, hidden] -> (logits [batch, classes], exit score [batch]) with one pooler pass."""
+        x = self.features(pooled)
+        score = torch.sigmoid(self.exit_head(x).float()).squeeze(-1)
+        return self.classifier(self.dropout(x)) / self.temperature, score
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.classify(self.pool(hidden, attention_mask))
@@ -107,3 +127,98 @@ def first_exit(signal: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     fires[-1] = True
     # argmax returns the first True along dim 0
     return fires.int().argmax(0).clamp(max=layers - 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# exit policies: one decision step per layer, with per-row state that travels with the row
+# ------------------------------------------------------------------------------------------------
+POLICIES = ("entropy", "patience", "learned")
+
+
+class EntropyPolicy:
+    """DeeBERT: leave after layer i if the off-ramp's entropy is strictly below ``thr[i]``. Stateless."""
+
+    def __init__(self, thresholds: torch.Tensor, kind: str = "normalized"):
+        self.thr, self.kind = thresholds, kind  # [layers]
+
+    def init_state(self, b: int, device) -> tuple:
+        return ()
+
+    needs_score = False
+
+    def step(self, i: int, logits: torch.Tensor, state: tuple, score: torch.Tensor | None = None) -> tuple:
+        """logits [b, C] at layer i -> (done [b] bool, new state)."""
+        return exit_entropy(logits, self.kind) < self.thr[i], state
+
+
+class PatiencePolicy:
+    """PABEE (Zhou et al. 2020). Each row keeps (last prediction, streak): ``streak`` counts the layers
+    in a row, ending at the current one, whose prediction agrees with the layer before. A row leaves after
+    layer i (0-based) as soon as ``streak >= patience``, i.e. when the predictions of layers
+    i-patience..i all agree (patience + 1 equal predictions). Classification: predictions are the argmax
+    class and agree when equal. Regression (``tolerance`` set): the prediction is the single output and
+    consecutive values agree when they differ by less than ``tolerance``. ``patience`` 0 exits everyone
+    at layer 1; the engine always exits at the last layer."""
+
+    needs_score = False
+
+    def __init__(self, patience: int, tolerance: float | None = None):
+        self.patience, self.tolerance = patience, tolerance
+
+    def prediction(self, logits: torch.Tensor) -> torch.Tensor:
+        """[b, C] -> [b] float: the argmax class, or the value for regression."""
+        return logits[:, 0].float() if self.tolerance is not None else logits.argmax(-1).float()
+
+    def init_state(self, b: int, device) -> tuple:
+        """(last prediction [b] float, streak [b] long)."""
+        return torch.zeros(b, device=device), torch.zeros(b, dtype=torch.long, device=device)
+
+    def step(self, i: int, logits: torch.Tensor, state: tuple, score: torch.Tensor | None = None) -> tuple:
+        """logits [b, C] at layer i, state (last [b], streak [b]) -> (done [b] bool, (pred, streak))."""
+        pred = self.prediction(logits)
+        last, streak = state
+        if i == 0:
+            streak = torch.zeros_like(streak)
+        else:
+            same = (pred - last).abs() < self.tolerance if self.tolerance is not None else pred == last
+            streak = torch.where(same, streak + 1, torch.zeros_like(streak))
+        return streak >= self.patience, (pred, streak)
+
+
+class LearnedPolicy:
+    """BERxiT (Xin et al. 2021): each off-ramp's learned exit predictor scores its own output. A row leaves
+    after layer i when the score crosses ``threshold``: classification, the predicted chance of being
+    right is strictly above it; regression, the predicted tanh(|error|) is strictly below it. Stateless;
+    the engine always exits at the last layer (which has no predictor)."""
+
+    needs_score = True
+
+    def __init__(self, threshold: float, regression: bool = False):
+        self.threshold, self.regression = threshold, regression
+
+    def init_state(self, b: int, device) -> tuple:
+        return ()
+
+    def step(self, i: int, logits: torch.Tensor, state: tuple, score: torch.Tensor | None = None) -> tuple:
+        """score [b] at layer i -> (done [b] bool, state)."""
+        return (score < self.threshold) if self.regression else (score > self.threshold), state
+
+
+def policy_exit(policy, logits: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
+    """Exit layer (0-based) per sample of ``policy`` from all-exits logits [layers, n, C] (and learned exit
+    scores [layers - 1, n] for the learned policy) -> [n]; the same steps the engines take, run over every
+    layer at once (the last layer always exits)."""
+    L, n = logits.shape[:2]
+    state = policy.init_state(n, logits.device)
+    layer = torch.full((n,), L - 1, dtype=torch.long, device=logits.device)
+    open_ = torch.ones(n, dtype=torch.bool, device=logits.device)
+    for i in range(L - 1):
+        done, state = policy.step(i, logits[i].float(), state, None if scores is None else scores[i].float())
+        layer[open_ & done] = i
+        open_ &= ~done
+    return layer
+
+
+def patience_exit(logits: torch.Tensor, patience: int, tolerance: float | None = None) -> torch.Tensor:
+    """Exit layer (0-based) under the patience rule (see :class:`PatiencePolicy`): [layers, n, C] -> [n]."""
+    return policy_exit(PatiencePolicy(patience, tolerance), logits)

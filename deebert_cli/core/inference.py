@@ -1,5 +1,11 @@
 """Batched early-exit inference.
 
+Exit rules are policies (:mod:`.exits`): entropy (DeeBERT), patience (PABEE) or learned (BERxiT). A
+policy decides layer by layer from the off-ramp's logits (learned: its exit score) and may keep per-row
+state (patience: last prediction and streak); that state travels with its row (sliced with the hidden
+states in ``shrink``, carried in the queue items in ``refill``), so every engine and batch size gives the
+same exits.
+
 Two engines run the same exit rule and give the same answers (test-enforced):
 
 * ``shrink``: a batch goes layer by layer; rows that exit leave it, so later layers compute only on the
@@ -23,7 +29,7 @@ from .checkpoint import Checkpoint
 from .data import Encoded, encode, pad_batch
 from .device import autocast
 from .errors import UserError
-from .exits import exit_entropy, max_entropy
+from .exits import EntropyPolicy, LearnedPolicy, PatiencePolicy, exit_entropy, max_entropy
 
 
 # ------------------------------------------------------------------------------------------------
@@ -43,6 +49,9 @@ class ExitRule:
         vals = [math.inf if t >= top else float(t) for t in self.thresholds]
         return torch.tensor(vals, dtype=torch.float32, device=device)
 
+    def policy(self, num_labels: int, device) -> EntropyPolicy:
+        return EntropyPolicy(self.tensor(num_labels, device), self.entropy)
+
     def describe(self) -> str:
         unit = "normalized entropy (0..1)" if self.entropy == "normalized" else "entropy in nats"
         ts = self.thresholds[:-1]
@@ -50,11 +59,71 @@ class ExitRule:
         return f"exit when {unit} < {val}"
 
 
+@dataclass
+class PatienceRule:
+    """Patience rule (PABEE): leave once the off-ramps' predictions of ``patience`` + 1 consecutive layers
+    agree (see :class:`~.exits.PatiencePolicy`); ``tolerance`` is for regression. ``entropy`` is only the
+    unit of the entropy reported beside each prediction."""
+
+    patience: int
+    tolerance: float | None = None
+    entropy: str = "normalized"
+
+    def policy(self, num_labels: int, device) -> PatiencePolicy:
+        return PatiencePolicy(self.patience, self.tolerance)
+
+    def describe(self) -> str:
+        if self.tolerance is not None:
+            return f"exit when {self.patience + 1} consecutive off-ramps agree within {self.tolerance:g} (patience {self.patience})"
+        return f"exit when {self.patience + 1} consecutive off-ramps predict the same class (patience {self.patience})"
+
+
+@dataclass
+class LearnedRule:
+    """Learned-exit rule (BERxiT): leave when the off-ramp's exit predictor crosses ``threshold`` (see
+    :class:`~.exits.LearnedPolicy`). ``entropy`` is only the unit of the entropy reported beside each result."""
+
+    threshold: float
+    regression: bool = False
+    entropy: str = "normalized"
+
+    def policy(self, num_labels: int, device) -> LearnedPolicy:
+        return LearnedPolicy(self.threshold, self.regression)
+
+    def describe(self) -> str:
+        what = "predicted tanh(|error|) < " if self.regression else "predicted chance of being right > "
+        return f"exit when the learned exit's {what}{self.threshold:g}"
+
+
 def resolve_rule(ckpt: Checkpoint, threshold: float | None, thresholds: list | None, entropy: str,
-                 default: float = 0.3) -> tuple:
-    """Pick the exit rule: per-layer --thresholds > --threshold > thresholds stored in the checkpoint >
-    ``default``. Returns (ExitRule, source description)."""
+                 default: float = 0.3, policy: str = "entropy", patience: int = 3,
+                 tolerance: float = 0.1) -> tuple:
+    """Pick the exit rule. Patience policy: a :class:`PatienceRule` (thresholds must not be given).
+    Learned: a :class:`LearnedRule` at ``threshold`` (default 0.9; regression 0.1).
+    Entropy: per-layer --thresholds > --threshold > thresholds stored in the checkpoint > ``default``.
+    A regression checkpoint refuses entropy and uses ``tolerance`` with patience.
+    Returns (rule, source description)."""
     L = ckpt.model.num_layers
+    regression = ckpt.task == "regression"
+    if regression and policy == "entropy":
+        raise UserError(f"'{ckpt.path}' is a regression checkpoint: entropy needs class probabilities; "
+                        "use --exit-policy patience (with --tolerance) or --exit-policy learned (with --threshold)")
+    if policy == "learned":
+        if thresholds:
+            raise UserError("--thresholds is per-layer entropy; the learned policy takes one --threshold")
+        if not ckpt.exits_trained or not ckpt.model.ramp_cfg.learned_exit:
+            raise UserError(f"'{ckpt.path}' has no learned exits: run `deebert train-exits --learned-exits` first")
+        t = threshold if threshold is not None else (0.1 if regression else 0.9)
+        if not 0.0 <= t <= 1.0:
+            raise UserError(f"--threshold {t} is out of range: learned exit scores lie in [0, 1]")
+        return LearnedRule(t, regression, entropy), "--threshold" if threshold is not None else f"default learned threshold {t:g}"
+    if policy == "patience":
+        if threshold is not None or thresholds:
+            raise UserError("--threshold/--thresholds apply to --exit-policy entropy; the patience policy takes --patience N")
+        if not ckpt.exits_trained:
+            raise UserError(f"the off-ramps of '{ckpt.path}' are not trained: run `deebert train-exits` first "
+                            "(the patience policy compares their predictions)")
+        return PatienceRule(patience, tolerance if regression else None, entropy), "--exit-policy patience"
     if thresholds:
         if len(thresholds) not in (L - 1, L):
             raise UserError(f"--thresholds needs {L - 1} values (layers 1..{L - 1}; the last layer always exits), got {len(thresholds)}")
@@ -91,6 +160,7 @@ class Prediction:
     entropy: float = float("nan")
     probs: list | None = None
     empty: bool = False
+    value: float = float("nan")  # regression checkpoints: the predicted value
 
 
 @dataclass
@@ -166,9 +236,24 @@ class EarlyExitEngine:
         self.device = device
         self.L = self.model.num_layers
         self.rule = rule
-        self.thr = rule.tensor(self.model.num_labels, device)
+        self.policy = rule.policy(self.model.num_labels, device)
         self.batch_size = batch_size
         self.all_probs = all_probs
+        self.regression = ckpt.task == "regression"
+
+    def _exit(self, i: int, hidden: torch.Tensor, attn: torch.Tensor) -> tuple:
+        """Exit after layer i: (logits [b, C] float32, learned exit score [b] or None when the policy
+        needs none)."""
+        if self.policy.needs_score:
+            logits, score = self.model.exit_logits_and_score(i, hidden, attn)
+            return logits.float(), score.float()
+        return self.model.exit_logits(i, hidden, attn).float(), None
+
+    def _entropy(self, logits: torch.Tensor) -> torch.Tensor:
+        """[b, C] -> [b]: the entropy reported with each result (nan for regression)."""
+        if self.regression:
+            return torch.full(logits.shape[:1], float("nan"), device=logits.device)
+        return exit_entropy(logits, self.rule.entropy)
 
     # -- shrinking batch ----------------------------------------------------------------------------
     def _amp(self):
@@ -188,14 +273,17 @@ class EarlyExitEngine:
         hidden = m.embed(batch["input_ids"], batch.get("token_type_ids"))
         b = hidden.shape[0]
         active = torch.arange(b, device=hidden.device)
+        state = self.policy.init_state(b, hidden.device)  # per-row policy state, sliced with the rows
         exit_layer = torch.full((b,), self.L - 1, dtype=torch.long, device=hidden.device)
         out_logits = torch.empty((b, m.num_labels), dtype=torch.float32, device=hidden.device)
         out_ent = torch.empty((b,), dtype=torch.float32, device=hidden.device)
         for i in range(self.L):
             hidden = m.run_layer(i, hidden, m.prepare_mask(attn, hidden))
-            logits = m.exit_logits(i, hidden, attn).float()
-            ent = exit_entropy(logits, self.rule.entropy)
-            done = ent < self.thr[i] if i < self.L - 1 else torch.ones_like(ent, dtype=torch.bool)
+            logits, score = self._exit(i, hidden, attn)
+            ent = self._entropy(logits)
+            done, state = self.policy.step(i, logits, state, score)
+            if i == self.L - 1:
+                done = torch.ones_like(done)
             if bool(done.any()):
                 rows = active[done]
                 exit_layer[rows], out_logits[rows], out_ent[rows] = i, logits[done], ent[done]
@@ -203,6 +291,7 @@ class EarlyExitEngine:
                 if not bool(keep.any()):
                     break
                 hidden, attn, active = hidden[keep], attn[keep], active[keep]
+                state = tuple(t[keep] for t in state)
                 width = int(attn.sum(1).max())
                 if width < hidden.shape[1]:  # right padding: trailing columns no remaining row uses
                     hidden, attn = hidden[:, :width], attn[:, :width]
@@ -217,7 +306,7 @@ class EarlyExitEngine:
         newer inputs pass it (its queue then runs part-full), so the caller's reorder buffer stays
         bounded. At the end, partial queues drain shallowest first so rows merge downstream."""
         m, B, L = self.model, self.batch_size, self.L
-        queues = [deque() for _ in range(L)]  # items: (key, hidden [len, H])
+        queues = [deque() for _ in range(L)]  # items: (key, hidden [len, H], policy state: tuple of 0-d tensors)
         exhausted = False
         newest = -1
         rows = iter(rows)
@@ -252,16 +341,18 @@ class EarlyExitEngine:
             for j, t in enumerate(take):
                 n = t[1].shape[0]
                 hidden[j, :n], attn[j, :n] = t[1], 1
+            state = tuple(torch.stack([t[2][k] for t in take]) for k in range(len(take[0][2])))
             with self._amp():
                 hidden = m.run_layer(i, hidden, m.prepare_mask(attn, hidden))
-                logits = m.exit_logits(i, hidden, attn).float()
-            ent = exit_entropy(logits, self.rule.entropy)
-            done = (ent < self.thr[i]).tolist() if i < L - 1 else [True] * len(take)
+                logits, score = self._exit(i, hidden, attn)
+            ent = self._entropy(logits)
+            done, state = self.policy.step(i, logits, state, score)
+            done = done.tolist() if i < L - 1 else [True] * len(take)
             for j, t in enumerate(take):
                 if done[j]:
                     yield t[0], i, logits[j], ent[j]
                 else:
-                    queues[i + 1].append((t[0], hidden[j, : t[1].shape[0]]))
+                    queues[i + 1].append((t[0], hidden[j, : t[1].shape[0]], tuple(x[j] for x in state)))
 
     def _embed_into(self, fresh: list, queue: deque) -> None:
         enc_ids = [f[1] for f in fresh]
@@ -269,8 +360,9 @@ class EarlyExitEngine:
         b = {k: v.to(self.device) for k, v in pad_batch(Encoded(enc_ids, tt), range(len(fresh)), self.pad_id).items()}
         with self._amp():
             hidden = self.model.embed(b["input_ids"], b.get("token_type_ids"))
+        state = self.policy.init_state(len(fresh), self.device)
         for j, f in enumerate(fresh):
-            queue.append((f[0], hidden[j, : len(f[1])]))
+            queue.append((f[0], hidden[j, : len(f[1])], tuple(x[j] for x in state)))
 
 
 def predict_stream(ckpt: Checkpoint, lines: Iterable[str], rule: ExitRule, device, *, batch_size: int = 32,
@@ -325,7 +417,7 @@ def predict_stream(ckpt: Checkpoint, lines: Iterable[str], rule: ExitRule, devic
         if engine == "refill":
             stream = (r for rows in windows() for r in rows)
             for key, layer, logits, ent in eng.run_refill(stream, max_lag=window):
-                yield _result(key, layer, logits, ent, all_probs)
+                yield _result(key, layer, logits, ent, all_probs, eng.regression)
             return
         for rows in windows():
             for s in range(0, len(rows), batch_size):
@@ -334,7 +426,7 @@ def predict_stream(ckpt: Checkpoint, lines: Iterable[str], rule: ExitRule, devic
                 b = {k: v.to(device) for k, v in pad_batch(enc, range(len(part)), eng.pad_id).items()}
                 layer, logits, ent = eng.run_batch(b)
                 for j, r in enumerate(part):
-                    yield _result(r[0], int(layer[j]), logits[j], ent[j], all_probs)
+                    yield _result(r[0], int(layer[j]), logits[j], ent[j], all_probs, eng.regression)
             yield None  # window done: flush empties waiting in the buffer
 
     t0 = time.perf_counter()
@@ -361,7 +453,11 @@ def predict_stream(ckpt: Checkpoint, lines: Iterable[str], rule: ExitRule, devic
     stats.seconds = time.perf_counter() - t0
 
 
-def _result(index: int, layer: int, logits: torch.Tensor, ent: torch.Tensor, all_probs: bool) -> Prediction:
+def _result(index: int, layer: int, logits: torch.Tensor, ent: torch.Tensor, all_probs: bool,
+            regression: bool = False) -> Prediction:
+    """One row's Prediction from its exit's logits [C] (regression: the value is logits[0])."""
+    if regression:
+        return Prediction(index=index, exit_layer=int(layer) + 1, value=float(logits[0]))
     probs = torch.softmax(logits.float(), -1)
     conf, label = probs.max(-1)
     return Prediction(index=index, label=int(label), confidence=float(conf), exit_layer=int(layer) + 1,

@@ -201,6 +201,15 @@ class HighwayModel(nn.Module):
             return self.adapter.head(hidden)
         return self.ramps[i](hidden, attention_mask)
 
+    def exit_logits_and_score(self, i: int, hidden, attention_mask) -> tuple:
+        """(logits [batch, classes], learned exit score [batch]) of the exit after layer i; the last layer
+        (the model's own head, no predictor) scores 1 and always exits anyway."""
+        if i == self.num_layers - 1:
+            logits = self.adapter.head(hidden)
+            return logits, torch.ones(logits.shape[0], device=logits.device)
+        ramp = self.ramps[i]
+        return ramp.classify_and_score(ramp.pool(hidden, attention_mask))
+
     # ---- whole passes -----------------------------------------------------------------------------
     def forward(self, input_ids, attention_mask, token_type_ids=None, return_hidden: bool = False):
         """Logits of every exit in one pass: -> [layers, batch, classes]
@@ -233,18 +242,23 @@ class HighwayModel(nn.Module):
 
     @classmethod
     def from_backbone(
-        cls, name_or_path: str, label_names: list[str], ramp_cfg: RampConfig | None = None
+        cls, name_or_path: str, label_names: list[str], ramp_cfg: RampConfig | None = None,
+        task: str = "classification",
     ) -> "HighwayModel":
         """A fresh highway model over a pretrained backbone (hub name or local folder), with a new head
-        for ``label_names`` and off-ramps whose poolers copy the pretrained pooler where there is one."""
+        for ``label_names`` (regression: one output, ``problem_type="regression"``) and off-ramps whose
+        poolers copy the pretrained pooler where there is one."""
         from transformers import AutoModelForSequenceClassification
 
+        kw = {"problem_type": "regression"} if task == "regression" else {}
         model = load_hf(
             AutoModelForSequenceClassification,
             name_or_path,
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={n: i for i, n in enumerate(label_names)},
+            ignore_mismatched_sizes=True,  # a saved classifier head of another size is replaced by a fresh one
+            **kw,
         )
         adapter_for(model)  # fail early on an unsupported family
         return cls(model, ramp_cfg)

@@ -2,7 +2,7 @@
 
 Stage 1 (:func:`finetune`): backbone + final classifier on the last layer's cross-entropy.
 Stage 2 (:func:`train_exits`): backbone and final classifier frozen; off-ramps 1..L-1 trained on the mean
-of their cross-entropies. Because nothing below an off-ramp's trainable part changes, stage 2 runs the
+of their cross-entropies. Regression checkpoints (``--task regression``: one output) use MSE in both stages. Because nothing below an off-ramp's trainable part changes, stage 2 runs the
 backbone once (eval mode, no dropout) to cache what every off-ramp reads, then trains on the cache.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .device import autocast
 from .distributed import Runtime
 from .errors import UserError
 from .exits import OffRamp, RampConfig
-from .metrics import accuracy, macro_f1
+from .metrics import accuracy, macro_f1, regression_report
 from .modeling import HighwayModel
 
 
@@ -48,7 +48,8 @@ class EvalReport:
     source: str
     accuracy: float
     macro_f1: float
-    layers: list = field(default_factory=list)  # per exit: {"layer", "accuracy", "macro_f1"}
+    layers: list = field(default_factory=list)  # per exit: {"layer", "accuracy", "macro_f1"} (regression: mse, pearson, spearman)
+    regression: dict | None = None  # regression: {"mse", "pearson", "spearman"} of the final exit
 
 
 @dataclass
@@ -103,16 +104,17 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> TrainResu
 
     model_path = resolve_model_path(cfg.model)
     tokenizer = load_hf(AutoTokenizer, model_path)
-    model = HighwayModel.from_backbone(model_path, data.label_names).to(device)
+    regression = spec.task == "regression"
+    model = HighwayModel.from_backbone(model_path, data.label_names, task=spec.task).to(device)
     enc = encode(tokenizer, train.texts, train.pairs, cfg.max_length)
-    labels = torch.tensor(train.labels)
+    labels = torch.tensor(train.labels, dtype=torch.float32 if regression else torch.long)
 
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     opt = torch.optim.AdamW(_decay_groups(model.model, cfg.weight_decay), lr=cfg.lr)
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
     gen = torch.Generator().manual_seed(cfg.seed)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = task_loss(spec.task)
     # Under a launcher: DDP over the classifier (what stage 1 trains); every process draws the same seeded
     # permutation and takes a strided share of each global batch, so --batch-size stays the global batch
     # and the number of steps and the LR schedule are those of one process.
@@ -137,7 +139,7 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> TrainResu
         if rt.distributed:
             # DDP averages gradients over processes: scale this share's summed loss so that the average
             # is the global batch's mean loss, whatever the shard sizes
-            loss = nn.functional.cross_entropy(logits.float(), y, reduction="sum") * (weight * rt.world / len(idx))
+            loss = task_loss(spec.task, reduction="sum")(logits.float(), y) * (weight * rt.world / len(idx))
         else:
             loss = loss_fn(logits.float(), y)
         opt.zero_grad(set_to_none=True)
@@ -156,12 +158,10 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> TrainResu
     model.eval()
     ev = encode(tokenizer, data.eval.texts, data.eval.pairs, cfg.max_length)
     final = collect_sharded(rt, model, ev, tokenizer.pad_token_id, cfg.batch_size, pooled=False)["final"]
-    preds = final.argmax(-1).tolist()
-    report = EvalReport(len(data.eval), data.eval_source, accuracy(preds, data.eval.labels),
-                        macro_f1(preds, data.eval.labels, model.num_labels))
+    report = eval_report(final, data.eval.labels, data.eval_source, spec.task, model.num_labels)
     meta = {
         "stage": STAGE_FINETUNED,
-        "task": "classification",
+        "task": spec.task,
         "base_model": cfg.model,
         "data": dataclasses.asdict(spec),
         "max_length": cfg.max_length,
@@ -175,6 +175,32 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> TrainResu
     rt.wait_for_everyone()
     return TrainResult(cfg.output, STAGE_FINETUNED, len(train), step, seconds, seconds / max(epochs_done, 1e-9),
                        seen / max(seconds, 1e-9), report)
+
+
+def task_loss(task: str, reduction: str = "mean"):
+    """loss(logits [b, C], y [b]): cross-entropy, or for regression MSE on the single output."""
+    if task == "regression":
+        return lambda logits, y: nn.functional.mse_loss(logits[:, 0].float(), y.float(), reduction=reduction)
+    return lambda logits, y: nn.functional.cross_entropy(logits.float(), y, reduction=reduction)
+
+
+def eval_report(final: torch.Tensor, labels: list, source: str, task: str, num_labels: int, layers: list | None = None) -> EvalReport:
+    """EvalReport of final-exit logits [n, C]: accuracy and macro-F1, or for regression MSE and Pearson /
+    Spearman correlation (accuracy and macro-F1 are then nan)."""
+    if task == "regression":
+        reg = regression_report(final[:, 0].tolist(), labels)
+        return EvalReport(len(labels), source, float("nan"), float("nan"), layers or [], reg)
+    preds = final.argmax(-1).tolist()
+    return EvalReport(len(labels), source, accuracy(preds, labels), macro_f1(preds, labels, num_labels), layers or [])
+
+
+def layer_metrics(i: int, logits: torch.Tensor, labels: list, task: str, num_labels: int) -> dict:
+    """One exit's figures from its logits [n, C]: {"layer", "accuracy", "macro_f1"} or, for regression,
+    {"layer", "mse", "pearson", "spearman"}."""
+    if task == "regression":
+        return {"layer": i + 1, **regression_report(logits[:, 0].tolist(), labels)}
+    p = logits.argmax(-1).tolist()
+    return {"layer": i + 1, "accuracy": accuracy(p, labels), "macro_f1": macro_f1(p, labels, num_labels)}
 
 
 def _final_logits(net: nn.Module, batch: dict) -> torch.Tensor:
@@ -297,7 +323,10 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
     if ckpt.tokenizer is None:
         raise UserError(f"'{cfg.checkpoint}' has no tokenizer files")
     model, tokenizer = ckpt.model, ckpt.tokenizer
-    spec = DataSpec(**ckpt.meta["data"])
+    task = ckpt.task
+    if task == "regression" and (cfg.distill or cfg.calibrate):
+        raise UserError("--distill and --calibrate need class probabilities; they do not apply to a regression checkpoint")
+    spec = DataSpec(**{**ckpt.meta["data"], "task": task})
     if cfg.dataset:
         spec = dataclasses.replace(spec, dataset=cfg.dataset)
     data = prepare_data(spec)
@@ -309,7 +338,7 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
     max_length = ckpt.meta.get("max_length", 128)
 
     seed_everything(cfg.seed)
-    reset_ramps(model, RampConfig(cfg.ramp_pooling, cfg.ramp_norm, model.ramp_cfg.dropout), cfg.seed)
+    reset_ramps(model, RampConfig(cfg.ramp_pooling, cfg.ramp_norm, model.ramp_cfg.dropout, cfg.learned_exits), cfg.seed)
     model.to(device)
     for p in model.model.parameters():
         p.requires_grad_(False)
@@ -329,7 +358,7 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
     got_tr = collect_sharded(rt, model, enc_tr, tokenizer.pad_token_id, 64)
     got_ev = collect_sharded(rt, model, enc_ev, tokenizer.pad_token_id, 64)
     feats, teacher = got_tr["pooled"], got_tr["final"]  # [L-1, n, H], [n, C]
-    y = torch.tensor(train.labels)
+    y = torch.tensor(train.labels, dtype=torch.float32 if task == "regression" else torch.long)
     if n_un:
         got_un = collect_sharded(rt, model, encode(tokenizer, unlabeled[0], unlabeled[1], max_length), tokenizer.pad_token_id, 64)
         feats = torch.cat([feats, got_un["pooled"]], 1)
@@ -353,7 +382,7 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
             continue
         idx = idx.to(device)
         # mean over off-ramps of their losses (DeeBERT stage 2), optionally mixed with distillation
-        losses = [ramp_loss(r.classify(feats[i, idx]), y[idx], teacher[idx], cfg) for i, r in enumerate(model.ramps)]
+        losses = [ramp_loss(r.classify(feats[i, idx]), y[idx], teacher[idx], cfg, task) for i, r in enumerate(model.ramps)]
         loss = torch.stack(losses).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -368,15 +397,16 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
     ev_pooled = got_ev["pooled"].to(device)
     labels = data.eval.labels
     calibration = calibrate_ramps(model, ev_pooled, torch.tensor(labels, device=device)) if cfg.calibrate else None
+    learned = None
+    if cfg.learned_exits:  # after calibration: the predictors learn when the final off-ramps are right
+        ev_y = torch.tensor(labels, dtype=y.dtype, device=device)
+        learned = train_exit_heads(model, feats, y, ev_pooled, ev_y, cfg, task, progress)
 
     # evaluation of every exit on the cached eval states
     with torch.no_grad():
         layer_logits = [r.classify(ev_pooled[i]).cpu() for i, r in enumerate(model.ramps)] + [got_ev["final"]]
-    layers = []
-    for i, lg in enumerate(layer_logits):
-        p = lg.argmax(-1).tolist()
-        layers.append({"layer": i + 1, "accuracy": accuracy(p, labels), "macro_f1": macro_f1(p, labels, model.num_labels)})
-    report = EvalReport(len(labels), data.eval_source, layers[-1]["accuracy"], layers[-1]["macro_f1"], layers)
+    layers = [layer_metrics(i, lg, labels, task, model.num_labels) for i, lg in enumerate(layer_logits)]
+    report = eval_report(got_ev["final"], labels, data.eval_source, task, model.num_labels, layers)
 
     for p in model.model.parameters():
         p.requires_grad_(True)
@@ -384,11 +414,15 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
     meta["stage"] = STAGE_EXITS
     meta.setdefault("metrics", {})["train_exits"] = dataclasses.asdict(report)
     meta.pop("thresholds", None)  # thresholds searched for older off-ramps no longer apply
+    meta.pop("learned_exits", None)  # nor do the figures of older learned exits
     out = cfg.output or cfg.checkpoint
     epochs_done = seen / len(train)
     extra = {"cache_seconds": cache_seconds, "train_seconds": train_seconds,
              "cached_examples": len(train) + len(data.eval) + n_un}
     meta["timing"] = {"train_exits": extra}
+    if learned is not None:
+        meta["learned_exits"] = learned
+        extra["learned_exits"] = learned
     if calibration is not None:
         meta["calibration"] = calibration
         extra["calibration"] = calibration
@@ -401,10 +435,79 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
                        seen / max(train_seconds, 1e-9), report, extra)
 
 
-def ramp_loss(logits: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor, cfg: TrainExitsConfig) -> torch.Tensor:
-    """One off-ramp's loss on a batch: cross-entropy on labeled rows (y != -100); with ``cfg.distill``,
-    (1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T), the KL term over every row (FastBERT)."""
+def exit_targets(ramp: OffRamp, x: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    """What a learned exit predicts from the pooler output x [n, H] (off-ramp in eval mode): 1/0 for
+    whether the off-ramp's class is right (classification), or tanh(|prediction - y|) (regression) -> [n]."""
+    with torch.no_grad():
+        logits = ramp.classifier(x) / ramp.temperature
+        if task == "regression":
+            return torch.tanh((logits[:, 0].float() - y.float()).abs())
+        return (logits.argmax(-1) == y).float()
+
+
+def _exit_head_loss(ramp: OffRamp, x: torch.Tensor, target: torch.Tensor, task: str) -> torch.Tensor:
+    """BCE (classification) or MSE (regression) of sigmoid(exit_head(x)) [n] against target [n]."""
     import torch.nn.functional as F
+
+    score = torch.sigmoid(ramp.exit_head(x).float()).squeeze(-1)
+    return F.mse_loss(score, target) if task == "regression" else F.binary_cross_entropy(score, target)
+
+
+def train_exit_heads(model: HighwayModel, feats: torch.Tensor, y: torch.Tensor, ev_feats: torch.Tensor,
+                     ev_y: torch.Tensor, cfg: TrainExitsConfig, task: str, progress: Progress) -> list:
+    """BERxiT learned exits: with the off-ramps trained and frozen, train each off-ramp's Linear(H, 1)
+    exit predictor on the cached pooled states feats [L-1, n, H] (labels y [n]; -100 = unlabeled, skipped)
+    for ``cfg.epochs`` epochs, the mean of the per-layer losses. Returns per layer the evaluation-split
+    loss and (classification) how often score > 0.5 matches the off-ramp being right."""
+    keep = y != -100
+    feats, y = feats[:, keep], y[keep]
+    ramps = list(model.ramps)
+    with torch.no_grad():
+        xs = [r.features(feats[i]) for i, r in enumerate(ramps)]  # each [n, H]
+        ev_xs = [r.features(ev_feats[i]) for i, r in enumerate(ramps)]
+    targets = [exit_targets(r, xs[i], y, task) for i, r in enumerate(ramps)]
+    heads = [p for r in ramps for p in r.exit_head.parameters()]
+    opt = torch.optim.AdamW(heads, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n = y.shape[0]
+    total = max(1, math.ceil(cfg.epochs * math.ceil(n / cfg.batch_size)))
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    progress.start("learned exits", total)
+    step, batches = 0, iter(())
+    while step < total:
+        idx = next(batches, None)
+        if idx is None:
+            batches = iter(torch.randperm(n, generator=gen).split(cfg.batch_size))
+            continue
+        idx = idx.to(y.device)
+        loss = torch.stack([_exit_head_loss(r, xs[i][idx], targets[i][idx], task) for i, r in enumerate(ramps)]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        progress.update(1, loss=loss.item())
+    progress.stop()
+    out = []
+    with torch.no_grad():
+        for i, r in enumerate(ramps):
+            t = exit_targets(r, ev_xs[i], ev_y, task)
+            row = {"layer": i + 1, "eval_loss": _exit_head_loss(r, ev_xs[i], t, task).item()}
+            if task != "regression":
+                score = torch.sigmoid(r.exit_head(ev_xs[i]).float()).squeeze(-1)
+                row["predictor_accuracy"] = ((score > 0.5).float() == t).float().mean().item()
+                row["ramp_right_share"] = t.mean().item()
+            out.append(row)
+    return out
+
+
+def ramp_loss(logits: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor, cfg: TrainExitsConfig,
+              task: str = "classification") -> torch.Tensor:
+    """One off-ramp's loss on a batch: cross-entropy on labeled rows (y != -100); with ``cfg.distill``,
+    (1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T), the KL term over every row (FastBERT).
+    Regression: MSE of the single output against y (float)."""
+    import torch.nn.functional as F
+
+    if task == "regression":
+        return F.mse_loss(logits[:, 0].float(), y.float())
 
     labeled = y != -100
     ce = F.cross_entropy(logits[labeled], y[labeled]) if bool(labeled.any()) else logits.sum() * 0.0
