@@ -145,8 +145,14 @@ class HighwayModel(nn.Module):
         self.ramp_cfg = ramp_cfg or RampConfig(dropout=_hidden_dropout(model.config))
         cfg = model.config
         self.hidden_size = cfg.hidden_size if hasattr(cfg, "hidden_size") else cfg.dim
+        self.build_ramps(self.ramp_cfg, init_from_pooler)
+
+    def build_ramps(self, ramp_cfg: RampConfig, init_from_pooler: bool = True) -> None:
+        """Fresh off-ramps for layers 1..L-1, each pooler a copy of the model's pooler where the family
+        has one (DeeBERT's ``init_highway_pooler``)."""
+        self.ramp_cfg = ramp_cfg
         self.ramps = nn.ModuleList(
-            OffRamp(self.hidden_size, cfg.num_labels, self.ramp_cfg) for _ in range(self.num_layers - 1)
+            OffRamp(self.hidden_size, self.model.config.num_labels, ramp_cfg) for _ in range(self.num_layers - 1)
         )
         pooler = self.adapter.pretrained_pooler()
         if init_from_pooler and pooler is not None:

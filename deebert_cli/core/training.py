@@ -300,16 +300,7 @@ def reset_ramps(model: HighwayModel, ramp_cfg: RampConfig, seed: int) -> None:
     """Fresh off-ramps (seeded), poolers copied from the checkpoint's pooler where the family has one,
     as DeeBERT's ``init_highway_pooler`` does; re-running stage 2 is therefore reproducible."""
     torch.manual_seed(seed)
-    model.ramp_cfg = ramp_cfg
-    model.ramps = nn.ModuleList(
-        OffRamp(model.hidden_size, model.num_labels, ramp_cfg) for _ in range(model.num_layers - 1)
-    )
-    pooler = model.adapter.pretrained_pooler()
-    if pooler is not None:
-        with torch.no_grad():
-            for r in model.ramps:
-                r.pooler.weight.copy_(pooler.weight)
-                r.pooler.bias.copy_(pooler.bias)
+    model.build_ramps(ramp_cfg)
 
 
 def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> TrainResult:
