@@ -10,6 +10,19 @@ from deebert_cli.core.analysis import SweepRow, recommend
 runner = CliRunner()
 
 
+def predicted_histogram_and_accuracy(ckpt, rows, layers, *options):
+    """Run `deebert predict OPTIONS` on the rows' texts -> (exit-layer histogram, accuracy)."""
+    texts = "\n".join(row["text"] for row in rows) + "\n"
+    p = runner.invoke(app, ["predict", "--checkpoint", ckpt, *options, "--format", "jsonl", "--device", "cpu",
+                            "--batch-size", "8"], input=texts)
+    assert p.exit_code == 0, p.output
+    preds = [json.loads(l) for l in p.stdout.splitlines()]
+    hist = [0] * layers
+    for x in preds:
+        hist[x["exit_layer"] - 1] += 1
+    return hist, sum(x["label"] == row["label"] for x, row in zip(preds, rows)) / len(rows)
+
+
 def _jsonl(path):
     return [json.loads(l) for l in open(path) if l.strip()]
 
@@ -24,16 +37,9 @@ def test_sweep_agrees_with_predict_at_the_same_thresholds(trained_ckpt, tmp_path
     assert r.exit_code == 0, r.output
     a = json.loads(out.read_text())
     assert a["dataset"]["n"] == len(rows)
-    texts = "\n".join(row["text"] for row in rows) + "\n"
     for s in a["sweep"]:
-        p = runner.invoke(app, ["predict", "--checkpoint", trained_ckpt, "--threshold", str(s["threshold"]),
-                                "--format", "jsonl", "--device", "cpu", "--batch-size", "8"], input=texts)
-        assert p.exit_code == 0, p.output
-        preds = [json.loads(l) for l in p.stdout.splitlines()]
-        hist = [0] * a["model"]["layers"]
-        for x in preds:
-            hist[x["exit_layer"] - 1] += 1
-        acc = sum(x["label"] == row["label"] for x, row in zip(preds, rows)) / len(rows)
+        hist, acc = predicted_histogram_and_accuracy(trained_ckpt, rows, a["model"]["layers"],
+                                                     "--threshold", str(s["threshold"]))
         assert hist == s["histogram"], s["threshold"]
         assert acc == pytest.approx(s["accuracy"], abs=1e-9), s["threshold"]
     # the sweep is not degenerate: some threshold exits samples at several layers
@@ -100,16 +106,9 @@ def test_patience_sweep_agrees_with_predict(trained_ckpt, tmp_path):
     a = json.loads(out.read_text())
     assert [s["patience"] for s in a["patience_sweep"]] == [0, 1, 2, 3]
     assert a["patience_sweep"][0]["histogram"][0] == len(rows)  # patience 0: everyone at layer 1
-    texts = "\n".join(row["text"] for row in rows) + "\n"
     for s in a["patience_sweep"][1:]:
-        p = runner.invoke(app, ["predict", "--checkpoint", trained_ckpt, "--exit-policy", "patience", "--patience",
-                                str(s["patience"]), "--format", "jsonl", "--device", "cpu", "--batch-size", "8"], input=texts)
-        assert p.exit_code == 0, p.output
-        preds = [json.loads(l) for l in p.stdout.splitlines()]
-        hist = [0] * a["model"]["layers"]
-        for x in preds:
-            hist[x["exit_layer"] - 1] += 1
-        acc = sum(x["label"] == row["label"] for x, row in zip(preds, rows)) / len(rows)
+        hist, acc = predicted_histogram_and_accuracy(trained_ckpt, rows, a["model"]["layers"],
+                                                     "--exit-policy", "patience", "--patience", str(s["patience"]))
         assert hist == s["histogram"], s["patience"]
         assert acc == pytest.approx(s["accuracy"], abs=1e-9), s["patience"]
 
