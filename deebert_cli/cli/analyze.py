@@ -97,52 +97,55 @@ def render(a, show_layers: bool = True) -> None:
     _render_recommendation(a)
 
 
-def _render_entropy_sweep(a) -> None:
+ACCURACY_COLS = (("accuracy", lambda r: pct(r.accuracy)), ("Δ points", lambda r: f"{r.accuracy_change:+.2f}"))
+ERROR_COLS = (("MSE", lambda r: f"{r.mse:.4f}"), ("Δ MSE", lambda r: f"{r.mse_change:+.4f}"),
+              ("Pearson", lambda r: f"{r.pearson:.4f}"), ("Spearman", lambda r: f"{r.spearman:.4f}"))
+
+
+def _sweep_table(title: str, setting: str, rows: list, label, quality=ACCURACY_COLS, wall: bool = False) -> None:
+    """One policy's sweep as a table: ``label(row)`` names the setting (threshold or patience), ``quality``
+    lists (header, cell) columns of the task's figures."""
     from rich.table import Table
 
-    unit = "normalized entropy" if a.entropy == "normalized" else "entropy (nats)"
-    out.print(f"[bold]threshold sweep[/] ({unit}; exact, from the all-exits pass; * = recommended)")
+    out.print(title)
     t = Table()
-    for c in ("threshold", "accuracy", "Δ points", "mean exit", "layer saving", "wall saving"):
+    for c in (setting, *(h for h, _ in quality), "mean exit", "layer saving") + (("wall saving",) if wall else ()):
         t.add_column(c, justify="right")
     t.add_column("exits at layers 1..L", justify="left", no_wrap=True)
-    for r in a.sweep:
-        star = " *" if a.recommendation is not None and r.threshold == a.recommendation.threshold else ""
-        t.add_row(f"{r.threshold:g}{star}", pct(r.accuracy), f"{r.accuracy_change:+.2f}", f"{r.mean_exit_layer:.2f}",
-                  pct(r.layer_saving), pct(r.wall_saving) if r.wall_saving is not None else "",
-                  "/".join(str(c) for c in r.histogram))
+    for r in rows:
+        cells = [label(r), *(cell(r) for _, cell in quality), f"{r.mean_exit_layer:.2f}", pct(r.layer_saving)]
+        if wall:
+            cells.append(pct(r.wall_saving) if r.wall_saving is not None else "")
+        t.add_row(*cells, "/".join(str(c) for c in r.histogram))
     out.print(t)
 
 
-def _render_other_policies(a) -> None:
-    from rich.table import Table
+def _gist(acc: float, change: float, saving: float, vs: str = "") -> str:
+    """'accuracy 81.72% (-0.28 points), 17.71% fewer layers'."""
+    return f"accuracy {pct(acc)} ({change:+.2f} points{vs}), {pct(saving)} fewer layers"
 
+
+def _render_entropy_sweep(a) -> None:
+    unit = "normalized entropy" if a.entropy == "normalized" else "entropy (nats)"
+    rec = a.recommendation
+    _sweep_table(f"[bold]threshold sweep[/] ({unit}; exact, from the all-exits pass; * = recommended)", "threshold",
+                 a.sweep, lambda r: f"{r.threshold:g}" + (" *" if rec is not None and r.threshold == rec.threshold else ""),
+                 wall=True)
+
+
+def _render_other_policies(a) -> None:
     if a.patience_sweep:
-        out.print("[bold]patience sweep[/] (exit once N+1 consecutive off-ramps agree; exact; * = recommended)")
-        t = Table()
-        for c in ("patience", "accuracy", "Δ points", "mean exit", "layer saving"):
-            t.add_column(c, justify="right")
-        t.add_column("exits at layers 1..L", justify="left", no_wrap=True)
         prec = a.patience_recommendation
-        for r in a.patience_sweep:
-            star = " *" if prec is not None and r.patience == prec.patience else ""
-            t.add_row(f"{r.patience}{star}", pct(r.accuracy), f"{r.accuracy_change:+.2f}", f"{r.mean_exit_layer:.2f}",
-                      pct(r.layer_saving), "/".join(str(c) for c in r.histogram))
-        out.print(t)
+        _sweep_table("[bold]patience sweep[/] (exit once N+1 consecutive off-ramps agree; exact; * = recommended)",
+                     "patience", a.patience_sweep,
+                     lambda r: f"{r.patience}" + (" *" if prec is not None and r.patience == prec.patience else ""))
         if prec is not None:
-            out.print(f"[bold]recommended patience {prec.patience}[/] for a {a.max_drop:g}-point budget: accuracy "
-                      f"{pct(prec.accuracy)} ({prec.accuracy_change:+.2f} points), {pct(prec.layer_saving)} fewer layers "
+            out.print(f"[bold]recommended patience {prec.patience}[/] for a {a.max_drop:g}-point budget: "
+                      f"{_gist(prec.accuracy, prec.accuracy_change, prec.layer_saving)} "
                       f"(`deebert predict --exit-policy patience --patience {prec.patience}`)")
     if a.learned_sweep:
-        out.print("[bold]learned-exit sweep[/] (exit when the predicted chance of being right > threshold; exact)")
-        t = Table()
-        for c in ("threshold", "accuracy", "Δ points", "mean exit", "layer saving"):
-            t.add_column(c, justify="right")
-        t.add_column("exits at layers 1..L", justify="left", no_wrap=True)
-        for r in a.learned_sweep:
-            t.add_row(f"{r.threshold:g}", pct(r.accuracy), f"{r.accuracy_change:+.2f}", f"{r.mean_exit_layer:.2f}",
-                      pct(r.layer_saving), "/".join(str(c) for c in r.histogram))
-        out.print(t)
+        _sweep_table("[bold]learned-exit sweep[/] (exit when the predicted chance of being right > threshold; exact)",
+                     "threshold", a.learned_sweep, lambda r: f"{r.threshold:g}")
 
 
 def _render_recommendation(a) -> None:
@@ -152,25 +155,24 @@ def _render_recommendation(a) -> None:
         out.print(f"[yellow]no threshold keeps the accuracy drop within {a.max_drop:g} points[/]")
     elif rec is not None:
         line = (f"[bold]recommended threshold {rec.threshold:g}[/] for a {a.max_drop:g}-point budget: "
-                f"accuracy {pct(rec.accuracy)} ({rec.accuracy_change:+.2f} points), {pct(rec.layer_saving)} fewer layers")
+                + _gist(rec.accuracy, rec.accuracy_change, rec.layer_saving))
         if rec.wall_saving is not None:
             line += f", {pct(rec.wall_saving)} less time (measured, batch {a.timing['batch_size']})"
         out.print(line)
         if a.test and a.test.get("at_recommended"):
             h = a.test["at_recommended"]
-            out.print(f"on split '{a.test['split']}' (n={a.test['n']}): accuracy {pct(h['accuracy'])} "
-                      f"({h['accuracy_change']:+.2f} points vs full depth), {pct(h['layer_saving'])} fewer layers")
+            out.print(f"on split '{a.test['split']}' (n={a.test['n']}): "
+                      + _gist(h["accuracy"], h["accuracy_change"], h["layer_saving"], " vs full depth"))
     if a.per_layer is not None:
         pl = a.per_layer
         line = (f"[bold]per-layer thresholds[/] {', '.join(f'{t:g}' for t in pl['thresholds'])} (layers 1..{m['layers'] - 1}): "
-                f"accuracy {pct(pl['accuracy'])} ({pl['accuracy_change']:+.2f} points), {pct(pl['layer_saving'])} fewer layers")
+                + _gist(pl["accuracy"], pl["accuracy_change"], pl["layer_saving"]))
         if pl.get("wall_saving") is not None:
             line += f", {pct(pl['wall_saving'])} less time (measured)"
         out.print(line)
         if a.test and a.test.get("at_per_layer"):
             h = a.test["at_per_layer"]
-            out.print(f"  on split '{a.test['split']}': accuracy {pct(h['accuracy'])} ({h['accuracy_change']:+.2f} points), "
-                      f"{pct(h['layer_saving'])} fewer layers")
+            out.print(f"  on split '{a.test['split']}': " + _gist(h["accuracy"], h["accuracy_change"], h["layer_saving"]))
     if a.stored_thresholds is not None:
         out.print(f"stored thresholds {', '.join(f'{t:g}' for t in a.stored_thresholds)} in {a.checkpoint}: "
                   "`deebert predict` uses them when given no threshold")
@@ -211,25 +213,11 @@ def render_regression(a, show_layers: bool = True) -> None:
         out.print(t)
     if a.patience_sweep:
         tol = a.patience_sweep[0].tolerance
-        out.print(f"[bold]patience sweep[/] (exit once N+1 consecutive off-ramps agree within {tol:g}; exact)")
-        t = Table()
-        for c in ("patience", "MSE", "Δ MSE", "Pearson", "Spearman", "mean exit", "layer saving"):
-            t.add_column(c, justify="right")
-        t.add_column("exits at layers 1..L", justify="left", no_wrap=True)
-        for r in a.patience_sweep:
-            t.add_row(str(r.patience), f"{r.mse:.4f}", f"{r.mse_change:+.4f}", f"{r.pearson:.4f}", f"{r.spearman:.4f}",
-                      f"{r.mean_exit_layer:.2f}", pct(r.layer_saving), "/".join(str(c) for c in r.histogram))
-        out.print(t)
+        _sweep_table(f"[bold]patience sweep[/] (exit once N+1 consecutive off-ramps agree within {tol:g}; exact)",
+                     "patience", a.patience_sweep, lambda r: str(r.patience), ERROR_COLS)
     if a.learned_sweep:
-        out.print("[bold]learned-exit sweep[/] (exit when the predicted tanh(|error|) < threshold; exact)")
-        t = Table()
-        for c in ("threshold", "MSE", "Δ MSE", "Pearson", "Spearman", "mean exit", "layer saving"):
-            t.add_column(c, justify="right")
-        t.add_column("exits at layers 1..L", justify="left", no_wrap=True)
-        for r in a.learned_sweep:
-            t.add_row(f"{r.threshold:g}", f"{r.mse:.4f}", f"{r.mse_change:+.4f}", f"{r.pearson:.4f}", f"{r.spearman:.4f}",
-                      f"{r.mean_exit_layer:.2f}", pct(r.layer_saving), "/".join(str(c) for c in r.histogram))
-        out.print(t)
+        _sweep_table("[bold]learned-exit sweep[/] (exit when the predicted tanh(|error|) < threshold; exact)",
+                     "threshold", a.learned_sweep, lambda r: f"{r.threshold:g}", ERROR_COLS)
     out.print("entropy exits do not apply to a regression checkpoint: predict with `--exit-policy patience --tolerance T`"
               " (or `--exit-policy learned --threshold T` after `train-exits --learned-exits`)")
 
