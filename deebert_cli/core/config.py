@@ -121,30 +121,28 @@ ENGINES = ("shrink", "refill")
 FORMATS = ("text", "jsonl", "tsv")
 
 
-def parse_thresholds(text: str | None) -> list | None:
-    """'0.1,0.2, 0.3' -> [0.1, 0.2, 0.3]."""
+def _parse_list(text, cast, message: str) -> list | None:
+    """'a,b, c' (or a list, or one value) -> [cast(a), ...]; None or blank -> None."""
     if text is None or (isinstance(text, str) and not text.strip()):
         return None
     if isinstance(text, (list, tuple)):
-        return [float(t) for t in text]
+        return [cast(t) for t in text]
+    if isinstance(text, int) and cast is int:
+        return [text]
     try:
-        return [float(t) for t in str(text).split(",") if t.strip()]
+        return [cast(t) for t in str(text).split(",") if t.strip()]
     except ValueError:
-        raise ValueError(f"thresholds must be comma-separated numbers, got '{text}'") from None
+        raise ValueError(f"{message}, got '{text}'") from None
+
+
+def parse_thresholds(text: str | None) -> list | None:
+    """'0.1,0.2, 0.3' -> [0.1, 0.2, 0.3]."""
+    return _parse_list(text, float, "thresholds must be comma-separated numbers")
 
 
 def parse_ints(text, what: str) -> list | None:
     """'1,2, 3' -> [1, 2, 3] (a single int or a list passes through)."""
-    if text is None or (isinstance(text, str) and not text.strip()):
-        return None
-    if isinstance(text, int):
-        return [text]
-    if isinstance(text, (list, tuple)):
-        return [int(t) for t in text]
-    try:
-        return [int(t) for t in str(text).split(",") if t.strip()]
-    except ValueError:
-        raise ValueError(f"{what} must be comma-separated whole numbers, got '{text}'") from None
+    return _parse_list(text, int, f"{what} must be comma-separated whole numbers")
 
 
 EXIT_POLICIES = ("entropy", "patience", "learned")
