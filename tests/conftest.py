@@ -36,7 +36,19 @@ def write_vocab(path) -> str:
     return str(path)
 
 
+# families with a tiny config below; "deberta-v2-conv" and "modernbert-cls" are variants of their family
+FAMILIES = ["bert", "roberta", "xlm-roberta", "camembert", "data2vec-text", "distilbert", "electra",
+            "deberta-v2", "deberta-v2-conv", "modernbert", "modernbert-cls", "albert", "mpnet"]
+ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert", "data2vec-text", "mpnet")  # <s>=0 <pad>=1 </s>=2
+
+
+def pad_id(family: str) -> int:
+    return 1 if family in ROBERTA_LIKE else 0
+
+
 def tiny_config(family: str, num_labels: int = 2, layers: int = 4, vocab_size: int = 64):
+    """A tiny random config of ``family`` (hidden 32), close to the family's released models in every
+    switch that changes the layer-by-layer code path."""
     from transformers import AutoConfig
 
     common = dict(num_labels=num_labels, vocab_size=vocab_size)
@@ -47,8 +59,23 @@ def tiny_config(family: str, num_labels: int = 2, layers: int = 4, vocab_size: i
               max_position_embeddings=130, type_vocab_size=2, **common)
     if family == "electra":
         kw["embedding_size"] = 16  # exercises embeddings_project
-    if family in ("roberta", "xlm-roberta"):
+    if family in ROBERTA_LIKE:
         kw.update(pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    if family == "deberta-v2":  # DeBERTa-v3-base's switches: bucketed, shared-key, layer-normed relative attention
+        kw.update(relative_attention=True, position_buckets=16, max_relative_positions=-1, norm_rel_ebd="layer_norm",
+                  share_att_key=True, pos_att_type="p2c|c2p", position_biased_input=False, type_vocab_size=0)
+    if family == "deberta-v2-conv":  # DeBERTa-v2-xlarge's: absolute positions too, separate position keys, conv
+        family = "deberta-v2"
+        kw.update(relative_attention=True, max_relative_positions=-1, pos_att_type="p2c|c2p",
+                  position_biased_input=True, conv_kernel_size=3, conv_act="gelu", type_vocab_size=0)
+    if family.startswith("modernbert"):  # layer 1 and 4 global, 2 and 3 a 4-token sliding window
+        pooling = "cls" if family == "modernbert-cls" else "mean"
+        family = "modernbert"
+        kw = dict(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64,
+                  global_attn_every_n_layers=3, local_attention=4, classifier_pooling=pooling,
+                  pad_token_id=0, cls_token_id=2, sep_token_id=3, bos_token_id=2, eos_token_id=3, **common)
+    if family == "albert":  # factorised embeddings; 2 weight groups shared over the layer positions
+        kw.update(embedding_size=16, num_hidden_groups=2, inner_group_num=1)
     return AutoConfig.for_model(family, **kw)
 
 

@@ -1,10 +1,8 @@
 import pytest
 import torch
 
-from conftest import tiny_classifier
+from conftest import FAMILIES, pad_id, tiny_classifier
 from deebert_cli.core.modeling import HighwayModel
-
-FAMILIES = ["bert", "roberta", "xlm-roberta", "distilbert", "electra"]
 
 
 def _inputs(family, seed=0):
@@ -13,8 +11,7 @@ def _inputs(family, seed=0):
     mask = torch.ones_like(ids)
     mask[1, 7:] = 0
     mask[2, 3:] = 0
-    pad = 1 if family in ("roberta", "xlm-roberta") else 0
-    ids[mask == 0] = pad
+    ids[mask == 0] = pad_id(family)
     return ids, mask
 
 
@@ -41,22 +38,48 @@ def test_layer_by_layer_forward_equals_transformers_forward(family):
             assert torch.allclose(hw.exit_logits(i, h, mask), logits[i], atol=1e-6)
 
 
+# where each family keeps the pretrained pooler Linear(H,H) that off-ramps start from (None: no pooler)
+POOLERS = {"bert": "bert.pooler.dense", "deberta-v2": "pooler.dense", "deberta-v2-conv": "pooler.dense",
+           "albert": "albert.pooler"}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pretrained_weights_are_the_ones_loaded(family, tmp_path):
     src = tiny_classifier(family, seed=3)
     src.save_pretrained(tmp_path / "m")
     hw = HighwayModel.from_backbone(str(tmp_path / "m"), ["a", "b"])
-    base_name = hw.adapter.base_attr
     loaded = dict(hw.model.named_parameters())
+    assert loaded.keys() == dict(src.named_parameters()).keys()
     for name, p in src.named_parameters():
-        if name.startswith(base_name):
-            assert torch.equal(loaded[name], p), name
+        assert torch.equal(loaded[name], p), name
     pooler = hw.adapter.pretrained_pooler()
-    if family == "bert":  # off-ramps start as copies of the pretrained pooler
-        for ramp in hw.ramps:
-            assert torch.equal(ramp.pooler.weight, src.bert.pooler.dense.weight)
-    else:
+    if POOLERS.get(family) is None:
         assert pooler is None
+        return
+    want = src.get_submodule(POOLERS[family])
+    for ramp in hw.ramps:  # off-ramps start as copies of the pretrained pooler
+        assert torch.equal(ramp.pooler.weight, want.weight) and torch.equal(ramp.pooler.bias, want.bias)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_bare_pretrained_encoder_loads_under_the_classifier(family, tmp_path):
+    """Hub backbones are usually saved without a classification head (AutoModel / *ForMaskedLM): every
+    encoder weight must land in the classifier's base model."""
+    from transformers import AutoModel
+
+    torch.manual_seed(4)
+    cfg = tiny_classifier(family).config
+    src = AutoModel.from_config(cfg)
+    src.save_pretrained(tmp_path / "m")
+    hw = HighwayModel.from_backbone(str(tmp_path / "m"), ["a", "b", "c"])
+    base = dict(getattr(hw.model, hw.adapter.base_attr).named_parameters())
+    unused = {n for n, _ in src.named_parameters()} - base.keys()
+    assert all(n.startswith("pooler.") for n in unused), unused  # a pooler the classifier has no use for
+    for name, p in src.named_parameters():
+        if name not in unused:
+            assert torch.equal(base[name], p), name
+    if family == "albert":  # ALBERT's pretrained pooler lives in the base model: off-ramps copy it
+        assert all(torch.equal(r.pooler.weight, src.pooler.weight) for r in hw.ramps)
 
 
 def test_off_ramps_are_distinct_modules_per_layer():
