@@ -105,6 +105,30 @@ def make_tiny_backbone(tmp_path, layers: int = 4, seed: int = 0, name: str = "ti
     return str(out)
 
 
+def make_family_backbone(tmp_path, family: str, layers: int = 4, seed: int = 0) -> str:
+    """A saved tiny random classifier of ``family`` + a WordPiece tokenizer whose special tokens sit
+    where the family expects them (RoBERTa-likes: <s>=0 <pad>=1 </s>=2), usable as --model."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, BertTokenizer
+
+    out = tmp_path / f"tiny-{family}"
+    out.mkdir()
+    if family in ROBERTA_LIKE:
+        names = dict(cls_token="<s>", pad_token="<pad>", sep_token="</s>", unk_token="<unk>", mask_token="<mask>")
+        specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    else:
+        names, specials = {}, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = tmp_path / f"tiny-{family}-vocab.txt"
+    vocab.write_text("\n".join(specials + WORDS) + "\n")
+    tok = BertTokenizer(vocab=str(vocab), do_lower_case=True, **names)
+    assert tok.pad_token_id == pad_id(family)
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(tiny_config(family, 2, layers, vocab_size=len(tok)))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
 def make_sentiment_rows(n: int, seed: int = 0, with_score: bool = True) -> list[dict]:
     """Synthetic sentiment rows: label follows the majority of polar words; some rows are easy
     (many polar words), some hard (mixed), so exits really fire at different layers."""

@@ -103,3 +103,18 @@ def test_parameter_overhead_formula_and_bert_base_size():
     assert counts.ramps == 11 * (h * h + h + h * c + c)  # 11 off-ramps: the 12th exit is BERT's own head
     assert 109e6 < counts.backbone < 110e6
     assert 0.055 < counts.overhead < 0.065
+
+
+def test_albert_gets_an_off_ramp_per_layer_position_though_weights_are_shared():
+    """ALBERT-base-v2 shapes: 12 positions over one shared layer, so 11 off-ramps of a BERT-base's size
+    sit on a backbone ~9x smaller (the README states this overhead)."""
+    from transformers import AlbertConfig, AlbertForSequenceClassification
+
+    cfg = AlbertConfig(hidden_size=768, num_attention_heads=12, intermediate_size=3072, embedding_size=128, num_labels=2)
+    with torch.device("meta"):
+        hw = HighwayModel(AlbertForSequenceClassification(cfg), init_from_pooler=False)
+    assert hw.num_layers == 12 and len(hw.ramps) == 11 and len(hw.adapter.layers) == 1
+    h, c = 768, 2
+    counts = hw.parameter_counts()
+    assert counts.ramps == 11 * (h * h + h + h * c + c)
+    assert 11e6 < counts.backbone < 12.5e6 and 0.5 < counts.overhead < 0.6
