@@ -118,3 +118,35 @@ def test_albert_gets_an_off_ramp_per_layer_position_though_weights_are_shared():
     counts = hw.parameter_counts()
     assert counts.ramps == 11 * (h * h + h + h * c + c)
     assert 11e6 < counts.backbone < 12.5e6 and 0.5 < counts.overhead < 0.6
+
+
+class _LayerStep(torch.nn.Module):
+    """What a per-layer export traces: prepare_mask + run_layer + the exit, from hidden states and a 2-D mask."""
+
+    def __init__(self, hw, i):
+        super().__init__()
+        self.hw, self.i = hw, i
+
+    def forward(self, hidden, mask):
+        h = self.hw.run_layer(self.i, hidden, self.hw.prepare_mask(mask, hidden))
+        return h, self.hw.exit_logits(self.i, h, mask)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_layer_step_traces_and_the_trace_generalises(family):
+    """Per-forward extras (relative positions, rotary cos/sin, window masks) come from the mask and the
+    hidden states' shape only: a trace taken on one padded batch gives the eager results on a batch of
+    another size, length and padding."""
+    hw = HighwayModel(tiny_classifier(family)).eval()
+    ids, mask = _inputs(family, seed=0)
+    ids2, mask2 = _inputs(family, seed=1)
+    ids2, mask2 = torch.cat([ids2, ids2[:1]])[:, :9], torch.cat([mask2, mask2[:1]])[:, :9]  # [5, 9], other padding
+    with torch.no_grad():
+        h, h2 = hw.embed(ids), hw.embed(ids2)
+        for i in range(hw.num_layers):
+            step = _LayerStep(hw, i)
+            traced = torch.jit.trace(step, (h, mask), check_trace=False)
+            got, want = traced(h2, mask2), step(h2, mask2)
+            assert torch.allclose(got[0][mask2.bool()], want[0][mask2.bool()], atol=1e-6)
+            assert torch.allclose(got[1], want[1], atol=1e-6)
+            h, h2 = step(h, mask)[0], want[0]
