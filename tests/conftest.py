@@ -79,12 +79,14 @@ def tiny_config(family: str, num_labels: int = 2, layers: int = 4, vocab_size: i
     return AutoConfig.for_model(family, **kw)
 
 
-def tiny_classifier(family: str, num_labels: int = 2, layers: int = 4, seed: int = 0):
+def tiny_classifier(family: str, num_labels: int = 2, layers: int = 4, seed: int = 0, attn: str | None = None):
+    """``attn``: an attention implementation (eager, sdpa) instead of transformers' default."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_config(tiny_config(family, num_labels, layers))
+    kw = {} if attn is None else {"attn_implementation": attn}
+    model = AutoModelForSequenceClassification.from_config(tiny_config(family, num_labels, layers), **kw)
     return model.eval()
 
 

@@ -15,9 +15,10 @@ def _inputs(family, seed=0):
     return ids, mask
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_layer_by_layer_forward_equals_transformers_forward(family):
-    model = tiny_classifier(family)
+@pytest.mark.parametrize("family,attn", [(f, None) for f in FAMILIES] + [("modernbert", "eager"), ("albert", "eager")])
+def test_layer_by_layer_forward_equals_transformers_forward(family, attn):
+    model = tiny_classifier(family, attn=attn)
+    assert attn is None or model.config._attn_implementation == attn
     hw = HighwayModel(model).eval()
     ids, mask = _inputs(family)
     with torch.no_grad():
