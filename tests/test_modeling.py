@@ -155,3 +155,15 @@ def test_each_layer_step_traces_and_the_trace_generalises(family):
             assert torch.allclose(got[0][mask2.bool()], want[0][mask2.bool()], atol=1e-6)
             assert torch.allclose(got[1], want[1], atol=1e-6)
             h, h2 = step(h, mask)[0], want[0]
+
+
+def test_off_ramp_pooling_follows_the_family_head_unless_given():
+    from deebert_cli.core.exits import RampConfig
+
+    assert HighwayModel(tiny_classifier("modernbert")).ramp_cfg.pooling == "mean"  # classifier_pooling=mean
+    assert HighwayModel(tiny_classifier("modernbert-cls")).ramp_cfg.pooling == "cls"
+    assert HighwayModel(tiny_classifier("bert")).ramp_cfg.pooling == "cls"
+    hw = HighwayModel(tiny_classifier("modernbert"), RampConfig(pooling="cls"))
+    assert hw.ramp_cfg.pooling == "cls" and all(r.cfg.pooling == "cls" for r in hw.ramps)
+    hw.build_ramps(RampConfig(pooling="auto"))  # what stage 2 does with the default --ramp-pooling
+    assert all(r.cfg.pooling == "mean" for r in hw.ramps)

@@ -25,7 +25,7 @@ class RampConfig:
 
     def __post_init__(self):
         if self.pooling not in POOLINGS + (AUTO,):
-            raise ValueError(f"ramp pooling must be one of {POOLINGS}, got '{self.pooling}'")
+            raise ValueError(f"ramp pooling must be one of {POOLINGS + (AUTO,)}, got '{self.pooling}'")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ramp dropout must be in [0, 1), got {self.dropout}")
 
