@@ -107,22 +107,41 @@ def make_tiny_backbone(tmp_path, layers: int = 4, seed: int = 0, name: str = "ti
     return str(out)
 
 
+def _unigram(specials: list) -> list:
+    """A SentencePiece-style Unigram vocabulary: specials, '▁word' pieces, then single letters."""
+    return ([(t, 0.0) for t in specials] + [("\u2581" + w, -2.0) for w in WORDS] + [("\u2581", -3.0)]
+            + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"])
+
+
+def family_tokenizer(family: str):
+    """A tiny tokenizer of the family's own class where transformers has one (built from an in-code vocab,
+    special tokens at the ids the family's config expects); BERT's WordPiece for the rest."""
+    from transformers import AlbertTokenizer, BertTokenizer, CamembertTokenizer, DebertaV2Tokenizer, MPNetTokenizer
+
+    if family.startswith("deberta-v2"):  # SentencePiece Unigram, as DeBERTa-v3's spm.model
+        return DebertaV2Tokenizer(vocab=_unigram(["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]))
+    if family == "albert":
+        return AlbertTokenizer(vocab=_unigram(["<pad>", "<unk>", "[CLS]", "[SEP]", "[MASK]"]))
+    if family == "camembert":
+        return CamembertTokenizer(vocab=_unigram(["<s>", "<pad>", "</s>", "<unk>", "<mask>"]))
+    if family == "mpnet":  # WordPiece with RoBERTa's special tokens
+        return MPNetTokenizer(vocab={t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "[UNK]", "<mask>"] + WORDS)})
+    if family in ROBERTA_LIKE:
+        specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+        names = dict(cls_token="<s>", pad_token="<pad>", sep_token="</s>", unk_token="<unk>", mask_token="<mask>")
+    else:
+        specials, names = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], {}
+    return BertTokenizer(vocab={t: i for i, t in enumerate(specials + WORDS)}, do_lower_case=True, **names)
+
+
 def make_family_backbone(tmp_path, family: str, layers: int = 4, seed: int = 0) -> str:
-    """A saved tiny random classifier of ``family`` + a WordPiece tokenizer whose special tokens sit
-    where the family expects them (RoBERTa-likes: <s>=0 <pad>=1 </s>=2), usable as --model."""
+    """A saved tiny random classifier of ``family`` + its tiny tokenizer, usable as --model."""
     import torch
-    from transformers import AutoModelForSequenceClassification, BertTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     out = tmp_path / f"tiny-{family}"
     out.mkdir()
-    if family in ROBERTA_LIKE:
-        names = dict(cls_token="<s>", pad_token="<pad>", sep_token="</s>", unk_token="<unk>", mask_token="<mask>")
-        specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    else:
-        names, specials = {}, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab = tmp_path / f"tiny-{family}-vocab.txt"
-    vocab.write_text("\n".join(specials + WORDS) + "\n")
-    tok = BertTokenizer(vocab=str(vocab), do_lower_case=True, **names)
+    tok = family_tokenizer(family)
     assert tok.pad_token_id == pad_id(family)
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_config(tiny_config(family, 2, layers, vocab_size=len(tok)))
