@@ -92,13 +92,17 @@ class TrainExitsConfig:
     lr: float = 5e-4
     weight_decay: float = 0.0
     seed: int = 42
-    ramp_pooling: str = "cls"
-    ramp_norm: bool = False
-    distill: bool = False  # FastBERT-style self-distillation from the final classifier
+    # The off-ramp recipe. None everywhere (the default): several candidate recipes are trained on the one
+    # frozen-pass cache and the best by measurement is kept (see core.recipes). Any of them given: exactly
+    # one recipe, the unset ones at the plain DeeBERT values ([CLS], no norm, no distill, no calibration).
+    ramp_pooling: str | None = None
+    ramp_norm: bool | None = None
+    distill: bool | None = None  # FastBERT-style self-distillation from the final classifier
     distill_temperature: float = 2.0
     distill_alpha: float = 0.5  # weight of the distillation term (1 - alpha on the label loss)
     unlabeled: str | None = None  # extra texts (one per line, or a data file) used with --distill
-    calibrate: bool = False  # per-off-ramp temperature scaling on the evaluation split
+    calibrate: bool | None = None  # per-off-ramp temperature scaling on the evaluation split
+    max_drop: float = 0.5  # accuracy budget (points) of the stored threshold and of the recipe choice
     learned_exits: bool = False  # BERxiT: also train a Linear(H, 1) exit predictor per off-ramp
     device: str = "auto"
     dataset: str | None = None  # default: the data the checkpoint was fine-tuned on
@@ -113,8 +117,14 @@ class TrainExitsConfig:
         _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         _check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
         _check(0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr}")
-        _check(self.ramp_pooling in ("cls", "mean"), f"ramp_pooling must be cls or mean, got '{self.ramp_pooling}'")
+        _check(self.ramp_pooling in (None, "cls", "mean"), f"ramp_pooling must be cls or mean, got '{self.ramp_pooling}'")
+        _check(math.isfinite(self.max_drop) and self.max_drop >= 0, f"max_drop must be >= 0 (accuracy points), got {self.max_drop}")
         _check(self.max_train_samples is None or self.max_train_samples > 0, "max_train_samples must be > 0")
+
+    @property
+    def recipe_given(self) -> bool:
+        """Whether the user chose the off-ramp recipe (any of pooling, norm, distill, calibrate set)."""
+        return any(v is not None for v in (self.ramp_pooling, self.ramp_norm, self.distill, self.calibrate))
 
 
 ENGINES = ("shrink", "refill")
