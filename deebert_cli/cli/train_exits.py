@@ -72,7 +72,7 @@ def render_recipes(extra: dict) -> None:
         out.print(f"[bold]off-ramp recipes[/] on the evaluation split: the threshold analyze recommends for a "
                   f"{search['max_drop']:g}-point budget, its accuracy change and layer saving (* = kept: {search['measure']})")
         t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-        t.add_column("recipe", no_wrap=True)
+        t.add_column("recipe", no_wrap=True, min_width=max(len(r["recipe"]) for r in rows) + 2)
         quality = ("mean MSE",) if regression else ("threshold", "Δ points", "saving")
         for c in quality:
             t.add_column(c, justify="right", no_wrap=True)
