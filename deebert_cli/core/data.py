@@ -101,8 +101,9 @@ def _load_file(path: Path, builder: str, **kw) -> Table:
     import datasets
     from datasets.utils import logging as ds_logging
 
-    level = ds_logging.get_verbosity()
+    level, bars = ds_logging.get_verbosity(), datasets.is_progress_bar_enabled()
     ds_logging.set_verbosity(ds_logging.CRITICAL)  # it logs the error it raises; ours is the one line shown
+    datasets.disable_progress_bars()  # a local file: no progress worth showing
     try:
         return _from_hf(datasets.load_dataset(builder, data_files={"train": str(path)}, split="train", **kw))
     except StopIteration:  # an empty file: no rows, no columns
@@ -111,6 +112,8 @@ def _load_file(path: Path, builder: str, **kw) -> Table:
         raise UserError(f"cannot read '{path}': {_why(path, builder, e)}") from None
     finally:
         ds_logging.set_verbosity(level)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def _why(path: Path, builder: str, e: Exception) -> str:
