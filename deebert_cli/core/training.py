@@ -345,25 +345,7 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
     cache = _cache_states(cfg, rt, ckpt, spec, train, data.eval, {r.pooling for r in todo}, progress)
     labels = data.eval.labels
     ev_y = torch.tensor(labels, dtype=cache["y"].dtype, device=device)
-    rows, kept, trained, steps, seen, train_seconds = [], [], {}, 0, 0, 0.0
-    for recipe in todo:
-        if recipe.training not in trained:  # calibration is fitted afterwards, on the same weights
-            seed_everything(cfg.seed)
-            reset_ramps(model, RampConfig(recipe.pooling, recipe.norm, dropout, cfg.learned_exits), cfg.seed)
-            model.ramps.to(device)
-            k, m, sec = fit_ramps(model, cache["train"][recipe.pooling], cache["y"], cache["teacher"], cfg, task,
-                                  recipe.distill, progress, f"stage 2: off-ramps ({dataclasses.replace(recipe, calibrate=False).name})")
-            steps, seen, train_seconds = steps + k, seen + m, train_seconds + sec
-            trained[recipe.training] = {k: v.clone() for k, v in model.ramps.state_dict().items()}
-        else:
-            model.ramps.load_state_dict(trained[recipe.training])
-        model.ramps.eval()
-        ev_pooled = cache["eval"][recipe.pooling]
-        calibration = calibrate_ramps(model, ev_pooled, ev_y) if recipe.calibrate else None
-        logits = _exit_logits(model, ev_pooled, cache["eval_final"])
-        rows.append({"recipe": recipe.name, "pooling": recipe.pooling, "norm": recipe.norm, "distill": recipe.distill,
-                     "calibrate": recipe.calibrate, **rc.score(logits, labels, task, cfg.max_drop)})
-        kept.append(({k: v.clone() for k, v in model.ramps.state_dict().items()}, calibration, logits))
+    rows, kept, steps, seen, train_seconds = _try_recipes(model, todo, cache, cfg, task, ev_y, dropout, progress)
     choice = rc.best(rows, task)
     recipe, (state, calibration, logits) = todo[choice], kept[choice]
     model.build_ramps(RampConfig(recipe.pooling, recipe.norm, dropout, cfg.learned_exits), init_from_pooler=False)
@@ -381,12 +363,11 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
     extra = {"cache_seconds": cache["seconds"], "train_seconds": train_seconds, "cached_examples": cache["n"],
              "recipes": {"given": cfg.recipe_given, "measure": rc.MEASURE[task], "max_drop": cfg.max_drop,
                          "chosen": recipe.name, "candidates": rows}}
+    if task != "regression":  # what analyze --store-thresholds would store for the budget
+        extra["thresholds"] = {"entropy": "normalized", "values": [rows[choice]["threshold"]] * (model.num_layers - 1),
+                               "max_drop": cfg.max_drop, "search": "global", "chosen_on": data.eval_source,
+                               "by": "train-exits"}
     meta = _exits_meta(ckpt.meta, report, extra, learned, calibration)
-    if task != "regression":
-        meta["thresholds"] = {"entropy": "normalized", "values": [rows[choice]["threshold"]] * (model.num_layers - 1),
-                              "max_drop": cfg.max_drop, "search": "global", "chosen_on": data.eval_source,
-                              "by": "train-exits"}
-        extra["thresholds"] = meta["thresholds"]
     out = cfg.output or cfg.checkpoint
     if rt.is_main:
         save_checkpoint(Checkpoint(model.cpu(), tokenizer, meta), out,
@@ -396,6 +377,39 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
     per_epoch = (cache["seconds"] * len(train) / (len(train) + len(data.eval))) + train_seconds / max(epochs_done, 1e-9)
     return TrainResult(out, STAGE_EXITS, len(train), steps, train_seconds + cache["seconds"], per_epoch,
                        seen / max(train_seconds, 1e-9), report, extra)
+
+
+def _try_recipes(model: HighwayModel, todo: list, cache: dict, cfg: TrainExitsConfig, task: str, ev_y: torch.Tensor,
+                 dropout: float, progress: Progress) -> tuple:
+    """Train every recipe of ``todo`` on the cache, each from the same seeded start (so a recipe comes out
+    as it would alone; recipes differing only in calibration share one training, calibration being fitted
+    afterwards on the same weights) and score it on the evaluation split (:func:`.recipes.score`).
+    Returns (score rows, per recipe (off-ramp state, calibration, every exit's logits), steps, rows seen,
+    training seconds)."""
+    from .recipes import score
+
+    rows, kept, trained, steps, seen, seconds = [], [], {}, 0, 0, 0.0
+    labels = ev_y.tolist()
+    for recipe in todo:
+        if recipe.training not in trained:
+            seed_everything(cfg.seed)
+            reset_ramps(model, RampConfig(recipe.pooling, recipe.norm, dropout, cfg.learned_exits), cfg.seed)
+            model.ramps.to(ev_y.device)
+            title = f"stage 2: off-ramps ({dataclasses.replace(recipe, calibrate=False).name})"
+            k, m, sec = fit_ramps(model, cache["train"][recipe.pooling], cache["y"], cache["teacher"], cfg, task,
+                                  recipe.distill, progress, title)
+            steps, seen, seconds = steps + k, seen + m, seconds + sec
+            trained[recipe.training] = {n: v.clone() for n, v in model.ramps.state_dict().items()}
+        else:
+            model.ramps.load_state_dict(trained[recipe.training])
+        model.ramps.eval()
+        ev_pooled = cache["eval"][recipe.pooling]
+        calibration = calibrate_ramps(model, ev_pooled, ev_y) if recipe.calibrate else None
+        logits = _exit_logits(model, ev_pooled, cache["eval_final"])
+        rows.append({"recipe": recipe.name, "pooling": recipe.pooling, "norm": recipe.norm, "distill": recipe.distill,
+                     "calibrate": recipe.calibrate, **score(logits, labels, task, cfg.max_drop)})
+        kept.append(({n: v.clone() for n, v in model.ramps.state_dict().items()}, calibration, logits))
+    return rows, kept, steps, seen, seconds
 
 
 def _stage1_inputs(cfg: TrainExitsConfig) -> tuple:
@@ -504,6 +518,8 @@ def _exits_meta(meta: dict, report: EvalReport, extra: dict, learned: list | Non
         meta.pop(stale, None)
     meta["timing"] = {"train_exits": {k: extra[k] for k in ("cache_seconds", "train_seconds", "cached_examples")}}
     meta["recipes"] = extra["recipes"]
+    if "thresholds" in extra:
+        meta["thresholds"] = extra["thresholds"]
     if learned is not None:
         meta["learned_exits"] = extra["learned_exits"] = learned
     if calibration is not None:
