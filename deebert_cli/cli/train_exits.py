@@ -60,31 +60,14 @@ def train_exits(
 
 def render_recipes(extra: dict) -> None:
     """The candidate recipes side by side (when several were tried), the one kept, and the stored threshold."""
-    from rich import box
-    from rich.table import Table
-
     search = extra.get("recipes")
     if not search:
         return
     rows, chosen = search["candidates"], search["chosen"]
-    regression = "mean_ramp_mse" in rows[0]
     if len(rows) > 1:
         out.print(f"[bold]off-ramp recipes[/] on the evaluation split: the threshold analyze recommends for a "
                   f"{search['max_drop']:g}-point budget, its accuracy change and layer saving (* = kept: {search['measure']})")
-        t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-        t.add_column("recipe", no_wrap=True, min_width=max(len(r["recipe"]) for r in rows) + 2)
-        quality = ("mean MSE",) if regression else ("threshold", "Δ points", "saving")
-        for c in quality:
-            t.add_column(c, justify="right", no_wrap=True)
-        t.add_column("off-ramps 1..L-1" + ("" if regression else " (%)"), no_wrap=True)
-        for r in rows:
-            name = r["recipe"] + (" *" if r["recipe"] == chosen else "")
-            if regression:
-                t.add_row(name, f"{r['mean_ramp_mse']:.4f}", "/".join(f"{m:.3f}" for m in r["layer_mse"][:-1]))
-            else:
-                t.add_row(name, f"{r['threshold']:g}", f"{r['accuracy_change']:+.2f}",
-                          pct(r["layer_saving"]), "/".join(f"{100 * a:.1f}" for a in r["layer_accuracy"][:-1]))
-        out.print(t)
+        out.print(_recipe_table(rows, chosen))
     out.print(f"off-ramp recipe: [bold]{chosen}[/]" + (" (as given)" if search["given"] else f" (best of {len(rows)})"))
     thr = extra.get("thresholds")
     if thr:
@@ -92,3 +75,25 @@ def render_recipes(extra: dict) -> None:
         out.print(f"stored threshold [bold]{thr['values'][0]:g}[/] (normalized entropy) for a {thr['max_drop']:g}-point "
                   f"budget on the evaluation split: accuracy {pct(r['accuracy'])} ({r['accuracy_change']:+.2f} points), "
                   f"{pct(r['layer_saving'])} fewer layers; `deebert predict` uses it when given no --threshold")
+
+
+def _recipe_table(rows: list, chosen: str):
+    """One row per candidate: its threshold, accuracy change and layer saving at the budget, and every
+    off-ramp's accuracy (regression: the off-ramps' mean MSE and each one's)."""
+    from rich import box
+    from rich.table import Table
+
+    regression = "mean_ramp_mse" in rows[0]
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    t.add_column("recipe", no_wrap=True, min_width=max(len(r["recipe"]) for r in rows) + 2)
+    for c in ("mean MSE",) if regression else ("threshold", "Δ points", "saving"):
+        t.add_column(c, justify="right", no_wrap=True)
+    t.add_column("off-ramps 1..L-1" + ("" if regression else " (%)"), no_wrap=True)
+    for r in rows:
+        name = r["recipe"] + (" *" if r["recipe"] == chosen else "")
+        if regression:
+            t.add_row(name, f"{r['mean_ramp_mse']:.4f}", "/".join(f"{m:.3f}" for m in r["layer_mse"][:-1]))
+        else:
+            t.add_row(name, f"{r['threshold']:g}", f"{r['accuracy_change']:+.2f}", pct(r["layer_saving"]),
+                      "/".join(f"{100 * a:.1f}" for a in r["layer_accuracy"][:-1]))
+    return t
