@@ -104,3 +104,14 @@ def test_explicit_flags_select_exactly_one_recipe(stage1, tmp_path):
     _, meta = _train_exits(stage1, tmp_path / "dist", "--distill")  # the others stay at DeeBERT's values
     assert meta["recipes"]["chosen"] == "cls+distill" and len(meta["recipes"]["candidates"]) == 1
     assert "thresholds" in meta  # an explicit recipe also ends with a stored threshold
+
+
+def test_learned_exits_are_trained_on_the_kept_recipe(stage1, tmp_path):
+    r, meta = _train_exits(stage1, tmp_path / "learned", "--learned-exits")
+    assert len(meta["recipes"]["candidates"]) == 8 and meta["ramp"]["learned_exit"] is True
+    kept = next(row for row in meta["recipes"]["candidates"] if row["recipe"] == meta["recipes"]["chosen"])
+    assert meta["ramp"]["pooling"] == kept["pooling"] and len(meta["learned_exits"]) == len(kept["layer_accuracy"]) - 1
+    p = runner.invoke(app, ["predict", "--checkpoint", str(tmp_path / "learned"), "--exit-policy", "learned",
+                            "--format", "jsonl", "--device", "cpu"], input="\n".join(mixed_lines(20)) + "\n")
+    assert p.exit_code == 0, p.output
+    assert len(p.stdout.splitlines()) == 20
