@@ -25,7 +25,8 @@ demo: setup
 	$(VENV)/bin/deebert finetune --output $(CKPT)
 	$(VENV)/bin/deebert train-exits --checkpoint $(CKPT)
 	printf 'A gorgeous, witty, seductive movie.\nThe plot is a mess and the acting is worse.\nIt has its moments, but not many.\n' | \
-		$(VENV)/bin/deebert predict --checkpoint $(CKPT) --threshold 0.3
+		$(VENV)/bin/deebert predict --checkpoint $(CKPT)
+	$(VENV)/bin/deebert analyze --checkpoint $(CKPT)
 
 test: setup
 	$(PY) -m pytest

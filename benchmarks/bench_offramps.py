@@ -26,11 +26,11 @@ from deebert_cli.core.training import collect, train_exits
 GRID = [round(0.025 * k, 3) for k in range(41)]
 VARIANTS = {
     # name: (train-exits options, threshold search)
-    "DeeBERT recipe (cls)": ({}, "global"),
+    "DeeBERT recipe (cls)": ({"ramp_pooling": "cls"}, "global"),
     "+ mean pooling + LayerNorm": ({"ramp_pooling": "mean", "ramp_norm": True}, "global"),
-    "+ distillation": ({"distill": True}, "global"),
-    "+ calibration": ({"calibrate": True}, "global"),
-    "+ per-layer thresholds": ({}, "per-layer"),
+    "+ distillation": ({"ramp_pooling": "cls", "distill": True}, "global"),
+    "+ calibration": ({"ramp_pooling": "cls", "calibrate": True}, "global"),
+    "+ per-layer thresholds": ({"ramp_pooling": "cls"}, "per-layer"),
     "mean+norm + distill + calibrate": ({"ramp_pooling": "mean", "ramp_norm": True, "distill": True, "calibrate": True}, "global"),
     "mean+norm + distill + calibrate + per-layer": ({"ramp_pooling": "mean", "ramp_norm": True, "distill": True, "calibrate": True}, "per-layer"),
 }

@@ -202,7 +202,8 @@ def train_tiny_checkpoint(tmp_path, exits: bool = True, name: str = "ckpt", **ft
     kw.update(ft)
     finetune(FinetuneConfig(**kw))
     if exits:
-        train_exits(TrainExitsConfig(checkpoint=out, epochs=10, lr=3e-3, device="cpu"))
+        # the plain DeeBERT recipe: the fixtures test exits, not the recipe search (tests/test_recipes.py)
+        train_exits(TrainExitsConfig(checkpoint=out, epochs=10, lr=3e-3, device="cpu", ramp_pooling="cls"))
     return out
 
 

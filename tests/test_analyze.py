@@ -124,4 +124,4 @@ def test_exit_policy_selects_the_policies_compared(trained_ckpt, tmp_path):
     r = runner.invoke(app, ["analyze", "--checkpoint", trained_ckpt, "--exit-policy", "learned", "--device", "cpu"])
     assert r.exit_code == 2 and "--learned-exits" in r.output
     r = runner.invoke(app, ["analyze", "--checkpoint", trained_ckpt, "--exit-policy", "nope", "--device", "cpu"])
-    assert r.exit_code == 2 and "exit_policy" in r.output
+    assert r.exit_code == 2 and "--exit-policy must be among" in r.output

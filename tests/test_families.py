@@ -33,7 +33,9 @@ def family_ckpt(request, tmp_path_factory):
     r = invoke("finetune", "--model", bb, "--dataset", data, "--output", out, "--epochs", 8, "--lr", 3e-3,
                "--batch-size", 16, "--device", "cpu")
     assert r.exit_code == 0, r.output
-    r = invoke("train-exits", "--checkpoint", out, "--epochs", 6, "--lr", 3e-3, "--device", "cpu")
+    # --ramp-pooling auto: one recipe, pooling as the family's own head (the default recipe search is
+    # tested in test_recipes)
+    r = invoke("train-exits", "--checkpoint", out, "--epochs", 6, "--lr", 3e-3, "--ramp-pooling", "auto", "--device", "cpu")
     assert r.exit_code == 0, r.output
     return request.param, str(out)
 
@@ -43,7 +45,7 @@ def test_finetune_train_exits_predict_analyze_through_the_cli(family_ckpt, tmp_p
     meta = json.loads(open(f"{ck}/deebert.json").read())
     assert meta["stage"] == "exits_trained" and meta["family"] == family.replace("-conv", "")
     assert [row["layer"] for row in meta["metrics"]["train_exits"]["layers"]] == [1, 2, 3, 4]
-    # the default off-ramp pooling is the family's own: mean for this ModernBERT (classifier_pooling=mean)
+    # auto pooling is the family's own: mean for this ModernBERT (classifier_pooling=mean)
     assert meta["ramp"]["pooling"] == ("mean" if family == "modernbert" else "cls")
     lines = "good great film\n\nbad awful boring plot\nnot so good\n"
     r = invoke("predict", "--checkpoint", ck, "--format", "jsonl", "--threshold", "0.5", "--device", "cpu", input=lines)

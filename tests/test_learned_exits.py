@@ -20,7 +20,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def learned_ckpt(trained_ckpt, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("learned") / "ckpt")
-    r = runner.invoke(app, ["train-exits", "--checkpoint", trained_ckpt, "--output", out, "--learned-exits",
+    r = runner.invoke(app, ["train-exits", "--checkpoint", trained_ckpt, "--output", out, "--learned-exits", "--ramp-pooling", "cls",
                             "--epochs", "10", "--lr", "3e-3", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert "learned exits" in r.stdout

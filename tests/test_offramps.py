@@ -53,7 +53,7 @@ def test_ramp_pooling_and_norm_are_stored_and_used(stage1, tmp_path):
 
 
 def test_distillation_pulls_off_ramps_towards_the_final_classifier(stage1, tmp_path):
-    plain, _ = _train(stage1, tmp_path, "plain")
+    plain, _ = _train(stage1, tmp_path, "plain", ramp_pooling="cls")
     dist, _ = _train(stage1, tmp_path, "dist", distill=True, distill_alpha=1.0, distill_temperature=2.0)
 
     def kl_to_teacher(ck, t=2.0):  # what distillation optimises: KL to the softened final classifier

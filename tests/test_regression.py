@@ -64,6 +64,12 @@ def test_regression_end_to_end(reg_ckpt, tmp_path):
     ckpt = load_checkpoint(reg_ckpt)
     layers = meta["metrics"]["train_exits"]["layers"]
     assert {"mse", "pearson", "spearman"} <= set(layers[-1]) and layers[-1]["pearson"] > 0.5
+    # no recipe option: [CLS] and mean+norm were compared by the off-ramps' mean MSE; no entropy threshold stored
+    rows = meta["recipes"]["candidates"]
+    assert [r["recipe"] for r in rows] == ["cls", "mean+norm"] and "thresholds" not in meta
+    kept = min(rows, key=lambda r: r["mean_ramp_mse"])
+    assert meta["recipes"]["chosen"] == kept["recipe"] and meta["ramp"]["pooling"] == kept["pooling"]
+    assert [l["mse"] for l in layers] == pytest.approx(kept["layer_mse"])
     # entropy is refused, naming the policy that works
     r = runner.invoke(app, ["predict", "--checkpoint", reg_ckpt, "--device", "cpu"], input="good film\n")
     assert r.exit_code == 2 and "--exit-policy patience" in r.output and "--exit-policy learned" in r.output

@@ -1,6 +1,7 @@
 """`deebert predict`: early-exit prediction, one result line per input line."""
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -45,21 +46,31 @@ def predict(
     values["input"] = str(input) if input else None
     values["output"] = str(output) if output else None
     quiet_libraries()
-    with user_errors("output so far is complete up to the last line written"):
+    note = f"'{output}' was not written (a file there before is as it was)" if output else \
+        "output so far is complete up to the last line written"
+    with user_errors(note):
         from ..core.config import PredictConfig
         from ..core.inference import PredictStats, predict_sharded, predict_stream, read_lines, resolve_rule
         from ..core.checkpoint import load_checkpoint
         from ..core.distributed import Runtime
         from ..core.errors import UserError
+        from ..core.files import atomic_text_file, check_output
 
         cfg = make_config(ctx, PredictConfig, config, values)
         rt = Runtime(cfg.device, cfg.precision)
         dev = rt.device
         if cfg.input and not Path(cfg.input).is_file():
             raise UserError(f"input file '{cfg.input}' does not exist")
+        if cfg.output:
+            check_output(cfg.output, cfg.input)
         if rt.distributed and not cfg.input:
             raise UserError("under accelerate launch every process reads the input: pass --input FILE (not stdin)")
         ckpt = load_checkpoint(cfg.checkpoint)
+        limit = ckpt.model.max_tokens
+        if cfg.max_length and limit and cfg.max_length > limit and rt.is_main:
+            err.print(f"[yellow]warning:[/] --max-length {cfg.max_length} is more than this model takes "
+                      f"({limit} tokens, its position embeddings); using {limit}")
+        cfg.max_length = min(cfg.max_length, limit) if cfg.max_length and limit else cfg.max_length
         rule, source = resolve_rule(ckpt, cfg.threshold, cfg.thresholds, cfg.entropy, policy=cfg.exit_policy,
                                     patience=cfg.patience, tolerance=cfg.tolerance)
         L, names = ckpt.model.num_layers, ckpt.label_names
@@ -71,29 +82,29 @@ def predict(
             where = f"{rt.world} processes" if rt.distributed else f"device {dev}"
             err.print(f"[dim]deebert predict: {rule.describe()} ({source}); {L} layers; {where}; engine {cfg.engine}[/]")
         src = open(cfg.input, "rb") if cfg.input else sys.stdin.buffer
-        dst = open(cfg.output, "w", encoding="utf-8", newline="\n") if cfg.output and main else sys.stdout
+        # --output is written to a temporary sibling and renamed when complete: a file there is never half
+        sink = atomic_text_file(cfg.output) if cfg.output and main else contextlib.nullcontext(sys.stdout)
         try:
-            if ckpt.task == "regression" and cfg.all_probs:
-                raise UserError("--all-probs needs class probabilities; a regression checkpoint predicts a value")
-            fmt = Formatter(cfg.format, names, L, rule.entropy, cfg.all_probs, ckpt.task == "regression")
-            if fmt.header and main:
-                dst.write(fmt.header + "\n")
-            kw = dict(batch_size=bs, window=win, max_length=cfg.max_length, engine=cfg.engine,
-                      all_probs=cfg.all_probs, stats=stats, precision=cfg.precision)
-            if rt.distributed:
-                results = predict_sharded(ckpt, read_lines(src, stats), rule, rt, **kw)
-            else:
-                results = predict_stream(ckpt, read_lines(src, stats), rule, dev, **kw)
-            for k, r in enumerate(results, 1):
-                dst.write(fmt(r) + "\n")
-                if interactive or k % bs == 0:
-                    dst.flush()
-            dst.flush()
+            with sink as dst:
+                if ckpt.task == "regression" and cfg.all_probs:
+                    raise UserError("--all-probs needs class probabilities; a regression checkpoint predicts a value")
+                fmt = Formatter(cfg.format, names, L, rule.entropy, cfg.all_probs, ckpt.task == "regression")
+                if fmt.header and main:
+                    dst.write(fmt.header + "\n")
+                kw = dict(batch_size=bs, window=win, max_length=cfg.max_length, engine=cfg.engine,
+                          all_probs=cfg.all_probs, stats=stats, precision=cfg.precision)
+                if rt.distributed:
+                    results = predict_sharded(ckpt, read_lines(src, stats), rule, rt, **kw)
+                else:
+                    results = predict_stream(ckpt, read_lines(src, stats), rule, dev, **kw)
+                for k, r in enumerate(results, 1):
+                    dst.write(fmt(r) + "\n")
+                    if interactive or k % bs == 0:
+                        dst.flush()
+                dst.flush()
         finally:
             if cfg.input:
                 src.close()
-            if cfg.output and main:
-                dst.close()
     if main:
         if stats.replaced:
             err.print(f"[yellow]warning:[/] {stats.replaced} line(s) had bytes that are not UTF-8; they were replaced with U+FFFD")

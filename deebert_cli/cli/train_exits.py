@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .common import CONFIG_OPT, DEVICE_OPT, RichProgress, finish_distributed, make_config, quiet_libraries, user_errors
+from .common import CONFIG_OPT, DEVICE_OPT, RichProgress, finish_distributed, make_config, out, pct, quiet_libraries, user_errors
 from .finetune import render_result
 
 
@@ -19,13 +19,14 @@ def train_exits(
     lr: float = typer.Option(5e-4, help="AdamW learning rate for the off-ramps."),
     weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
     seed: int = typer.Option(42, help="Random seed (off-ramp init and batch order)."),
-    ramp_pooling: str = typer.Option("auto", help="What an off-ramp reads: cls (first token, as DeeBERT), mean (over non-padding tokens), or auto: what the family's own head reads (cls; mean for a ModernBERT with classifier_pooling=mean)."),
-    ramp_norm: bool = typer.Option(False, help="LayerNorm the off-ramp input first (helps backbones whose early [CLS] barely varies)."),
-    distill: bool = typer.Option(False, help="Self-distillation: train each off-ramp on (1-alpha)*label loss + alpha*KL to the final classifier (FastBERT)."),
+    ramp_pooling: Optional[str] = typer.Option(None, help="What an off-ramp reads: cls (first token, as DeeBERT), mean (over non-padding tokens) or auto (what the family's own head reads: cls; mean for a ModernBERT with classifier_pooling=mean). Giving any of --ramp-pooling, --ramp-norm, --distill, --calibrate trains exactly that one recipe (the others as DeeBERT: the family's pooling (cls but for mean-pooling ModernBERT), no norm, no distillation, no calibration); giving none trains every candidate recipe on the one cache and keeps the best (largest layer saving within --max-drop on the evaluation split)."),
+    ramp_norm: bool = typer.Option(False, help="LayerNorm the off-ramp input first (helps backbones whose early [CLS] barely varies). Default: chosen by measurement."),
+    distill: bool = typer.Option(False, help="Self-distillation: train each off-ramp on (1-alpha)*label loss + alpha*KL to the final classifier (FastBERT). Default: chosen by measurement."),
     distill_temperature: float = typer.Option(2.0, help="Softening temperature of the distillation targets."),
     distill_alpha: float = typer.Option(0.5, help="Weight of the distillation term in [0, 1]."),
     unlabeled: Optional[str] = typer.Option(None, help="Extra unlabeled texts for --distill: a .txt file (one per line) or a data file/folder with the text column."),
-    calibrate: bool = typer.Option(False, help="Fit a temperature per off-ramp on the evaluation split (stored in the checkpoint), so entropy means the same at every layer."),
+    calibrate: bool = typer.Option(False, help="Fit a temperature per off-ramp on the evaluation split (stored in the checkpoint), so entropy means the same at every layer. Default: chosen by measurement."),
+    max_drop: float = typer.Option(0.5, help="Accuracy budget in points: the recipe kept is the one saving the most layers within it, and the threshold analyze recommends for it is stored for predict."),
     learned_exits: bool = typer.Option(False, help="BERxiT: also train a learned exit per off-ramp (Linear(H,1) + sigmoid on its pooler output) predicting whether the off-ramp is right (regression: tanh(|error|)); predict with --exit-policy learned --threshold T."),
     dataset: Optional[str] = typer.Option(None, help="Override the dataset (default: the one the checkpoint was fine-tuned on; same columns)."),
     max_train_samples: Optional[int] = typer.Option(None, help="Use a seeded random subset of the training split."),
@@ -35,7 +36,9 @@ def train_exits(
 ):
     """Stage 2: freeze backbone and final classifier, train the off-ramps of layers 1..L-1 on the mean of
     their cross-entropy losses. The frozen backbone runs once (eval mode, no dropout) to cache what every
-    off-ramp reads, so this stage costs about one inference pass plus cheap epochs."""
+    off-ramp reads, so this stage costs about one inference pass plus cheap epochs. By default several
+    off-ramp recipes train on that cache and the best on the evaluation split is kept; the threshold for
+    a --max-drop budget is stored, so `deebert predict` needs no --threshold."""
     values = dict(locals())
     values.pop("ctx"), values.pop("config")
     values["checkpoint"] = str(checkpoint)
@@ -51,4 +54,46 @@ def train_exits(
         result = run(cfg, RichProgress())
     if is_main_process():  # under accelerate launch, one report
         render_result(result)
+        render_recipes(result.extra)
     finish_distributed()
+
+
+def render_recipes(extra: dict) -> None:
+    """The candidate recipes side by side (when several were tried), the one kept, and the stored threshold."""
+    search = extra.get("recipes")
+    if not search:
+        return
+    rows, chosen = search["candidates"], search["chosen"]
+    if len(rows) > 1:
+        out.print(f"[bold]off-ramp recipes[/] on the evaluation split: the threshold analyze recommends for a "
+                  f"{search['max_drop']:g}-point budget, its accuracy change and layer saving (* = kept: {search['measure']})")
+        out.print(_recipe_table(rows, chosen))
+    out.print(f"off-ramp recipe: [bold]{chosen}[/]" + (" (as given)" if search["given"] else f" (best of {len(rows)})"))
+    thr = extra.get("thresholds")
+    if thr:
+        r = next(r for r in rows if r["recipe"] == chosen)
+        out.print(f"stored threshold [bold]{thr['values'][0]:g}[/] (normalized entropy) for a {thr['max_drop']:g}-point "
+                  f"budget on the evaluation split: accuracy {pct(r['accuracy'])} ({r['accuracy_change']:+.2f} points), "
+                  f"{pct(r['layer_saving'])} fewer layers; `deebert predict` uses it when given no --threshold")
+
+
+def _recipe_table(rows: list, chosen: str):
+    """One row per candidate: its threshold, accuracy change and layer saving at the budget, and every
+    off-ramp's accuracy (regression: the off-ramps' mean MSE and each one's)."""
+    from rich import box
+    from rich.table import Table
+
+    regression = "mean_ramp_mse" in rows[0]
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    t.add_column("recipe", no_wrap=True, min_width=max(len(r["recipe"]) for r in rows) + 2)
+    for c in ("mean MSE",) if regression else ("threshold", "Δ points", "saving"):
+        t.add_column(c, justify="right", no_wrap=True)
+    t.add_column("off-ramps 1..L-1" + ("" if regression else " (%)"), no_wrap=True)
+    for r in rows:
+        name = r["recipe"] + (" *" if r["recipe"] == chosen else "")
+        if regression:
+            t.add_row(name, f"{r['mean_ramp_mse']:.4f}", "/".join(f"{m:.3f}" for m in r["layer_mse"][:-1]))
+        else:
+            t.add_row(name, f"{r['threshold']:g}", f"{r['accuracy_change']:+.2f}", pct(r["layer_saving"]),
+                      "/".join(f"{100 * a:.1f}" for a in r["layer_accuracy"][:-1]))
+    return t

@@ -7,6 +7,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -309,7 +310,11 @@ def analyze(cfg: AnalyzeConfig, progress=None) -> Analysis:
     spec = DataSpec(**ckpt.meta.get("data", {}))
     overrides = {k: getattr(cfg, k) for k in ("dataset", "text_column", "text_pair_column", "label_column") if getattr(cfg, k)}
     spec = dataclasses.replace(spec, **overrides)
-    ex, source = eval_examples(spec, names, cfg.split)
+    # a file given with --dataset is evaluated whole (it is one split; nothing is carved out of it)
+    whole_file = bool(cfg.dataset) and Path(cfg.dataset).expanduser().is_file()
+    ex, source = eval_examples(spec, names, cfg.split or ("train" if whole_file else None))
+    if whole_file:
+        source = f"all of '{cfg.dataset}'" if cfg.split in (None, "train") else source
     max_length = ckpt.meta.get("max_length", 128)
 
     learned = model.ramp_cfg.learned_exit
@@ -362,7 +367,7 @@ def analyze(cfg: AnalyzeConfig, progress=None) -> Analysis:
         per_layer.pop("threshold")
 
     test = None
-    if cfg.split is None and cfg.test_split and rows:
+    if cfg.split is None and not whole_file and cfg.test_split and rows:
         splits = load_splits(spec.dataset)
         if cfg.test_split in splits and cfg.test_split not in (spec.train_split, spec.eval_split):
             tex, _ = to_examples(splits[cfg.test_split], spec, cfg.test_split, names)

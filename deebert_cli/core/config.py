@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,13 +93,18 @@ class TrainExitsConfig:
     lr: float = 5e-4
     weight_decay: float = 0.0
     seed: int = 42
-    ramp_pooling: str = "auto"  # auto: the family's own (cls; mean for ModernBERT with mean pooling)
-    ramp_norm: bool = False
-    distill: bool = False  # FastBERT-style self-distillation from the final classifier
+    # The off-ramp recipe. None everywhere (the default): several candidate recipes are trained on the one
+    # frozen-pass cache and the best by measurement is kept (see core.recipes). Any of them given: exactly
+    # one recipe, the unset ones at the plain DeeBERT values ([CLS], no norm, no distill, no calibration).
+    # pooling: cls, mean, or auto (the family's own head's: cls; mean for a ModernBERT with mean pooling)
+    ramp_pooling: str | None = None
+    ramp_norm: bool | None = None
+    distill: bool | None = None  # FastBERT-style self-distillation from the final classifier
     distill_temperature: float = 2.0
     distill_alpha: float = 0.5  # weight of the distillation term (1 - alpha on the label loss)
     unlabeled: str | None = None  # extra texts (one per line, or a data file) used with --distill
-    calibrate: bool = False  # per-off-ramp temperature scaling on the evaluation split
+    calibrate: bool | None = None  # per-off-ramp temperature scaling on the evaluation split
+    max_drop: float = 0.5  # accuracy budget (points) of the stored threshold and of the recipe choice
     learned_exits: bool = False  # BERxiT: also train a Linear(H, 1) exit predictor per off-ramp
     device: str = "auto"
     dataset: str | None = None  # default: the data the checkpoint was fine-tuned on
@@ -113,8 +119,14 @@ class TrainExitsConfig:
         _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         _check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
         _check(0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr}")
-        _check(self.ramp_pooling in ("auto", "cls", "mean"), f"ramp_pooling must be auto, cls or mean, got '{self.ramp_pooling}'")
+        _check(self.ramp_pooling in (None, "auto", "cls", "mean"), f"ramp_pooling must be auto, cls or mean, got '{self.ramp_pooling}'")
+        _check(math.isfinite(self.max_drop) and self.max_drop >= 0, f"max_drop must be >= 0 (accuracy points), got {self.max_drop}")
         _check(self.max_train_samples is None or self.max_train_samples > 0, "max_train_samples must be > 0")
+
+    @property
+    def recipe_given(self) -> bool:
+        """Whether the user chose the off-ramp recipe (any of pooling, norm, distill, calibrate set)."""
+        return any(v is not None for v in (self.ramp_pooling, self.ramp_norm, self.distill, self.calibrate))
 
 
 ENGINES = ("shrink", "refill")
@@ -135,9 +147,9 @@ def _parse_list(text, cast, message: str) -> list | None:
         raise ValueError(f"{message}, got '{text}'") from None
 
 
-def parse_thresholds(text: str | None) -> list | None:
-    """'0.1,0.2, 0.3' -> [0.1, 0.2, 0.3]."""
-    return _parse_list(text, float, "thresholds must be comma-separated numbers")
+def parse_thresholds(text: str | None, what: str = "thresholds") -> list | None:
+    """'0.1,0.2, 0.3' -> [0.1, 0.2, 0.3] (``what`` names the option in the error)."""
+    return _parse_list(text, float, f"{what} must be comma-separated numbers")
 
 
 def parse_ints(text, what: str) -> list | None:
@@ -175,10 +187,10 @@ class PredictConfig:
         _check_precision(self.precision)
         self.thresholds = parse_thresholds(self.thresholds)
         _check(self.entropy in ("normalized", "raw"), f"entropy must be 'normalized' or 'raw', got '{self.entropy}'")
-        for t in ([self.threshold] if self.threshold is not None else []) + (self.thresholds or []):
-            _check(math.isfinite(t) and t >= 0, f"threshold must be a finite number >= 0, got {t}")
+        for name, t in [("threshold", self.threshold)] * (self.threshold is not None) + [("thresholds", t) for t in self.thresholds or []]:
+            _check(math.isfinite(t) and t >= 0, f"{name} must be finite numbers >= 0, got {t}")
             if self.entropy == "normalized":
-                _check(t <= 1.0, f"threshold {t} is out of range: normalized entropy lies in [0, 1] (use --entropy raw for nats)")
+                _check(t <= 1.0, f"{name} {t} is out of range: normalized entropy lies in [0, 1] (use --entropy raw for nats)")
         _check(self.exit_policy in EXIT_POLICIES, f"exit_policy must be one of {', '.join(EXIT_POLICIES)}, got '{self.exit_policy}'")
         _check(self.patience >= 0, f"patience must be >= 0, got {self.patience}")
         _check(math.isfinite(self.tolerance) and self.tolerance > 0, f"tolerance must be > 0, got {self.tolerance}")
@@ -220,23 +232,24 @@ class AnalyzeConfig:
 
     def __post_init__(self):
         self.thresholds = parse_thresholds(self.thresholds)
-        self.timing_thresholds = parse_thresholds(self.timing_thresholds)
+        self.timing_thresholds = parse_thresholds(self.timing_thresholds, "timing_thresholds")
         self.patience = parse_ints(self.patience, "patience")
         for n in self.patience or []:
             _check(n >= 0, f"patience values must be >= 0, got {n}")
         _check(math.isfinite(self.tolerance) and self.tolerance > 0, f"tolerance must be > 0, got {self.tolerance}")
-        self.learned_thresholds = parse_thresholds(self.learned_thresholds)
+        self.learned_thresholds = parse_thresholds(self.learned_thresholds, "learned_thresholds")
         for t in self.learned_thresholds or []:
-            _check(0.0 <= t <= 1.0, f"learned threshold {t} is out of range: learned exit scores lie in [0, 1]")
+            _check(0.0 <= t <= 1.0, f"learned_thresholds value {t} is out of range: learned exit scores lie in [0, 1]")
         if isinstance(self.exit_policy, str):
             self.exit_policy = [p.strip() for p in self.exit_policy.split(",") if p.strip()] or None
         for p in self.exit_policy or []:
             _check(p in EXIT_POLICIES, f"exit_policy must be among {', '.join(EXIT_POLICIES)}, got '{p}'")
         _check(self.entropy in ("normalized", "raw"), f"entropy must be 'normalized' or 'raw', got '{self.entropy}'")
-        for t in (self.thresholds or []) + (self.timing_thresholds or []):
-            _check(math.isfinite(t) and t >= 0, f"threshold must be a finite number >= 0, got {t}")
-            if self.entropy == "normalized":
-                _check(t <= 1.0, f"threshold {t} is out of range: normalized entropy lies in [0, 1]")
+        for name in ("thresholds", "timing_thresholds"):
+            for t in getattr(self, name) or []:
+                _check(math.isfinite(t) and t >= 0, f"{name} must be finite numbers >= 0, got {t}")
+                if self.entropy == "normalized":
+                    _check(t <= 1.0, f"{name} value {t} is out of range: normalized entropy lies in [0, 1]")
         _check(self.max_drop >= 0, f"max_drop must be >= 0 (accuracy points), got {self.max_drop}")
         _check(self.batch_size > 0, "batch_size must be > 0")
         _check(self.examples >= 0, "examples must be >= 0")
@@ -244,7 +257,7 @@ class AnalyzeConfig:
         if self.example_threshold is not None:
             _check(self.example_threshold >= 0, "example_threshold must be >= 0")
             if self.entropy == "normalized":
-                _check(self.example_threshold <= 1.0, f"threshold {self.example_threshold} is out of range: normalized entropy lies in [0, 1]")
+                _check(self.example_threshold <= 1.0, f"example_threshold {self.example_threshold} is out of range: normalized entropy lies in [0, 1]")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -286,7 +299,23 @@ def build_config(cls, file_values: dict | None = None, flags: dict | None = None
     try:
         return cls(**merged)
     except (TypeError, ValueError) as e:
-        raise UserError(f"invalid option: {e}") from None
+        raise UserError(f"invalid option: {as_flags(str(e), known)}") from None
+
+
+def as_flags(message: str, fields) -> str:
+    """The one place where a config field becomes the flag a user types: in a validation message, a field
+    name that leads it, and any snake_case field name, is written as its flag ('batch_size must be > 0'
+    -> '--batch-size must be > 0'). A --config file uses the same names with dashes or underscores."""
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    head = re.match(r"\w+", message)
+    if head and head.group(0) in fields:
+        message = flag(head.group(0)) + message[head.end():]
+    snake = sorted((f for f in fields if "_" in f), key=len, reverse=True)
+    if snake:
+        message = re.sub(r"(?<![\w-])(" + "|".join(map(re.escape, snake)) + r")(?!\w)", lambda m: flag(m.group(1)), message)
+    return message
 
 
 def to_yaml(cfg) -> str:

@@ -379,6 +379,7 @@ def predict_stream(ckpt: Checkpoint, lines: Iterable[str], rule: ExitRule, devic
         raise UserError(f"'{ckpt.path}' has no tokenizer files")
     pairs = bool(ckpt.meta.get("data", {}).get("text_pair_column"))
     max_length = max_length or ckpt.meta.get("max_length", 128)
+    max_length = min(max_length, ckpt.model.max_tokens or max_length)  # never past the position embeddings
     eng = EarlyExitEngine(ckpt, rule, device, batch_size, all_probs, precision)
     stats = stats if stats is not None else PredictStats(eng.L)
     tok = ckpt.tokenizer

@@ -69,6 +69,10 @@ class FamilyAdapter:
         """The backbone's pretrained pooler Linear(H,H), if the family has one (off-ramps start from it)."""
         return None
 
+    def max_tokens(self) -> int | None:
+        """The longest input (in tokens, special tokens included) the position embeddings cover."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
 
 class BertAdapter(FamilyAdapter):
     family, base_attr = "bert", "bert"
@@ -87,6 +91,11 @@ class RobertaAdapter(FamilyAdapter):
     def embed(self, input_ids, token_type_ids=None):
         # RoBERTa derives position ids from input_ids (padding_idx), so always pass input_ids
         return self.base.embeddings(input_ids=input_ids)
+
+    def max_tokens(self):
+        # positions start after padding_idx (pad_token_id + 1): 514 embeddings hold 512 tokens
+        n = super().max_tokens()
+        return None if n is None else n - (self.model.config.pad_token_id or 0) - 1
 
 
 class XLMRobertaAdapter(RobertaAdapter):
@@ -335,6 +344,11 @@ class HighwayModel(nn.Module):
     @property
     def num_labels(self) -> int:
         return self.model.config.num_labels
+
+    @property
+    def max_tokens(self) -> int | None:
+        """The longest input in tokens this model takes (its position embeddings; the family's offset)."""
+        return self.adapter.max_tokens()
 
     def parameter_counts(self) -> ParameterCounts:
         """Off-ramp parameters vs the plain classifier (backbone + final head)."""

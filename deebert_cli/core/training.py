@@ -223,23 +223,27 @@ def _decay_groups(module: nn.Module, weight_decay: float):
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def collect(model: HighwayModel, enc: Encoded, pad_id: int, batch_size: int, device, pooled: bool = True,
-            all_logits: bool = False, precision: str = "fp32", cls: bool = False) -> dict:
+            all_logits: bool = False, precision: str = "fp32", cls: bool = False, poolings: tuple = ()) -> dict:
     """Run the frozen model once over ``enc`` (length-sorted batches, eval mode) and return, in input order:
     ``final`` [n, C] logits of the last exit; with ``pooled`` the off-ramp inputs [L-1, n, H];
     with ``all_logits`` the logits of every exit [L, n, C]; with ``cls`` the first-token state of
-    every layer [L, n, H]. Outputs are float32 on the CPU."""
+    every layer [L, n, H]; for each pooling in ``poolings`` (``cls``, ``mean``) the layers' states pooled
+    that way, ``pooled_by[pooling]`` [L-1, n, H] (stage 2 caches both in one pass). Outputs are float32
+    on the CPU."""
     model.eval()
     n, L = len(enc), model.num_layers
     out = {"final": None}
-    finals, pools, logits_all, clss = [None] * n, [None] * n, [None] * n, [None] * n
+    ways = tuple(poolings) + (("ramps",) if pooled else ())
+    finals, logits_all, clss = [None] * n, [None] * n, [None] * n
+    pools = {w: [None] * n for w in ways}
     for idx in length_sorted_batches(enc.lengths(), batch_size):
         b = {k: v.to(device) for k, v in pad_batch(enc, idx, pad_id).items()}
         with autocast(device, precision):
-            per_layer_pool, per_layer_logits, per_layer_cls = _collect_batch(model, b, L, pooled, all_logits, cls)
+            per_layer_pool, per_layer_logits, per_layer_cls = _collect_batch(model, b, L, ways, all_logits, cls)
         for j, row in enumerate(idx):
             finals[row] = per_layer_logits[-1][j]
-            if pooled:
-                pools[row] = torch.stack([p[j] for p in per_layer_pool])
+            for w in ways:
+                pools[w][row] = torch.stack([p[j] for p in per_layer_pool[w]])
             if all_logits:
                 logits_all[row] = torch.stack([p[j] for p in per_layer_logits])
             if cls:
@@ -248,48 +252,65 @@ def collect(model: HighwayModel, enc: Encoded, pad_id: int, batch_size: int, dev
     if cls:
         out["cls"] = torch.stack(clss, dim=1)  # [L, n, H]
     if pooled:
-        out["pooled"] = torch.stack(pools, dim=1)  # [L-1, n, H]
+        out["pooled"] = torch.stack(pools["ramps"], dim=1)  # [L-1, n, H]
+    if poolings:
+        out["pooled_by"] = {w: torch.stack(pools[w], dim=1) for w in poolings}  # each [L-1, n, H]
     if all_logits:
         out["logits"] = torch.stack(logits_all, dim=1)  # [L, n, C]
     return out
 
 
-def _collect_batch(model: HighwayModel, b: dict, L: int, pooled: bool, all_logits: bool, cls: bool = False) -> tuple:
+def _collect_batch(model: HighwayModel, b: dict, L: int, ways: tuple, all_logits: bool, cls: bool = False) -> tuple:
+    """One batch of :func:`collect`: per way of pooling (``ramps``: each off-ramp's own) the pooled states
+    of layers 1..L-1, the logits of the exits asked for, the first-token states."""
+    from .exits import pool
+
     hidden = model.embed(b["input_ids"], b.get("token_type_ids"))
     mask = model.prepare_mask(b["attention_mask"], hidden)
-    per_layer_pool, per_layer_logits, per_layer_cls = [], [], []
+    per_layer_pool, per_layer_logits, per_layer_cls = {w: [] for w in ways}, [], []
     for i in range(L):
         hidden = model.run_layer(i, hidden, mask)
         if cls:
             per_layer_cls.append(hidden[:, 0].float().cpu())
-        if pooled and i < L - 1:
-            per_layer_pool.append(model.ramps[i].pool(hidden, b["attention_mask"]).float().cpu())
+        if i < L - 1:
+            for w in ways:
+                p = model.ramps[i].pool(hidden, b["attention_mask"]) if w == "ramps" else pool(hidden, b["attention_mask"], w)
+                per_layer_pool[w].append(p.float().cpu())
         if all_logits or i == L - 1:
             per_layer_logits.append(model.exit_logits(i, hidden, b["attention_mask"]).float().cpu())
     return per_layer_pool, per_layer_logits, per_layer_cls
 
 
 def collect_sharded(rt: Runtime, model: HighwayModel, enc: Encoded, pad_id: int, batch_size: int,
-                    pooled: bool = True, all_logits: bool = False) -> dict:
+                    pooled: bool = True, all_logits: bool = False, poolings: tuple = ()) -> dict:
     """:func:`collect` with the rows spread over the processes of ``rt`` and gathered back in input order on
     every process (each row once), so figures computed from it equal a single-process pass. Without a
     launcher this is exactly :func:`collect`."""
     if not rt.distributed:
-        return collect(model, enc, pad_id, batch_size, rt.device, pooled, all_logits, rt.precision)
+        return collect(model, enc, pad_id, batch_size, rt.device, pooled, all_logits, rt.precision, poolings=poolings)
     n, L = len(enc), model.num_layers
     rows = rt.shard(range(n))
     if rows:
-        got = collect(model, enc.subset(rows), pad_id, batch_size, rt.device, pooled, all_logits, rt.precision)
+        got = collect(model, enc.subset(rows), pad_id, batch_size, rt.device, pooled, all_logits, rt.precision,
+                      poolings=poolings)
     else:  # more processes than rows
         got = {"final": torch.zeros(0, model.num_labels)}
         if pooled:
             got["pooled"] = torch.zeros(L - 1, 0, model.hidden_size)
         if all_logits:
             got["logits"] = torch.zeros(L, 0, model.num_labels)
+        if poolings:
+            got["pooled_by"] = {w: torch.zeros(L - 1, 0, model.hidden_size) for w in poolings}
+
+    def gather(t):  # rows are dim 1
+        return rt.gather_rows(t.transpose(0, 1), n).transpose(0, 1).contiguous()
+
     out = {"final": rt.gather_rows(got["final"], n)}
     for key in ("pooled", "logits"):
-        if key in got:  # rows are dim 1 there
-            out[key] = rt.gather_rows(got[key].transpose(0, 1), n).transpose(0, 1).contiguous()
+        if key in got:
+            out[key] = gather(got[key])
+    if poolings:
+        out["pooled_by"] = {w: gather(t) for w, t in got["pooled_by"].items()}
     return out
 
 
@@ -304,20 +325,104 @@ def reset_ramps(model: HighwayModel, ramp_cfg: RampConfig, seed: int) -> None:
 
 
 def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> TrainResult:
-    """Stage 2: train off-ramps 1..L-1 of a stage-1 checkpoint; backbone and final head stay bit-for-bit."""
+    """Stage 2: train off-ramps 1..L-1 of a stage-1 checkpoint; backbone and final head stay bit-for-bit.
+    With no recipe option given, every candidate recipe (:mod:`.recipes`) is trained on the one cache and
+    the best on the evaluation split kept; the threshold analyze would recommend for ``cfg.max_drop``
+    points is stored for predict (classification)."""
+    from . import recipes as rc
+
     rt = Runtime(cfg.device, cfg.precision)
     device = rt.device
     progress = progress if progress is not None and rt.is_main else Progress()  # only the main process reports
+    ckpt, spec, data, train = _stage1_inputs(cfg)
+    model, tokenizer, task = ckpt.model, ckpt.tokenizer, ckpt.task
+    todo = rc.recipes_for(cfg, task, model.adapter.ramp_pooling)
+    dropout = model.ramp_cfg.dropout
+    model.to(device)
+    for p in model.model.parameters():
+        p.requires_grad_(False)
+
+    cache = _cache_states(cfg, rt, ckpt, spec, train, data.eval, {r.pooling for r in todo}, progress)
+    labels = data.eval.labels
+    ev_y = torch.tensor(labels, dtype=cache["y"].dtype, device=device)
+    rows, kept, steps, seen, train_seconds = _try_recipes(model, todo, cache, cfg, task, ev_y, dropout, progress)
+    choice = rc.best(rows, task)
+    recipe, (state, calibration, logits) = todo[choice], kept[choice]
+    model.build_ramps(RampConfig(recipe.pooling, recipe.norm, dropout, cfg.learned_exits), init_from_pooler=False)
+    model.ramps.load_state_dict(state)
+    model.to(device).ramps.eval()
+    learned = None
+    if cfg.learned_exits:  # after calibration: the predictors learn when the final off-ramps are right
+        learned = train_exit_heads(model, cache["train"][recipe.pooling], cache["y"], cache["eval"][recipe.pooling],
+                                   ev_y, cfg, task, progress)
+
+    layers = [layer_metrics(i, logits[i], labels, task, model.num_labels) for i in range(model.num_layers)]
+    report = eval_report(cache["eval_final"], labels, data.eval_source, task, model.num_labels, layers)
+    for p in model.model.parameters():
+        p.requires_grad_(True)
+    extra = {"cache_seconds": cache["seconds"], "train_seconds": train_seconds, "cached_examples": cache["n"],
+             "recipes": {"given": cfg.recipe_given, "measure": rc.MEASURE[task], "max_drop": cfg.max_drop,
+                         "chosen": recipe.name, "candidates": rows}}
+    if task != "regression":  # what analyze --store-thresholds would store for the budget
+        extra["thresholds"] = {"entropy": "normalized", "values": [rows[choice]["threshold"]] * (model.num_layers - 1),
+                               "max_drop": cfg.max_drop, "search": "global", "chosen_on": data.eval_source,
+                               "by": "train-exits"}
+    meta = _exits_meta(ckpt.meta, report, extra, learned, calibration)
+    out = cfg.output or cfg.checkpoint
+    if rt.is_main:
+        save_checkpoint(Checkpoint(model.cpu(), tokenizer, meta), out,
+                        extra_files={"train_exits_config.yaml": to_yaml(cfg)}, keep_files_from=cfg.checkpoint)
+    rt.wait_for_everyone()
+    epochs_done = seen / len(train)  # over every recipe trained
+    per_epoch = (cache["seconds"] * len(train) / (len(train) + len(data.eval))) + train_seconds / max(epochs_done, 1e-9)
+    return TrainResult(out, STAGE_EXITS, len(train), steps, train_seconds + cache["seconds"], per_epoch,
+                       seen / max(train_seconds, 1e-9), report, extra)
+
+
+def _try_recipes(model: HighwayModel, todo: list, cache: dict, cfg: TrainExitsConfig, task: str, ev_y: torch.Tensor,
+                 dropout: float, progress: Progress) -> tuple:
+    """Train every recipe of ``todo`` on the cache, each from the same seeded start (so a recipe comes out
+    as it would alone; recipes differing only in calibration share one training, calibration being fitted
+    afterwards on the same weights) and score it on the evaluation split (:func:`.recipes.score`).
+    Returns (score rows, per recipe (off-ramp state, calibration, every exit's logits), steps, rows seen,
+    training seconds)."""
+    from .recipes import score
+
+    rows, kept, trained, steps, seen, seconds = [], [], {}, 0, 0, 0.0
+    labels = ev_y.tolist()
+    for recipe in todo:
+        if recipe.training not in trained:
+            seed_everything(cfg.seed)
+            reset_ramps(model, RampConfig(recipe.pooling, recipe.norm, dropout, cfg.learned_exits), cfg.seed)
+            model.ramps.to(ev_y.device)
+            title = f"stage 2: off-ramps ({dataclasses.replace(recipe, calibrate=False).name})"
+            k, m, sec = fit_ramps(model, cache["train"][recipe.pooling], cache["y"], cache["teacher"], cfg, task,
+                                  recipe.distill, progress, title)
+            steps, seen, seconds = steps + k, seen + m, seconds + sec
+            trained[recipe.training] = {n: v.clone() for n, v in model.ramps.state_dict().items()}
+        else:
+            model.ramps.load_state_dict(trained[recipe.training])
+        model.ramps.eval()
+        ev_pooled = cache["eval"][recipe.pooling]
+        calibration = calibrate_ramps(model, ev_pooled, ev_y) if recipe.calibrate else None
+        logits = _exit_logits(model, ev_pooled, cache["eval_final"])
+        rows.append({"recipe": recipe.name, "pooling": recipe.pooling, "norm": recipe.norm, "distill": recipe.distill,
+                     "calibrate": recipe.calibrate, **score(logits, labels, task, cfg.max_drop)})
+        kept.append(({n: v.clone() for n, v in model.ramps.state_dict().items()}, calibration, logits))
+    return rows, kept, steps, seen, seconds
+
+
+def _stage1_inputs(cfg: TrainExitsConfig) -> tuple:
+    """The stage-1 checkpoint and its data (or ``cfg.dataset`` with the same columns) -> (checkpoint,
+    DataSpec, PreparedData, training Examples after ``max_train_samples``); UserErrors for what does not fit."""
     ckpt = load_checkpoint(cfg.checkpoint)
     if ckpt.stage not in (STAGE_FINETUNED, STAGE_EXITS) or "data" not in ckpt.meta:
         raise UserError(f"'{cfg.checkpoint}' is not a stage-1 checkpoint (run `deebert finetune` first)")
     if ckpt.tokenizer is None:
         raise UserError(f"'{cfg.checkpoint}' has no tokenizer files")
-    model, tokenizer = ckpt.model, ckpt.tokenizer
-    task = ckpt.task
-    if task == "regression" and (cfg.distill or cfg.calibrate):
+    if ckpt.task == "regression" and (cfg.distill or cfg.calibrate):
         raise UserError("--distill and --calibrate need class probabilities; they do not apply to a regression checkpoint")
-    spec = DataSpec(**{**ckpt.meta["data"], "task": task})
+    spec = DataSpec(**{**ckpt.meta["data"], "task": ckpt.task})
     if cfg.dataset:
         spec = dataclasses.replace(spec, dataset=cfg.dataset)
     data = prepare_data(spec)
@@ -326,54 +431,64 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
     train = data.train
     if cfg.max_train_samples and cfg.max_train_samples < len(train):
         train = train.subset(sorted(random.Random(cfg.seed).sample(range(len(train)), cfg.max_train_samples)))
+    return ckpt, spec, data, train
+
+
+def _cache_states(cfg: TrainExitsConfig, rt: Runtime, ckpt: Checkpoint, spec: DataSpec, train, evals, poolings: set,
+                  progress: Progress) -> dict:
+    """One frozen pass caching what the off-ramps read, pooled every way in ``poolings``, and the final
+    classifier's logits (the teacher of --distill), over the training (+ --unlabeled) and evaluation texts.
+    Under a launcher the pass (the expensive part) is sharded over the processes and the cache gathered, in
+    input order, on every process; the off-ramps then train on that full cache with the same seed on every
+    process: identical updates, no gradient traffic (a few small linear layers on cached states gain nothing
+    from DDP), and the main process writes exactly what a single process would.
+    Returns {"train": {pooling: [L-1, n, H]}, "teacher" [n, C], "y" [n] (-100: unlabeled), "eval": {...},
+    "eval_final" [n_ev, C], "seconds", "n"} on the run's device (eval_final on the CPU)."""
+    model, tokenizer, task = ckpt.model, ckpt.tokenizer, ckpt.task
+    device, pad, ways = rt.device, ckpt.tokenizer.pad_token_id, tuple(sorted(poolings))
     max_length = ckpt.meta.get("max_length", 128)
-
-    seed_everything(cfg.seed)
-    reset_ramps(model, RampConfig(cfg.ramp_pooling, cfg.ramp_norm, model.ramp_cfg.dropout, cfg.learned_exits), cfg.seed)
-    model.to(device)
-    for p in model.model.parameters():
-        p.requires_grad_(False)
-
-    # One frozen pass caches what each off-ramp reads (and the final classifier's logits: the teacher of
-    # --distill). Under a launcher the pass (the expensive part) is sharded over the processes and the
-    # cache gathered, in input order, on every process. The off-ramps then train on that full cache with
-    # the same seed on every process: identical updates, no gradient traffic (a few small linear layers on
-    # cached states gain nothing from DDP), and the main process writes exactly what a single process would.
     t0 = time.perf_counter()
     enc_tr = encode(tokenizer, train.texts, train.pairs, max_length)
-    enc_ev = encode(tokenizer, data.eval.texts, data.eval.pairs, max_length)
+    enc_ev = encode(tokenizer, evals.texts, evals.pairs, max_length)
     unlabeled = read_unlabeled(cfg.unlabeled, spec) if cfg.unlabeled else None
     n_un = len(unlabeled[0]) if unlabeled else 0
-    progress.log(f"caching per-layer states of {len(train)} + {len(data.eval)}"
+    progress.log(f"caching per-layer states of {len(train)} + {len(evals)}"
                  f"{f' + {n_un} unlabeled' if n_un else ''} examples (one frozen pass)")
-    got_tr = collect_sharded(rt, model, enc_tr, tokenizer.pad_token_id, 64)
-    got_ev = collect_sharded(rt, model, enc_ev, tokenizer.pad_token_id, 64)
-    feats, teacher = got_tr["pooled"], got_tr["final"]  # [L-1, n, H], [n, C]
+    got_tr = collect_sharded(rt, model, enc_tr, pad, 64, pooled=False, poolings=ways)
+    got_ev = collect_sharded(rt, model, enc_ev, pad, 64, pooled=False, poolings=ways)
+    feats, teacher = got_tr["pooled_by"], got_tr["final"]
     y = torch.tensor(train.labels, dtype=torch.float32 if task == "regression" else torch.long)
     if n_un:
-        got_un = collect_sharded(rt, model, encode(tokenizer, unlabeled[0], unlabeled[1], max_length), tokenizer.pad_token_id, 64)
-        feats = torch.cat([feats, got_un["pooled"]], 1)
+        got_un = collect_sharded(rt, model, encode(tokenizer, unlabeled[0], unlabeled[1], max_length), pad, 64,
+                                 pooled=False, poolings=ways)
+        feats = {w: torch.cat([feats[w], got_un["pooled_by"][w]], 1) for w in ways}
         teacher = torch.cat([teacher, got_un["final"]], 0)
         y = torch.cat([y, torch.full((n_un,), -100)])  # -100: no label, distillation only
-    cache_seconds = time.perf_counter() - t0
+    return {"train": {w: t.to(device) for w, t in feats.items()}, "teacher": teacher.to(device), "y": y.to(device),
+            "eval": {w: t.to(device) for w, t in got_ev["pooled_by"].items()}, "eval_final": got_ev["final"],
+            "seconds": time.perf_counter() - t0, "n": len(train) + len(evals) + n_un}
 
-    feats, teacher, y = feats.to(device), teacher.to(device), y.to(device)
+
+def fit_ramps(model: HighwayModel, feats: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor, cfg: TrainExitsConfig,
+              task: str, distill: bool, progress: Progress, title: str = "stage 2: train off-ramps") -> tuple:
+    """Train the off-ramps on cached states feats [L-1, n, H] for ``cfg.epochs``: the mean over off-ramps
+    of their losses (DeeBERT stage 2), with ``distill`` mixed with distillation. Leaves the off-ramps in
+    eval mode. Returns (steps, rows seen, seconds)."""
     n_rows = feats.shape[1]
     opt = torch.optim.AdamW(model.ramps.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(n_rows / cfg.batch_size)
-    total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    total = max(1, math.ceil(cfg.epochs * math.ceil(n_rows / cfg.batch_size)))
     gen = torch.Generator().manual_seed(cfg.seed)
     model.ramps.train()
-    progress.start("stage 2: train off-ramps", total)
+    progress.start(title, total)
     t1, step, seen, batches = time.perf_counter(), 0, 0, iter(())
     while step < total:
         idx = next(batches, None)
         if idx is None:
             batches = iter(torch.randperm(n_rows, generator=gen).split(cfg.batch_size))
             continue
-        idx = idx.to(device)
-        # mean over off-ramps of their losses (DeeBERT stage 2), optionally mixed with distillation
-        losses = [ramp_loss(r.classify(feats[i, idx]), y[idx], teacher[idx], cfg, task) for i, r in enumerate(model.ramps)]
+        idx = idx.to(feats.device)
+        losses = [ramp_loss(r.classify(feats[i, idx]), y[idx], teacher[idx], cfg, task, distill)
+                  for i, r in enumerate(model.ramps)]
         loss = torch.stack(losses).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -381,49 +496,35 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
         step += 1
         seen += len(idx)
         progress.update(1, loss=loss.item(), ex_s=seen / max(time.perf_counter() - t1, 1e-9))
-    train_seconds = time.perf_counter() - t1
     progress.stop()
     model.ramps.eval()
+    return step, seen, time.perf_counter() - t1
 
-    ev_pooled = got_ev["pooled"].to(device)
-    labels = data.eval.labels
-    calibration = calibrate_ramps(model, ev_pooled, torch.tensor(labels, device=device)) if cfg.calibrate else None
-    learned = None
-    if cfg.learned_exits:  # after calibration: the predictors learn when the final off-ramps are right
-        ev_y = torch.tensor(labels, dtype=y.dtype, device=device)
-        learned = train_exit_heads(model, feats, y, ev_pooled, ev_y, cfg, task, progress)
 
-    # evaluation of every exit on the cached eval states
-    with torch.no_grad():
-        layer_logits = [r.classify(ev_pooled[i]).cpu() for i, r in enumerate(model.ramps)] + [got_ev["final"]]
-    layers = [layer_metrics(i, lg, labels, task, model.num_labels) for i, lg in enumerate(layer_logits)]
-    report = eval_report(got_ev["final"], labels, data.eval_source, task, model.num_labels, layers)
+@torch.no_grad()
+def _exit_logits(model: HighwayModel, pooled: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+    """Every exit's logits [L, n, C] from the off-ramps' cached inputs pooled [L-1, n, H] and the final
+    classifier's logits final [n, C] (CPU)."""
+    return torch.stack([r.classify(pooled[i]).float().cpu() for i, r in enumerate(model.ramps)] + [final.float()])
 
-    for p in model.model.parameters():
-        p.requires_grad_(True)
-    meta = dict(ckpt.meta)
+
+def _exits_meta(meta: dict, report: EvalReport, extra: dict, learned: list | None, calibration: list | None) -> dict:
+    """deebert.json of a stage-2 checkpoint: the stage-1 metadata, the evaluation, timing, the recipe
+    search, and the learned exits' and calibration's figures; figures of older off-ramps are dropped."""
+    meta = dict(meta)
     meta["stage"] = STAGE_EXITS
     meta.setdefault("metrics", {})["train_exits"] = dataclasses.asdict(report)
-    meta.pop("thresholds", None)  # thresholds searched for older off-ramps no longer apply
-    meta.pop("learned_exits", None)  # nor do the figures of older learned exits
-    out = cfg.output or cfg.checkpoint
-    epochs_done = seen / len(train)
-    extra = {"cache_seconds": cache_seconds, "train_seconds": train_seconds,
-             "cached_examples": len(train) + len(data.eval) + n_un}
-    meta["timing"] = {"train_exits": extra}
+    for stale in ("thresholds", "learned_exits", "calibration", "recipes"):
+        meta.pop(stale, None)
+    meta["timing"] = {"train_exits": {k: extra[k] for k in ("cache_seconds", "train_seconds", "cached_examples")}}
+    meta["recipes"] = extra["recipes"]
+    if "thresholds" in extra:
+        meta["thresholds"] = extra["thresholds"]
     if learned is not None:
-        meta["learned_exits"] = learned
-        extra["learned_exits"] = learned
+        meta["learned_exits"] = extra["learned_exits"] = learned
     if calibration is not None:
-        meta["calibration"] = calibration
-        extra["calibration"] = calibration
-    if rt.is_main:
-        save_checkpoint(Checkpoint(model.cpu(), tokenizer, meta), out,
-                        extra_files={"train_exits_config.yaml": to_yaml(cfg)}, keep_files_from=cfg.checkpoint)
-    rt.wait_for_everyone()
-    per_epoch = (cache_seconds * len(train) / (len(train) + len(data.eval))) + train_seconds / max(epochs_done, 1e-9)
-    return TrainResult(out, STAGE_EXITS, len(train), step, train_seconds + cache_seconds, per_epoch,
-                       seen / max(train_seconds, 1e-9), report, extra)
+        meta["calibration"] = extra["calibration"] = calibration
+    return meta
 
 
 def exit_targets(ramp: OffRamp, x: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
@@ -491,8 +592,8 @@ def train_exit_heads(model: HighwayModel, feats: torch.Tensor, y: torch.Tensor, 
 
 
 def ramp_loss(logits: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor, cfg: TrainExitsConfig,
-              task: str = "classification") -> torch.Tensor:
-    """One off-ramp's loss on a batch: cross-entropy on labeled rows (y != -100); with ``cfg.distill``,
+              task: str = "classification", distill: bool = False) -> torch.Tensor:
+    """One off-ramp's loss on a batch: cross-entropy on labeled rows (y != -100); with ``distill``,
     (1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T), the KL term over every row (FastBERT).
     Regression: MSE of the single output against y (float)."""
     import torch.nn.functional as F
@@ -502,7 +603,7 @@ def ramp_loss(logits: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor, cfg:
 
     labeled = y != -100
     ce = F.cross_entropy(logits[labeled], y[labeled]) if bool(labeled.any()) else logits.sum() * 0.0
-    if not cfg.distill:
+    if not distill:
         return ce
     t = cfg.distill_temperature
     kd = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
