@@ -271,3 +271,32 @@ def test_save_every_syntax():
     for bad in ("0", "soon", "-1", "1.5 epochs"):
         with pytest.raises(ValueError, match="--save-every"):
             FinetuneConfig(save_every=bad)
+
+
+def test_resume_under_accelerate_launch(setup):
+    """2 CPU processes (gloo, DDP) with gradient accumulation: killed (every process SIGKILLs itself after
+    the second saved state), relaunched with the same options: the same final weights as a straight run."""
+    pytest.importorskip("accelerate", reason="needs the [distributed] extra: pip install 'deebert-cli[distributed]'")
+    from test_distributed import _free_port, launch
+
+    tmp, bb, data = setup
+    killer = tmp / "killer.py"
+    killer.write_text(KILLER)
+    opts = ["--model", bb, "--dataset", data, "--epochs", 3, "--batch-size", 8, "--grad-accum", 2, "--lr", 3e-3,
+            "--save-every", 3]
+    launch(tmp, "finetune", *opts, "--output", tmp / "ddp-straight")
+    out = tmp / "ddp-resumed"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(_free_port()), str(killer), "finetune", *map(str, opts), "--output", str(out), "--device", "cpu"]
+    r = subprocess.run(cmd, env=env(KILL_AFTER_SAVES="2", HF_HOME=str(tmp / "hf-home")), capture_output=True,
+                       text=True, timeout=300, cwd=tmp)
+    assert r.returncode != 0 and not out.exists()
+    state = Path(f"{out}.train-state")
+    (done,) = [p for p in state.iterdir() if p.name.startswith("step-")]
+    assert done.name == "step-000000006" and {p.name for p in done.glob("rng-*")} == {"rng-0.safetensors", "rng-1.safetensors"}
+    r = launch(tmp, "finetune", *opts, "--output", out)
+    assert "resuming from" in r.stdout + r.stderr
+    a, b = weights(tmp / "ddp-straight"), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert epochs_of(tmp / "ddp-straight") == epochs_of(out)
