@@ -300,3 +300,16 @@ def test_resume_under_accelerate_launch(setup):
     a, b = weights(tmp / "ddp-straight"), weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert epochs_of(tmp / "ddp-straight") == epochs_of(out)
+
+
+def test_wandb_offline_run_is_written(setup):
+    pytest.importorskip("wandb", reason="needs the [wandb] extra: pip install 'deebert-cli[wandb]'")
+    tmp, bb, data = setup
+    logs = tmp / "wandb-logs"
+    r = subprocess.run([sys.executable, "-m", "deebert_cli", "finetune", "--model", bb, "--dataset", data,
+                        "--output", str(tmp / "wb-ok"), "--epochs", "1", "--device", "cpu", "--report-to", "wandb",
+                        "--logging-dir", str(logs)],
+                       env=env(WANDB_MODE="offline", WANDB_SILENT="true"), capture_output=True, text=True,
+                       timeout=300, cwd=tmp)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(list(logs.glob("wandb/offline-run-*/run-*.wandb"))) == 1

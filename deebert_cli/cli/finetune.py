@@ -23,7 +23,7 @@ def finetune(
     validation_fraction: float = typer.Option(0.1, help="Fraction of train held out (stratified, seeded) when there is no evaluation split."),
     task: str = typer.Option("classification", help="classification, or regression: a float label column, MSE loss, one output (off-ramps predict a value; predict with --exit-policy patience)."),
     max_length: int = typer.Option(128, help="Maximum tokens per input."),
-    epochs: float = typer.Option(4.0, help="Training epochs (fractions allowed); the model is evaluated after each and the best epoch's weights are kept (evaluation accuracy; MSE for regression)."),
+    epochs: float = typer.Option(3.0, help="Training epochs (fractions allowed); the model is evaluated after each and the best epoch's weights are kept (evaluation accuracy; MSE for regression)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (overrides --epochs)."),
     max_train_samples: Optional[int] = typer.Option(None, help="Use a seeded random subset of the training split."),
     batch_size: int = typer.Option(32, help="Rows per forward pass (an optimizer update takes --batch-size x --grad-accum rows)."),

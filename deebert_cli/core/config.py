@@ -57,7 +57,7 @@ class FinetuneConfig(DataOptions):
     model: str = DEFAULT_MODEL
     task: str = "classification"  # or "regression" (float label column, MSE, one output)
     max_length: int = 128
-    epochs: float = 4.0  # evaluated after each; the best epoch's weights are kept
+    epochs: float = 3.0  # evaluated after each; the best epoch's weights are kept
     max_steps: int | None = None
     max_train_samples: int | None = None
     batch_size: int = 32  # rows per forward pass; an optimizer update takes batch_size * grad_accum
