@@ -22,7 +22,7 @@ $(VENV)/.deebert-setup: pyproject.toml
 setup: $(VENV)/.deebert-setup
 
 demo: setup
-	$(VENV)/bin/deebert finetune --output $(CKPT)
+	$(VENV)/bin/deebert finetune --epochs 2 --output $(CKPT)
 	$(VENV)/bin/deebert train-exits --checkpoint $(CKPT)
 	printf 'A gorgeous, witty, seductive movie.\nThe plot is a mess and the acting is worse.\nIt has its moments, but not many.\n' | \
 		$(VENV)/bin/deebert predict --checkpoint $(CKPT) --threshold 0.3
