@@ -295,6 +295,8 @@ def test_resume_under_accelerate_launch(setup):
     state = Path(f"{out}.train-state")
     (done,) = [p for p in state.iterdir() if p.name.startswith("step-")]
     assert done.name == "step-000000006" and {p.name for p in done.glob("rng-*")} == {"rng-0.safetensors", "rng-1.safetensors"}
+    r = invoke("finetune", *opts, "--output", out, "--device", "cpu")  # one process cannot take it over
+    assert r.exit_code == 2 and "written by 2 process(es)" in r.output and state.is_dir()
     r = launch(tmp, "finetune", *opts, "--output", out)
     assert "resuming from" in r.stdout + r.stderr
     a, b = weights(tmp / "ddp-straight"), weights(out)
