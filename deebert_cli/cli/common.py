@@ -35,8 +35,10 @@ def quiet_libraries() -> None:
 def fail(message: str, code: int = 2):
     from ..core.distributed import is_launched, process_index
 
+    from rich.markup import escape
+
     where = f"process {process_index()}: " if is_launched() else ""
-    err.print(f"[bold red]error:[/] {where}{message}", soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(where + message)}", soft_wrap=True)  # escape: "[plot]" is no markup
     finish_distributed(code)
     raise typer.Exit(code)
 

@@ -23,13 +23,19 @@ def finetune(
     validation_fraction: float = typer.Option(0.1, help="Fraction of train held out (stratified, seeded) when there is no evaluation split."),
     task: str = typer.Option("classification", help="classification, or regression: a float label column, MSE loss, one output (off-ramps predict a value; predict with --exit-policy patience)."),
     max_length: int = typer.Option(128, help="Maximum tokens per input."),
-    epochs: float = typer.Option(1.0, help="Training epochs (fractions allowed)."),
+    epochs: float = typer.Option(3.0, help="Training epochs (fractions allowed); the model is evaluated after each and the best epoch's weights are kept (evaluation accuracy; MSE for regression)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (overrides --epochs)."),
     max_train_samples: Optional[int] = typer.Option(None, help="Use a seeded random subset of the training split."),
-    batch_size: int = typer.Option(32, help="Batch size."),
-    lr: float = typer.Option(2e-5, help="AdamW learning rate (linear decay)."),
+    batch_size: int = typer.Option(32, help="Rows per forward pass (an optimizer update takes --batch-size x --grad-accum rows)."),
+    grad_accum: int = typer.Option(1, help="Gradient accumulation: micro-batches per optimizer update."),
+    lr: Optional[float] = typer.Option(None, help="AdamW peak learning rate (linear warmup, then linear decay). Default by backbone width: 1e-4 up to hidden size 384 (MiniLM), 5e-5 up to 768 (BERT-base), 2e-5 above."),
     weight_decay: float = typer.Option(0.01, help="AdamW weight decay."),
-    warmup_ratio: float = typer.Option(0.0, help="Fraction of steps with linear warmup."),
+    warmup_ratio: float = typer.Option(0.1, help="Fraction of steps with linear warmup."),
+    group_by_length: bool = typer.Option(True, "--group-by-length/--no-group-by-length", help="Batch rows of similar length together (seeded random order; less padding, faster)."),
+    early_stopping_patience: Optional[int] = typer.Option(None, help="Stop after N epoch evaluations without improvement."),
+    save_every: Optional[str] = typer.Option(None, help="Write resumable training state every N optimizer steps ('200') or N epochs ('1 epoch') to OUTPUT.train-state; a later run with the same options resumes from it (and removes it when done)."),
+    report_to: str = typer.Option("none", help="none, tensorboard or wandb: log training loss, learning rate and per-epoch evaluation (to --logging-dir)."),
+    logging_dir: Optional[str] = typer.Option(None, help="Where --report-to writes (default: OUTPUT.logs)."),
     seed: int = typer.Option(42, help="Random seed (same seed, data and device give identical weights on CPU)."),
     output: Path = typer.Option(Path("deebert-checkpoint"), help="Checkpoint directory to write (atomically)."),
     device: str = DEVICE_OPT,
@@ -50,8 +56,33 @@ def finetune(
         cfg = make_config(ctx, FinetuneConfig, config, values)
         result = run(cfg, RichProgress())
     if is_main_process():  # under accelerate launch, one report
+        render_epochs(result)
         render_result(result)
     finish_distributed()
+
+
+def render_epochs(r) -> None:
+    """Stage 1's per-epoch evaluation, the kept (best) epoch marked."""
+    from rich.table import Table
+
+    rows = r.extra.get("epochs") or []
+    if not rows:
+        return
+    keys = [k for k in ("accuracy", "macro_f1", "mse", "pearson", "spearman") if k in rows[0]]
+    t = Table(title="per-epoch evaluation")
+    for c in ["epoch", "step", "train loss", *keys, ""]:
+        t.add_column(c.replace("_", "-"), justify="right")
+    for row in rows:
+        cells = [pct(row[k]) if k in ("accuracy", "macro_f1") else f"{row[k]:.4f}" for k in keys]
+        t.add_row(f"{row['epoch']:g}", str(row["step"]), f"{row['train_loss']:.4f}", *cells,
+                  "kept" if row["epoch"] == r.extra["best_epoch"] else "")
+    out.print(t)
+    notes = [f"lr {r.extra['lr']:g}"]
+    if r.extra.get("resumed_from_step") is not None:
+        notes.append(f"resumed from step {r.extra['resumed_from_step']}")
+    if r.extra.get("early_stopped"):
+        notes.append("stopped early")
+    err.print("; ".join(notes))
 
 
 def render_result(r) -> None:

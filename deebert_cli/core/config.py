@@ -24,6 +24,7 @@ def _check(cond: bool, msg: str):
 
 TASKS = ("classification", "regression")
 PRECISIONS = ("fp32", "bf16", "fp16")  # same as core.device.PRECISIONS
+REPORT_TO = ("none", "tensorboard", "wandb")  # same as core.tracking.REPORT_TO
 
 
 def _check_precision(value: str):
@@ -56,13 +57,19 @@ class FinetuneConfig(DataOptions):
     model: str = DEFAULT_MODEL
     task: str = "classification"  # or "regression" (float label column, MSE, one output)
     max_length: int = 128
-    epochs: float = 1.0
+    epochs: float = 3.0  # evaluated after each; the best epoch's weights are kept
     max_steps: int | None = None
     max_train_samples: int | None = None
-    batch_size: int = 32
-    lr: float = 2e-5
+    batch_size: int = 32  # rows per forward pass; an optimizer update takes batch_size * grad_accum
+    grad_accum: int = 1
+    lr: float | None = None  # None: by backbone width (core.training.default_lr), resolved in the saved config
     weight_decay: float = 0.01
-    warmup_ratio: float = 0.0
+    warmup_ratio: float = 0.1
+    group_by_length: bool = True  # batches of similar-length rows (less padding), seeded random order
+    early_stopping_patience: int | None = None  # stop after this many evaluations without improvement
+    save_every: str | None = None  # resumable state every "N" optimizer steps or "N epochs"
+    report_to: str = "none"  # none | tensorboard | wandb
+    logging_dir: str | None = None  # default: <output>.logs
     seed: int = 42
     output: str = DEFAULT_CHECKPOINT
     device: str = "auto"
@@ -77,9 +84,26 @@ class FinetuneConfig(DataOptions):
         _check(self.max_steps is None or self.max_steps > 0, f"max_steps must be > 0, got {self.max_steps}")
         _check(self.max_train_samples is None or self.max_train_samples > 0, "max_train_samples must be > 0")
         _check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
-        _check(0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr}")
+        _check(self.lr is None or 0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr}")
         _check(self.weight_decay >= 0, "weight_decay must be >= 0")
         _check(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        _check(self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}")
+        _check(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+               f"--early-stopping-patience must be >= 1, got {self.early_stopping_patience}")
+        _check(self.report_to in REPORT_TO, f"--report-to must be one of {', '.join(REPORT_TO)}, got '{self.report_to}'")
+        if self.save_every is not None:
+            self.save_every = str(self.save_every).strip()
+            self.save_every_parsed()
+
+    def save_every_parsed(self) -> tuple | None:
+        """``save_every`` as (N, "steps" | "epochs"): "200" or "200 steps" -> (200, "steps"); "epoch",
+        "1 epoch", "2epochs" -> (N, "epochs")."""
+        if self.save_every is None:
+            return None
+        m = re.fullmatch(r"(\d*)\s*(steps?|epochs?)?", self.save_every.lower())
+        n = int(m.group(1)) if m and m.group(1) else (1 if m and m.group(2) else 0)
+        _check(m is not None and n >= 1, f"--save-every takes N (optimizer steps), 'N steps' or 'N epochs', got '{self.save_every}'")
+        return n, "epochs" if (m.group(2) or "").startswith("epoch") else "steps"
 
 
 @dataclass

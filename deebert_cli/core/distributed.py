@@ -191,6 +191,23 @@ class Runtime:
         optimizer.step()
         return True
 
+    def no_sync(self, module):
+        """Context skipping DDP's gradient all-reduce (micro-batches before the last of an accumulated
+        update); a no-op without a launcher."""
+        import contextlib
+
+        return self.accelerator.no_sync(module) if self.distributed else contextlib.nullcontext()
+
+    def scaler_state(self) -> dict | None:
+        """The fp16 gradient scaler's state (JSON-able), None when there is none."""
+        scaler = self.accelerator.scaler if self.accelerator is not None else self._scaling
+        return None if scaler is None else scaler.state_dict()
+
+    def load_scaler_state(self, state: dict | None) -> None:
+        scaler = self.accelerator.scaler if self.accelerator is not None else self._scaling
+        if scaler is not None and state:
+            scaler.load_state_dict(state)
+
     # -- sharding and gathering --------------------------------------------------------------------
     def shard(self, seq) -> list:
         """This process's strided share of ``seq``: items ``rank, rank+W, ...`` (everything without a launcher)."""
