@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 from array_api_compat import array_namespace, device as array_device
 
 POOLINGS = ("cls", "mean")
@@ -44,6 +45,18 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+_NUMPY_IS_STANDARD = tuple(int(v) for v in np.__version__.split(".")[:2]) >= (2, 1)
+
+
+def namespace(*arrays):
+    """The array API namespace of ``arrays``: numpy itself for numpy arrays (numpy >= 2.1 implements the
+    standard in its main namespace; array_api_compat's numpy wrapper would add ~0.5 s of imports to every
+    start of the onnx runtime), array_api_compat's wrapper for torch tensors."""
+    if _NUMPY_IS_STANDARD and isinstance(arrays[0], (np.ndarray, np.generic)):
+        return np
+    return array_namespace(*arrays)
+
+
 def default_namespace(xp=None):
     """``xp`` itself, or torch's array-API namespace when none is given (the torch engines' default)."""
     if xp is not None:
@@ -61,7 +74,7 @@ def entropy(logits):
 
     Computed in float32 from a stable log-softmax so that logits of +-1e4 or bf16/fp16 inputs stay finite
     (p * log p is taken as 0 where p underflows to 0)."""
-    xp = array_namespace(logits)
+    xp = namespace(logits)
     x = xp.astype(logits, xp.float32)
     z = x - xp.max(x, axis=-1, keepdims=True)
     logp = z - xp.log(xp.sum(xp.exp(z), axis=-1, keepdims=True))
@@ -75,7 +88,7 @@ def normalized_entropy(logits):
     c = logits.shape[-1]
     if c < 2:
         raise ValueError("normalized entropy needs at least 2 classes")
-    xp = array_namespace(logits)
+    xp = namespace(logits)
     return xp.clip(entropy(logits) / math.log(c), min=0.0, max=1.0)
 
 
@@ -98,7 +111,7 @@ def first_exit(signal, thresholds):
 
     signal: [layers, n] entropy at every exit; thresholds: [layers] (the last layer always exits).
     A sample leaves at the first layer whose entropy is strictly below that layer's threshold."""
-    xp = array_namespace(signal, thresholds)
+    xp = namespace(signal, thresholds)
     fires = signal < xp.reshape(thresholds, (-1, 1))  # [layers, n]
     fires[-1, ...] = True
     # argmax returns the first maximum (True) along the layers
@@ -143,7 +156,7 @@ class PatiencePolicy:
 
     def prediction(self, logits):
         """[b, C] -> [b] float: the argmax class, or the value for regression."""
-        xp = array_namespace(logits)
+        xp = namespace(logits)
         if self.tolerance is not None:
             return xp.astype(logits[:, 0], xp.float32)
         return xp.astype(xp.argmax(logits, axis=-1), xp.float32)
@@ -155,7 +168,7 @@ class PatiencePolicy:
 
     def step(self, i: int, logits, state: tuple, score=None) -> tuple:
         """logits [b, C] at layer i, state (last [b], streak [b]) -> (done [b] bool, (pred, streak))."""
-        xp = array_namespace(logits)
+        xp = namespace(logits)
         pred = self.prediction(logits)
         last, streak = state
         if i == 0:
@@ -189,8 +202,8 @@ def policy_exit(policy, logits, scores=None):
     """Exit layer (0-based) per sample of ``policy`` from all-exits logits [layers, n, C] (and learned exit
     scores [layers - 1, n] for the learned policy) -> [n]; the same steps the engines take, run over every
     layer at once (the last layer always exits)."""
-    xp = array_namespace(logits)
-    dev = array_device(logits)
+    xp = namespace(logits)
+    dev = None if xp is np else array_device(logits)
     L, n = logits.shape[:2]
     state = policy.init_state(n, dev, xp)
     layer = xp.full((n,), L - 1, dtype=xp.int64, device=dev)
