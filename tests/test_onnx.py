@@ -146,3 +146,21 @@ def test_refill_advances_when_no_new_input(runtime, request):
     want = list(predict_stream(ckpt, iter(lines), rule, "cpu", batch_size=4))
     assert [done[k] for k in range(len(lines))] == [r.exit_layer for r in want]
     assert asked_idle > 0
+
+
+def test_analyze_times_the_onnx_runtime_and_reports_int8_accuracy(exported_ckpt, tmp_path):
+    for precision in ("fp32", "int8"):
+        out = tmp_path / f"{precision}.json"
+        r = runner.invoke(app, ["analyze", "--checkpoint", exported_ckpt, "--runtime", "onnx", "--onnx-precision", precision,
+                                "--timing-repeats", "1", "--exit-policy", "entropy", "--json", str(out), "--device", "cpu"])
+        assert r.exit_code == 0, r.output
+        a = json.loads(out.read_text())
+        rt = a["runtime"]
+        assert rt["precision"] == precision and a["timing"]["runtime"] == f"onnx ({precision})"
+        assert f"onnx runtime ({precision})" in r.stdout
+        if precision == "fp32":  # the same labels as torch: the exact sweep's accuracy
+            assert rt["full_depth_accuracy"] == pytest.approx(rt["torch_fp32_full_depth_accuracy"])
+            if "at_recommended" in rt:
+                assert rt["at_recommended"]["accuracy"] == pytest.approx(rt["at_recommended"]["torch_fp32_accuracy"])
+        else:
+            assert abs(rt["full_depth_accuracy"] - rt["torch_fp32_full_depth_accuracy"]) < 0.1
