@@ -131,12 +131,16 @@ class EntropyPolicy:
 
     def __init__(self, thresholds, kind: str = "normalized"):
         self.thr, self.kind = thresholds, kind  # [layers], an array of the engine's namespace
+        self._never = [bool(t <= 0) for t in thresholds]  # entropy is >= 0: nobody leaves at these layers
 
     def init_state(self, b: int, device=None, xp=None) -> tuple:
         return ()
 
     def step(self, i: int, logits, state: tuple, score=None) -> tuple:
         """logits [b, C] at layer i -> (done [b] bool, new state)."""
+        if self._never[i]:  # the answer without computing the entropy (threshold 0: full depth)
+            xp = namespace(logits)
+            return xp.zeros(logits.shape[:1], dtype=xp.bool, device=None if xp is np else array_device(logits)), state
         return exit_entropy(logits, self.kind) < self.thr[i], state
 
 
