@@ -103,19 +103,22 @@ def test_bad_runtime_options(exported_ckpt):
     assert "runs on the CPU" in err("--runtime", "onnx", "--device", "cuda")
 
 
-def test_onnx_predict_imports_no_torch(exported_ckpt):
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_predict_imports_only_what_its_runtime_needs(exported_ckpt, runtime):
+    """--runtime onnx imports no torch, transformers or datasets; the torch runtime no datasets."""
     code = ("import sys\n"
             "from deebert_cli.cli.app import main\n"
-            f"sys.argv = ['deebert', 'predict', '--checkpoint', {exported_ckpt!r}, '--runtime', 'onnx', '--format', 'jsonl']\n"
+            f"sys.argv = ['deebert', 'predict', '--checkpoint', {exported_ckpt!r}, '--runtime', {runtime!r}, '--format', 'jsonl']\n"
             "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
             "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules), file=sys.stderr)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH")] if p)}
     p = subprocess.run([sys.executable, "-c", code], input=b"good film\n\nbad dull plot\n", capture_output=True, env=env,
-                       timeout=120)
+                       timeout=300)
     assert p.returncode == 0, p.stderr.decode()
     rows = [json.loads(l) for l in p.stdout.decode().splitlines()]
     assert [r["empty"] for r in rows] == [False, True, False]
-    assert p.stderr.decode().strip().splitlines()[-1] == "[]"
+    imported = p.stderr.decode().strip().splitlines()[-1]
+    assert imported == ("[]" if runtime == "onnx" else "['torch', 'transformers']")
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
