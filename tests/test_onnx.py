@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import RUNTIMES, load_runtime, mixed_lines
+from test_modeling import FAMILIES
 from deebert_cli.cli.app import app
 from deebert_cli.core.checkpoint import load_checkpoint
 from deebert_cli.core.data import encode
@@ -167,3 +168,39 @@ def test_analyze_times_the_onnx_runtime_and_reports_int8_accuracy(exported_ckpt,
                 assert rt["at_recommended"]["accuracy"] == pytest.approx(rt["at_recommended"]["torch_fp32_accuracy"])
         else:
             assert abs(rt["full_depth_accuracy"] - rt["torch_fp32_full_depth_accuracy"]) < 0.1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_exports_layer_by_layer(family, tmp_path):
+    """Each family's layers trace with the mask built inside from the 2-D attention mask: every exit's
+    logits (and learned exit score) of the graphs equal torch's on a padded batch."""
+    pytest.importorskip("onnxruntime", reason="the onnx runtime needs pip install 'deebert-cli[onnx]'")
+    import onnxruntime as ort
+
+    from conftest import tiny_classifier
+    from deebert_cli.core.exits import RampConfig
+    from deebert_cli.core.export import write_graphs
+    from deebert_cli.core.modeling import HighwayModel
+
+    torch.manual_seed(0)
+    model = HighwayModel(tiny_classifier(family), RampConfig(pooling="mean", norm=True, learned_exit=True)).eval()
+    ids = torch.randint(5, 60, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:], mask[2, 3:] = 0, 0
+    tt = torch.zeros_like(ids) if family in ("bert", "electra") else None
+    names, _ = write_graphs(model, tmp_path, (ids, mask, tt), learned=True)
+    with torch.no_grad():
+        want = model(ids, mask, tt)
+    run = lambda g, feeds: ort.InferenceSession(str(tmp_path / g), providers=["CPUExecutionProvider"]).run(None, feeds)
+    feeds = {"input_ids": ids.numpy()} | ({"token_type_ids": tt.numpy()} if tt is not None else {})
+    h = run(names["embed"], feeds)[0]
+    hidden = model.embed(ids, tt)
+    for i, g in enumerate(names["layers"]):
+        out = run(g, {"hidden": h, "attention_mask": mask.numpy()})
+        assert np.abs(out[-1 if i == len(names["layers"]) - 1 else 1] - want[i].numpy()).max() < 1e-4, (family, i)
+        if i < len(names["layers"]) - 1:
+            with torch.no_grad():
+                hidden = model.run_layer(i, hidden, model.prepare_mask(mask, hidden))
+                _, score = model.exit_logits_and_score(i, hidden, mask)
+            assert np.abs(out[2] - score.numpy()).max() < 1e-5
+            h = out[0]

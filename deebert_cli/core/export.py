@@ -10,6 +10,7 @@ SkipLayerNormalization, BiasGelu, ...) are applied to the layer graphs, and ``--
 graphs after ``onnxruntime.quantization.quantize_dynamic``. The folder is written atomically."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import META_FILE, RAMPS_FILE, atomic_dir, load_checkpoint
+from .checkpoint import META_FILE, atomic_dir, load_checkpoint
 from .config import ExportConfig
 from .errors import UserError
 from .onnx_runtime import EXPORT_DIR, EXPORT_FORMAT, INSTALL_HINT, MANIFEST, source_fingerprint
@@ -113,54 +114,29 @@ def _heads_and_width(cfg) -> tuple:
 
 
 def export_checkpoint(cfg: ExportConfig, log=None) -> dict:
-    """Write the export of ``cfg.checkpoint`` (to ``cfg.output``, default ``<checkpoint>/onnx``) -> the
-    manifest written."""
+    """Write the export of ``cfg.checkpoint`` (to ``cfg.output``, default ``<checkpoint>/onnx``) atomically
+    -> the manifest written."""
     _require_onnx()
     log = log or (lambda msg: None)
     ckdir = Path(cfg.checkpoint)
     ckpt = load_checkpoint(ckdir)
-    if ckpt.tokenizer is None:
-        raise UserError(f"'{ckdir}' has no tokenizer files: the onnx runtime tokenizes with its tokenizer.json")
-    if not (ckdir / "tokenizer.json").is_file():
-        raise UserError(f"'{ckdir}' has no tokenizer.json (a fast tokenizer): the onnx runtime needs one")
-    out = Path(cfg.output) if cfg.output else ckdir / EXPORT_DIR
+    if ckpt.tokenizer is None or not (ckdir / "tokenizer.json").is_file():
+        raise UserError(f"'{ckdir}' has no tokenizer.json (a fast tokenizer): the onnx runtime tokenizes with it")
     model = ckpt.model.cpu().eval()
-    try:  # eager attention exports as the pattern ONNX Runtime fuses into its Attention operator
-        model.model.set_attn_implementation("eager")
-    except Exception:
-        pass
-    L, learned = model.num_layers, bool(model.ramp_cfg.learned_exit and ckpt.exits_trained)
+    learned = bool(model.ramp_cfg.learned_exit and ckpt.exits_trained)
     with_tt = "token_type_ids" in getattr(ckpt.tokenizer, "model_input_names", [])
     enc = ckpt.tokenizer(list(SAMPLE_TEXTS), padding=True, return_tensors="pt")
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    tt = enc.get("token_type_ids") if with_tt else None
-    heads, width = _heads_and_width(model.config)
+    sample = (enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids") if with_tt else None)
     t0 = time.perf_counter()
-    names = {"embed": "embed.onnx", "layers": [f"layer_{i + 1:02d}.onnx" for i in range(L)]}
-    fused = {}
-    with atomic_dir(out) as tmp:
-        fp32 = tmp / "fp32"
-        fp32.mkdir()
-        log(f"exporting embeddings and {L} layers with their exits (opset {cfg.opset})")
-        _torch_export(_Embed(model, with_tt), (ids, tt) if with_tt else (ids,), fp32 / names["embed"],
-                      ["input_ids", "token_type_ids"] if with_tt else ["input_ids"], ["hidden"], cfg.opset)
-        with torch.no_grad():
-            hidden = model.embed(ids, tt)
-        for i in range(L):
-            last = i == L - 1
-            outs = ["logits"] if last else ["hidden_out", "logits"] + (["score"] if learned else [])
-            _torch_export(_LayerExit(model, i, learned), (hidden, mask), fp32 / names["layers"][i],
-                          ["hidden", "attention_mask"], outs, cfg.opset)
-            if cfg.optimize and heads and width:
-                fused[names["layers"][i]] = _optimize(fp32 / names["layers"][i], heads, width)
-            with torch.no_grad():
-                hidden = model.run_layer(i, hidden, model.prepare_mask(mask, hidden))
+    with atomic_dir(Path(cfg.output) if cfg.output else ckdir / EXPORT_DIR) as tmp:
+        log(f"exporting embeddings and {model.num_layers} layers with their exits (opset {cfg.opset})")
+        names, fused = write_graphs(model, tmp / "fp32", sample, learned, cfg.opset, cfg.optimize)
         precisions = ["fp32"]
         if cfg.quantize == "int8":
             log("quantizing (dynamic int8)")
             (tmp / "int8").mkdir()
             for g in [names["embed"], *names["layers"]]:
-                _quantize(fp32 / g, tmp / "int8" / g)
+                _quantize(tmp / "fp32" / g, tmp / "int8" / g)
             precisions.append("int8")
         for f in COPIED:
             if (ckdir / f).is_file():
@@ -169,25 +145,54 @@ def export_checkpoint(cfg: ExportConfig, log=None) -> dict:
             "format": EXPORT_FORMAT,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "checkpoint": str(ckdir.resolve()),
+            "config": dataclasses.asdict(cfg),
             "source": source_fingerprint(ckdir, ckpt.meta),
             "opset": cfg.opset,
             "precisions": precisions,
             "family": model.family,
-            "num_layers": L,
+            "num_layers": model.num_layers,
             "num_labels": model.num_labels,
-            "hidden_size": width,
+            "hidden_size": _heads_and_width(model.config)[1],
             "learned_exit": learned,
             "pad_token_id": ckpt.tokenizer.pad_token_id if ckpt.tokenizer.pad_token_id is not None else 0,
             "inputs": {"token_type_ids": with_tt},
             "graphs": names,
             "fusions": fused if cfg.optimize else None,
             "versions": _versions(),
-            "seconds": None,
         }
-        manifest["check"] = check_export(model, tmp, manifest, ids, mask, tt)
+        manifest["check"] = check_export(model, tmp, manifest, *sample)
         manifest["seconds"] = round(time.perf_counter() - t0, 1)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
+
+
+def write_graphs(model, out: Path, sample: tuple, learned: bool, opset: int = 17, optimize: bool = True) -> tuple:
+    """The embeddings graph and one graph per layer with its exit, traced on ``sample`` (input_ids,
+    attention_mask with padding, token_type_ids or None) into folder ``out`` -> (file names, fused
+    operator counts per layer graph)."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:  # eager attention exports as the pattern ONNX Runtime fuses into its Attention operator
+        model.model.set_attn_implementation("eager")
+    except Exception:  # a family without the choice keeps its own
+        pass
+    ids, mask, tt = sample
+    L = model.num_layers
+    heads, width = _heads_and_width(model.config)
+    names = {"embed": "embed.onnx", "layers": [f"layer_{i + 1:02d}.onnx" for i in range(L)]}
+    _torch_export(_Embed(model, tt is not None), (ids, tt) if tt is not None else (ids,), out / names["embed"],
+                  ["input_ids", "token_type_ids"] if tt is not None else ["input_ids"], ["hidden"], opset)
+    fused = {}
+    with torch.no_grad():
+        hidden = model.embed(ids, tt)
+    for i in range(L):
+        outs = ["logits"] if i == L - 1 else ["hidden_out", "logits"] + (["score"] if learned else [])
+        _torch_export(_LayerExit(model, i, learned), (hidden, mask), out / names["layers"][i],
+                      ["hidden", "attention_mask"], outs, opset)
+        if optimize and heads and width:
+            fused[names["layers"][i]] = _optimize(out / names["layers"][i], heads, width)
+        with torch.no_grad():
+            hidden = model.run_layer(i, hidden, model.prepare_mask(mask, hidden))
+    return names, fused
 
 
 def check_export(model, odir: Path, manifest: dict, ids, mask, tt) -> dict:
