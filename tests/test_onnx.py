@@ -92,7 +92,7 @@ def test_missing_extra_gives_one_line(trained_ckpt, exported_ckpt, monkeypatch):
         assert "Traceback" not in r.output
 
 
-def test_bad_runtime_options(exported_ckpt):
+def test_bad_runtime_options(exported_ckpt, trained_ckpt):
     def err(*args):
         r = runner.invoke(app, ["predict", "--checkpoint", exported_ckpt, *args], input="good\n")
         assert r.exit_code == 2 and "Traceback" not in r.output, r.output
@@ -102,6 +102,8 @@ def test_bad_runtime_options(exported_ckpt):
     assert "--onnx-precision applies to --runtime onnx" in err("--onnx-precision", "int8")
     assert "applies to --runtime torch" in err("--runtime", "onnx", "--precision", "bf16")
     assert "runs on the CPU" in err("--runtime", "onnx", "--device", "cuda")
+    r = runner.invoke(app, ["predict", "--checkpoint", trained_ckpt, "--runtime", "onnx"], input="good\n")
+    assert r.exit_code == 2 and f"run `deebert export --checkpoint {trained_ckpt}` first" in r.output
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
