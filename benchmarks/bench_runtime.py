@@ -286,6 +286,28 @@ def cold_start(args) -> dict:
     return {k: {"median_s": statistics.median(v), "runs": v} for k, v in times.items()}
 
 
+def load_times(args) -> dict:
+    """load_checkpoint of --before's code vs this checkout's, in one process (imports warm), interleaved,
+    fastest of N: the checkpoint-loading work itself, without the imports both pay."""
+    import importlib
+
+    mods = {}
+    for name, root in (("before", args.before), ("after", str(ROOT))):
+        for k in [k for k in sys.modules if k == "deebert_cli" or k.startswith("deebert_cli.")]:
+            del sys.modules[k]
+        sys.path.insert(0, root)
+        mods[name] = importlib.import_module("deebert_cli.core.checkpoint")
+        sys.path.pop(0)
+    mods["before"].load_checkpoint(args.checkpoint)  # warm the imports
+    best = {k: math.inf for k in mods}
+    for _ in range(args.load):
+        for k, m in mods.items():
+            t0 = time.perf_counter()
+            m.load_checkpoint(args.checkpoint)
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return {"load_checkpoint_seconds": best, "files": {k: m.__file__ for k, m in mods.items()}}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", required=True, help="a copy of the checkpoint (its export goes into onnx/)")
@@ -299,6 +321,7 @@ def main():
     ap.add_argument("--cold-start", type=int, default=0, help="also time N whole predict processes (0: skip)")
     ap.add_argument("--no-bench", action="store_true", help="only the cold-start runs")
     ap.add_argument("--before", default=None, help="another checkout's root: its torch runtime's cold start beside ours")
+    ap.add_argument("--load", type=int, default=0, help="with --before: time N warm load_checkpoint calls of each")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     report = {}
@@ -320,6 +343,10 @@ def main():
         print("\ncold start, one line (median of", args.cold_start, "interleaved runs):")
         for k, v in report["cold_start"].items():
             print(f"  {k}: {v['median_s']:.2f} s  (runs: {', '.join(f'{x:.2f}' for x in v['runs'])})")
+    if args.load and args.before:
+        report["load"] = load_times(args)
+        print("\nload_checkpoint, imports warm (fastest of", args.load, "interleaved):",
+              {k: round(v, 3) for k, v in report["load"]["load_checkpoint_seconds"].items()})
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
