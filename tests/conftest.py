@@ -36,7 +36,19 @@ def write_vocab(path) -> str:
     return str(path)
 
 
+# families with a tiny config below; "deberta-v2-conv" and "modernbert-cls" are variants of their family
+FAMILIES = ["bert", "roberta", "xlm-roberta", "camembert", "data2vec-text", "distilbert", "electra",
+            "deberta-v2", "deberta-v2-conv", "modernbert", "modernbert-cls", "albert", "mpnet"]
+ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert", "data2vec-text", "mpnet")  # <s>=0 <pad>=1 </s>=2
+
+
+def pad_id(family: str) -> int:
+    return 1 if family in ROBERTA_LIKE else 0
+
+
 def tiny_config(family: str, num_labels: int = 2, layers: int = 4, vocab_size: int = 64):
+    """A tiny random config of ``family`` (hidden 32), close to the family's released models in every
+    switch that changes the layer-by-layer code path."""
     from transformers import AutoConfig
 
     common = dict(num_labels=num_labels, vocab_size=vocab_size)
@@ -47,17 +59,34 @@ def tiny_config(family: str, num_labels: int = 2, layers: int = 4, vocab_size: i
               max_position_embeddings=130, type_vocab_size=2, **common)
     if family == "electra":
         kw["embedding_size"] = 16  # exercises embeddings_project
-    if family in ("roberta", "xlm-roberta"):
+    if family in ROBERTA_LIKE:
         kw.update(pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    if family == "deberta-v2":  # DeBERTa-v3-base's switches: bucketed, shared-key, layer-normed relative attention
+        kw.update(relative_attention=True, position_buckets=16, max_relative_positions=-1, norm_rel_ebd="layer_norm",
+                  share_att_key=True, pos_att_type="p2c|c2p", position_biased_input=False, type_vocab_size=0)
+    if family == "deberta-v2-conv":  # DeBERTa-v2-xlarge's: absolute positions too, separate position keys, conv
+        family = "deberta-v2"
+        kw.update(relative_attention=True, max_relative_positions=-1, pos_att_type="p2c|c2p",
+                  position_biased_input=True, conv_kernel_size=3, conv_act="gelu", type_vocab_size=0)
+    if family.startswith("modernbert"):  # layer 1 and 4 global, 2 and 3 a 4-token sliding window
+        pooling = "cls" if family == "modernbert-cls" else "mean"
+        family = "modernbert"
+        kw = dict(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64,
+                  global_attn_every_n_layers=3, local_attention=4, classifier_pooling=pooling,
+                  pad_token_id=0, cls_token_id=2, sep_token_id=3, bos_token_id=2, eos_token_id=3, **common)
+    if family == "albert":  # factorised embeddings; 2 weight groups shared over the layer positions
+        kw.update(embedding_size=16, num_hidden_groups=2, inner_group_num=1)
     return AutoConfig.for_model(family, **kw)
 
 
-def tiny_classifier(family: str, num_labels: int = 2, layers: int = 4, seed: int = 0):
+def tiny_classifier(family: str, num_labels: int = 2, layers: int = 4, seed: int = 0, attn: str | None = None):
+    """``attn``: an attention implementation (eager, sdpa) instead of transformers' default."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_config(tiny_config(family, num_labels, layers))
+    kw = {} if attn is None else {"attn_implementation": attn}
+    model = AutoModelForSequenceClassification.from_config(tiny_config(family, num_labels, layers), **kw)
     return model.eval()
 
 
@@ -73,6 +102,49 @@ def make_tiny_backbone(tmp_path, layers: int = 4, seed: int = 0, name: str = "ti
     torch.manual_seed(seed)
     cfg = tiny_config("bert", 2, layers, vocab_size=len(tok))
     model = BertForSequenceClassification(cfg)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def _unigram(specials: list) -> list:
+    """A SentencePiece-style Unigram vocabulary: specials, '▁word' pieces, then single letters."""
+    return ([(t, 0.0) for t in specials] + [("\u2581" + w, -2.0) for w in WORDS] + [("\u2581", -3.0)]
+            + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"])
+
+
+def family_tokenizer(family: str):
+    """A tiny tokenizer of the family's own class where transformers has one (built from an in-code vocab,
+    special tokens at the ids the family's config expects); BERT's WordPiece for the rest."""
+    from transformers import AlbertTokenizer, BertTokenizer, CamembertTokenizer, DebertaV2Tokenizer, MPNetTokenizer
+
+    if family.startswith("deberta-v2"):  # SentencePiece Unigram, as DeBERTa-v3's spm.model
+        return DebertaV2Tokenizer(vocab=_unigram(["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]))
+    if family == "albert":
+        return AlbertTokenizer(vocab=_unigram(["<pad>", "<unk>", "[CLS]", "[SEP]", "[MASK]"]))
+    if family == "camembert":
+        return CamembertTokenizer(vocab=_unigram(["<s>", "<pad>", "</s>", "<unk>", "<mask>"]))
+    if family == "mpnet":  # WordPiece with RoBERTa's special tokens
+        return MPNetTokenizer(vocab={t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "[UNK]", "<mask>"] + WORDS)})
+    if family in ROBERTA_LIKE:
+        specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+        names = dict(cls_token="<s>", pad_token="<pad>", sep_token="</s>", unk_token="<unk>", mask_token="<mask>")
+    else:
+        specials, names = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], {}
+    return BertTokenizer(vocab={t: i for i, t in enumerate(specials + WORDS)}, do_lower_case=True, **names)
+
+
+def make_family_backbone(tmp_path, family: str, layers: int = 4, seed: int = 0) -> str:
+    """A saved tiny random classifier of ``family`` + its tiny tokenizer, usable as --model."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / f"tiny-{family}"
+    out.mkdir()
+    tok = family_tokenizer(family)
+    assert tok.pad_token_id == pad_id(family)
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(tiny_config(family, 2, layers, vocab_size=len(tok)))
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)

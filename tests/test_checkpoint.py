@@ -4,25 +4,26 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_classifier
+from conftest import FAMILIES, pad_id, tiny_classifier
 from deebert_cli.core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from deebert_cli.core.modeling import HighwayModel
 
 
-def _ids():
+def _ids(family="bert"):
     ids = torch.randint(5, 60, (3, 9), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[0, 5:] = 0
+    ids[mask == 0] = pad_id(family)
     return ids, mask
 
 
-@pytest.mark.parametrize("family", ["bert", "distilbert", "roberta"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_save_load_round_trip_gives_identical_logits_for_every_exit(family, tmp_path, monkeypatch):
     hw = HighwayModel(tiny_classifier(family)).eval()
     with torch.no_grad():
         for r in hw.ramps:  # make the off-ramps non-trivial
             r.classifier.weight.normal_()
-    ids, mask = _ids()
+    ids, mask = _ids(family)
     with torch.no_grad():
         before = hw(ids, mask)
     save_checkpoint(Checkpoint(hw, None, {"stage": "exits_trained"}), tmp_path / "ck")
@@ -41,13 +42,15 @@ def test_save_load_round_trip_gives_identical_logits_for_every_exit(family, tmp_
     assert ck.exits_trained
 
 
-def test_final_exit_loads_as_plain_transformers_classifier(tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_final_exit_loads_as_plain_transformers_classifier(family, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    hw = HighwayModel(tiny_classifier("bert")).eval()
+    hw = HighwayModel(tiny_classifier(family)).eval()
     save_checkpoint(Checkpoint(hw, None, {}), tmp_path / "ck")
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ck").eval()
-    ids, mask = _ids()
+    assert type(plain) is type(hw.model)
+    ids, mask = _ids(family)
     with torch.no_grad():
         assert torch.allclose(plain(input_ids=ids, attention_mask=mask).logits, hw(ids, mask)[-1], atol=1e-6)
 

@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import RUNTIMES, load_runtime, mixed_lines
-from test_modeling import FAMILIES
+from conftest import FAMILIES
 from deebert_cli.cli.app import app
 from deebert_cli.core.checkpoint import load_checkpoint
 from deebert_cli.core.data import encode

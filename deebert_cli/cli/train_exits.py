@@ -19,7 +19,7 @@ def train_exits(
     lr: float = typer.Option(5e-4, help="AdamW learning rate for the off-ramps."),
     weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
     seed: int = typer.Option(42, help="Random seed (off-ramp init and batch order)."),
-    ramp_pooling: str = typer.Option("cls", help="What an off-ramp reads: cls (first token, as DeeBERT) or mean (over non-padding tokens)."),
+    ramp_pooling: str = typer.Option("auto", help="What an off-ramp reads: cls (first token, as DeeBERT), mean (over non-padding tokens), or auto: what the family's own head reads (cls; mean for a ModernBERT with classifier_pooling=mean)."),
     ramp_norm: bool = typer.Option(False, help="LayerNorm the off-ramp input first (helps backbones whose early [CLS] barely varies)."),
     distill: bool = typer.Option(False, help="Self-distillation: train each off-ramp on (1-alpha)*label loss + alpha*KL to the final classifier (FastBERT)."),
     distill_temperature: float = typer.Option(2.0, help="Softening temperature of the distillation targets."),

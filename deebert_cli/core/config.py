@@ -92,7 +92,7 @@ class TrainExitsConfig:
     lr: float = 5e-4
     weight_decay: float = 0.0
     seed: int = 42
-    ramp_pooling: str = "cls"
+    ramp_pooling: str = "auto"  # auto: the family's own (cls; mean for ModernBERT with mean pooling)
     ramp_norm: bool = False
     distill: bool = False  # FastBERT-style self-distillation from the final classifier
     distill_temperature: float = 2.0
@@ -113,7 +113,7 @@ class TrainExitsConfig:
         _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         _check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
         _check(0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr}")
-        _check(self.ramp_pooling in ("cls", "mean"), f"ramp_pooling must be cls or mean, got '{self.ramp_pooling}'")
+        _check(self.ramp_pooling in ("auto", "cls", "mean"), f"ramp_pooling must be auto, cls or mean, got '{self.ramp_pooling}'")
         _check(self.max_train_samples is None or self.max_train_samples > 0, "max_train_samples must be > 0")
 
 

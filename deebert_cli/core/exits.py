@@ -14,12 +14,14 @@ import numpy as np
 from array_api_compat import array_namespace, device as array_device
 
 POOLINGS = ("cls", "mean")
+AUTO = "auto"  # a RampConfig pooling the highway model resolves to its family's own (cls, or mean for ModernBERT)
 
 
 @dataclass
 class RampConfig:
     """How an off-ramp reads a layer: which token summary (``cls`` = first token, as in DeeBERT, or
-    ``mean`` over non-padding tokens) and whether to LayerNorm it first."""
+    ``mean`` over non-padding tokens; ``auto``, before the highway model resolves it, is whichever the
+    family's own head reads) and whether to LayerNorm it first."""
 
     pooling: str = "cls"
     norm: bool = False
@@ -27,8 +29,8 @@ class RampConfig:
     learned_exit: bool = False  # BERxiT: a Linear(H, 1) + sigmoid exit predictor on the pooler output
 
     def __post_init__(self):
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"ramp pooling must be one of {POOLINGS}, got '{self.pooling}'")
+        if self.pooling not in POOLINGS + (AUTO,):
+            raise ValueError(f"ramp pooling must be one of {POOLINGS + (AUTO,)}, got '{self.pooling}'")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ramp dropout must be in [0, 1), got {self.dropout}")
 

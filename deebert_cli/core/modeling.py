@@ -6,20 +6,23 @@ it. A small per-family adapter exposes embeddings, layers, mask preparation and 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from .errors import UserError
-from .exits import OffRamp, RampConfig
+from .exits import AUTO, OffRamp, RampConfig
 
 
 # --------------------------------------------------------------------------------------------------
 # family adapters
 # --------------------------------------------------------------------------------------------------
 class FamilyAdapter:
-    """Exposes the pieces of one transformers family that a layer-by-layer forward needs."""
+    """Exposes the pieces of one transformers family that a layer-by-layer forward needs.
+
+    Every piece is traceable: per-forward extras (relative positions, rotary cos/sin, attention masks)
+    are computed in ``prepare_mask`` from the 2-D mask and the hidden states' shape only."""
 
     family = "?"
     base_attr = "?"  # attribute of the *ForSequenceClassification model holding the base model
@@ -31,6 +34,16 @@ class FamilyAdapter:
     @property
     def layers(self) -> nn.ModuleList:
         return self.base.encoder.layer
+
+    @property
+    def num_layers(self) -> int:
+        """Layer positions, each with an exit (ALBERT: more positions than distinct weight sets)."""
+        return len(self.layers)
+
+    @property
+    def ramp_pooling(self) -> str:
+        """What the off-ramps read by default: the token summary this family's own head reads."""
+        return "cls"
 
     def embed(self, input_ids, token_type_ids=None) -> torch.Tensor:
         """[batch, seq] ids -> [batch, seq, hidden]."""
@@ -48,7 +61,7 @@ class FamilyAdapter:
         out = self.layers[i](hidden, mask)
         return out[0] if isinstance(out, tuple) else out
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+    def head(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The family's own classification head on the last layer: [batch, seq, hidden] -> [batch, C]."""
         return self.model.classifier(hidden)
 
@@ -60,7 +73,7 @@ class FamilyAdapter:
 class BertAdapter(FamilyAdapter):
     family, base_attr = "bert", "bert"
 
-    def head(self, hidden):
+    def head(self, hidden, attention_mask):
         # BertForSequenceClassification: pooler (dense+tanh on [CLS]) -> dropout -> classifier
         return self.model.classifier(self.model.dropout(self.base.pooler(hidden)))
 
@@ -78,6 +91,14 @@ class RobertaAdapter(FamilyAdapter):
 
 class XLMRobertaAdapter(RobertaAdapter):
     family = "xlm-roberta"
+
+
+class CamembertAdapter(RobertaAdapter):
+    family = "camembert"  # CamembertForSequenceClassification is RoBERTa's code under another name
+
+
+class Data2VecTextAdapter(RobertaAdapter):
+    family, base_attr = "data2vec-text", "data2vec_text"  # RoBERTa's layout and head
 
 
 class ElectraAdapter(FamilyAdapter):
@@ -101,13 +122,148 @@ class DistilBertAdapter(FamilyAdapter):
         # DistilBERT has no segment embeddings: token_type_ids are ignored
         return self.base.embeddings(input_ids)
 
-    def head(self, hidden):
+    def head(self, hidden, attention_mask):
         m = self.model
         x = torch.relu(m.pre_classifier(hidden[:, 0]))
         return m.classifier(m.dropout(x))
 
 
-ADAPTERS = {a.family: a for a in (BertAdapter, RobertaAdapter, XLMRobertaAdapter, ElectraAdapter, DistilBertAdapter)}
+class DebertaV2Adapter(FamilyAdapter):
+    """DeBERTa-v2 and v3 (transformers ``deberta-v2``): disentangled attention over relative positions.
+
+    ``DebertaV2Model`` zeroes padded embeddings (``embeddings * mask``) and, in v2-xlarge style configs,
+    adds a convolution beside layer 1 that reads those embeddings; layer 1 here does both, so that padding
+    never reaches a real token. The final exit is ``ContextPooler`` (dense + GELU on [CLS]) -> dropout ->
+    classifier."""
+
+    family, base_attr = "deberta-v2", "deberta"
+
+    def prepare_mask(self, attention_mask, hidden):
+        enc = self.base.encoder
+        return {
+            "input_mask": attention_mask,  # [b, s]
+            "mask": enc.get_attention_mask(attention_mask),  # [b, 1, s, s]: query and key both real
+            "relative_pos": enc.get_rel_pos(hidden),  # [1, s, s] (bucketed) or None
+            "rel_embeddings": enc.get_rel_embedding(),  # [2 * span, H] (layer-normed in v3) or None
+        }
+
+    def run_layer(self, i, hidden, mask):
+        enc = self.base.encoder
+        if i == 0:
+            hidden = hidden * mask["input_mask"].unsqueeze(-1).to(hidden.dtype)
+        out = self.layers[i](hidden, mask["mask"], relative_pos=mask["relative_pos"],
+                             rel_embeddings=mask["rel_embeddings"])[0]
+        if i == 0 and enc.conv is not None:
+            out = enc.conv(hidden, out, mask["input_mask"])
+        return out
+
+    def head(self, hidden, attention_mask):
+        m = self.model
+        return m.classifier(m.dropout(m.pooler(hidden)))
+
+    def pretrained_pooler(self):
+        return self.model.pooler.dense
+
+
+class ModernBertAdapter(FamilyAdapter):
+    """ModernBERT: pre-norm layers with rotary embeddings, alternating global and sliding-window attention
+    (``config.layer_types``), and a final norm, applied here as the end of the last layer (as transformers
+    reports that layer's hidden state). Off-ramps read the other layers' un-normalised residual stream
+    (``--ramp-norm`` adds a LayerNorm). The head pools by ``config.classifier_pooling`` (cls, or mean over
+    real tokens), so the off-ramps' default pooling follows it."""
+
+    family, base_attr = "modernbert", "model"
+
+    @property
+    def layers(self):
+        return self.base.layers
+
+    @property
+    def ramp_pooling(self):
+        return self.base.config.classifier_pooling
+
+    def embed(self, input_ids, token_type_ids=None):
+        return self.base.embeddings(input_ids=input_ids)  # no segment embeddings
+
+    def prepare_mask(self, attention_mask, hidden):
+        """-> {layer type: (attention mask, (cos, sin))}, as ``ModernBertModel.forward`` builds them."""
+        from transformers.masking_utils import create_bidirectional_mask, create_bidirectional_sliding_window_mask
+
+        cfg = self.base.config
+        kw = dict(config=cfg, inputs_embeds=hidden, attention_mask=attention_mask)
+        masks = {"full_attention": create_bidirectional_mask(**kw),
+                 "sliding_attention": create_bidirectional_sliding_window_mask(**kw)}
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        return {t: (masks[t], self.base.rotary_emb(hidden, position_ids, t)) for t in set(cfg.layer_types)}
+
+    def run_layer(self, i, hidden, mask):
+        layer = self.layers[i]
+        attn_mask, rotary = mask[layer.attention_type]
+        out = layer(hidden, attention_mask=attn_mask, position_embeddings=rotary)
+        return self.base.final_norm(out) if i == len(self.layers) - 1 else out
+
+    def head(self, hidden, attention_mask):
+        m = self.model
+        if m.config.classifier_pooling == "mean":  # as ModernBertForSequenceClassification pools
+            h = (hidden * attention_mask.unsqueeze(-1)).sum(dim=1) / attention_mask.sum(dim=1, keepdim=True)
+        else:
+            h = hidden[:, 0]
+        return m.classifier(m.drop(m.head(h)))
+
+
+class AlbertAdapter(FamilyAdapter):
+    """ALBERT: factorised embeddings projected to the hidden size, and ``num_hidden_groups`` weight sets
+    shared over ``num_hidden_layers`` layer positions. Every position gets its own exit (and off-ramp),
+    even where the layer weights are shared."""
+
+    family, base_attr = "albert", "albert"
+
+    @property
+    def layers(self):
+        return self.base.encoder.albert_layer_groups  # distinct weight sets, not positions
+
+    @property
+    def num_layers(self):
+        return self.base.config.num_hidden_layers
+
+    def embed(self, input_ids, token_type_ids=None):
+        h = super().embed(input_ids, token_type_ids)
+        return self.base.encoder.embedding_hidden_mapping_in(h)
+
+    def run_layer(self, i, hidden, mask):
+        cfg = self.base.config
+        group = int(i / (cfg.num_hidden_layers / cfg.num_hidden_groups))  # AlbertTransformer's own rule
+        return self.layers[group](hidden, mask)
+
+    def head(self, hidden, attention_mask):
+        m = self.model
+        return m.classifier(m.dropout(self.base.pooler_activation(self.base.pooler(hidden[:, 0]))))
+
+    def pretrained_pooler(self):
+        return self.base.pooler
+
+
+class MPNetAdapter(FamilyAdapter):
+    """MPNet: RoBERTa-style embeddings (positions from the padding id) plus a relative position bias,
+    shared by every layer, computed once per forward. The head is RoBERTa's (no pretrained pooler)."""
+
+    family, base_attr = "mpnet", "mpnet"
+
+    def embed(self, input_ids, token_type_ids=None):
+        return self.base.embeddings(input_ids=input_ids)  # no segment embeddings
+
+    def prepare_mask(self, attention_mask, hidden):
+        return super().prepare_mask(attention_mask, hidden), self.base.encoder.compute_position_bias(hidden)
+
+    def run_layer(self, i, hidden, mask):
+        attn_mask, position_bias = mask
+        return self.layers[i](hidden, attn_mask, position_bias)[0]
+
+
+ADAPTERS = {a.family: a for a in (
+    BertAdapter, RobertaAdapter, XLMRobertaAdapter, CamembertAdapter, Data2VecTextAdapter, ElectraAdapter,
+    DistilBertAdapter, DebertaV2Adapter, ModernBertAdapter, AlbertAdapter, MPNetAdapter,
+)}
 
 
 def adapter_for(model: nn.Module) -> FamilyAdapter:
@@ -142,14 +298,16 @@ class HighwayModel(nn.Module):
         super().__init__()
         self.model = model
         self.adapter = adapter_for(model)
-        self.ramp_cfg = ramp_cfg or RampConfig(dropout=_hidden_dropout(model.config))
+        self.ramp_cfg = ramp_cfg or RampConfig(pooling=AUTO, dropout=_hidden_dropout(model.config))
         cfg = model.config
         self.hidden_size = cfg.hidden_size if hasattr(cfg, "hidden_size") else cfg.dim
         self.build_ramps(self.ramp_cfg, init_from_pooler)
 
     def build_ramps(self, ramp_cfg: RampConfig, init_from_pooler: bool = True) -> None:
         """Fresh off-ramps for layers 1..L-1, each pooler a copy of the model's pooler where the family
-        has one (DeeBERT's ``init_highway_pooler``)."""
+        has one (DeeBERT's ``init_highway_pooler``). Pooling ``auto`` becomes the family's own."""
+        if ramp_cfg.pooling == AUTO:
+            ramp_cfg = replace(ramp_cfg, pooling=self.adapter.ramp_pooling)
         self.ramp_cfg = ramp_cfg
         self.ramps = nn.ModuleList(
             OffRamp(self.hidden_size, self.model.config.num_labels, ramp_cfg) for _ in range(self.num_layers - 1)
@@ -172,7 +330,7 @@ class HighwayModel(nn.Module):
 
     @property
     def num_layers(self) -> int:
-        return len(self.adapter.layers)
+        return self.adapter.num_layers
 
     @property
     def num_labels(self) -> int:
@@ -204,14 +362,14 @@ class HighwayModel(nn.Module):
         """Logits of the exit after layer i (0-based): off-ramp, or the model's own head at the last layer.
         [batch, seq, hidden] -> [batch, classes]."""
         if i == self.num_layers - 1:
-            return self.adapter.head(hidden)
+            return self.adapter.head(hidden, attention_mask)
         return self.ramps[i](hidden, attention_mask)
 
     def exit_logits_and_score(self, i: int, hidden, attention_mask) -> tuple:
         """(logits [batch, classes], learned exit score [batch]) of the exit after layer i; the last layer
         (the model's own head, no predictor) scores 1 and always exits anyway."""
         if i == self.num_layers - 1:
-            logits = self.adapter.head(hidden)
+            logits = self.adapter.head(hidden, attention_mask)
             return logits, torch.ones(logits.shape[0], device=logits.device)
         ramp = self.ramps[i]
         return ramp.classify_and_score(ramp.pool(hidden, attention_mask))

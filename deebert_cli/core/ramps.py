@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .exits import RampConfig
+from .exits import POOLINGS, RampConfig
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -22,6 +22,8 @@ class OffRamp(nn.Module):
 
     def __init__(self, hidden_size: int, num_labels: int, cfg: RampConfig):
         super().__init__()
+        if cfg.pooling not in POOLINGS:  # 'auto' is resolved by the highway model, which knows the family
+            raise ValueError(f"an off-ramp needs pooling {POOLINGS}, got '{cfg.pooling}'")
         self.cfg = cfg
         self.norm = nn.LayerNorm(hidden_size) if cfg.norm else nn.Identity()
         self.pooler = nn.Linear(hidden_size, hidden_size)
