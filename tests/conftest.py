@@ -216,6 +216,39 @@ def trained_ckpt(tmp_path_factory) -> str:
     return train_tiny_checkpoint(tmp_path_factory.mktemp("trained"))
 
 
+def export_copy(src: str, tmp_path_factory, name: str, quantize: str | None = "int8") -> str:
+    """A copy of checkpoint ``src`` with its ONNX export in ``copy/onnx`` (skips without the onnx extra)."""
+    import shutil
+
+    pytest.importorskip("onnxruntime", reason="the onnx runtime needs pip install 'deebert-cli[onnx]'")
+    pytest.importorskip("onnx", reason="deebert export needs pip install 'deebert-cli[onnx]'")
+    from deebert_cli.core.config import ExportConfig
+    from deebert_cli.core.export import export_checkpoint
+
+    dst = tmp_path_factory.mktemp(name) / "ckpt"
+    shutil.copytree(src, dst)
+    export_checkpoint(ExportConfig(checkpoint=str(dst), quantize=quantize))
+    return str(dst)
+
+
+@pytest.fixture(scope="session")
+def exported_ckpt(trained_ckpt, tmp_path_factory) -> str:
+    """``trained_ckpt`` copied, with fp32 and int8 ONNX graphs in ``onnx/``."""
+    return export_copy(trained_ckpt, tmp_path_factory, "exported")
+
+
+RUNTIMES = ("torch", "onnx")
+
+
+def load_runtime(runtime: str, request, torch_fixture: str = "trained_ckpt", onnx_fixture: str = "exported_ckpt"):
+    """The checkpoint of ``torch_fixture`` on the torch runtime, or its export (``onnx_fixture``) on onnx."""
+    from deebert_cli.core.inference import load_for_inference
+
+    if runtime == "torch":
+        return load_for_inference(request.getfixturevalue(torch_fixture), "torch")
+    return load_for_inference(request.getfixturevalue(onnx_fixture), "onnx")
+
+
 @pytest.fixture(scope="session")
 def stage1_ckpt(tmp_path_factory) -> str:
     return train_tiny_checkpoint(tmp_path_factory.mktemp("stage1"), exits=False)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import mixed_lines
+from conftest import RUNTIMES, export_copy, load_runtime, mixed_lines
 from deebert_cli.cli.app import app
 from deebert_cli.core.analysis import exit_scores
 from deebert_cli.core.checkpoint import load_checkpoint
@@ -37,6 +37,11 @@ def test_learned_decision_by_hand():
     assert policy_exit(LearnedPolicy(0.25, regression=True), logits, scores).tolist() == [1, 2, 0]
 
 
+@pytest.fixture(scope="module")
+def learned_export(learned_ckpt, tmp_path_factory):
+    return export_copy(learned_ckpt, tmp_path_factory, "learned-onnx", quantize=None)
+
+
 def _scores_and_logits(ckpt, lines):
     enc = encode(ckpt.tokenizer, lines, None, 128)
     got = collect(ckpt.model, enc, ckpt.tokenizer.pad_token_id, 16, "cpu", pooled=True, all_logits=True)
@@ -53,11 +58,13 @@ def _gap_threshold(scores):
     return best
 
 
-def test_learned_batched_equals_one_at_a_time(learned_ckpt):
-    ckpt = load_checkpoint(learned_ckpt)
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_learned_batched_equals_one_at_a_time(learned_ckpt, runtime, request):
+    ref = load_checkpoint(learned_ckpt)
+    ckpt = load_runtime(runtime, request, "learned_ckpt", "learned_export")
     assert ckpt.model.ramp_cfg.learned_exit and ckpt.meta["learned_exits"]
     lines = mixed_lines(160, seed=6)
-    logits, scores = _scores_and_logits(ckpt, lines)
+    logits, scores = _scores_and_logits(ref, lines)
     thr = _gap_threshold(scores)
     rule = LearnedRule(thr)
     one = list(predict_stream(ckpt, iter(lines), rule, "cpu", batch_size=1, window=1))
@@ -71,7 +78,7 @@ def test_learned_batched_equals_one_at_a_time(learned_ckpt):
             assert (a.label, a.exit_layer) == (b.label, b.exit_layer), (kw, a, b)
 
 
-def test_learned_sweep_agrees_with_predict(learned_ckpt, trained_ckpt, tmp_path):
+def test_learned_sweep_agrees_with_predict(learned_ckpt, learned_export, trained_ckpt, tmp_path):
     data_dir = json.load(open(f"{learned_ckpt}/deebert.json"))["data"]["dataset"]
     rows = [json.loads(l) for l in open(f"{data_dir}/validation.jsonl")]
     texts = [row["text"] for row in rows]
@@ -87,25 +94,28 @@ def test_learned_sweep_agrees_with_predict(learned_ckpt, trained_ckpt, tmp_path)
     assert [s["threshold"] for s in a["learned_sweep"]] == [0.0, thr, 1.0]
     assert a["learned_sweep"][-1]["histogram"][-1] == len(rows)  # nobody's score exceeds 1
     s = a["learned_sweep"][1]
-    p = runner.invoke(app, ["predict", "--checkpoint", learned_ckpt, "--exit-policy", "learned", "--threshold", str(thr),
-                            "--format", "jsonl", "--device", "cpu", "--batch-size", "8"], input="\n".join(texts) + "\n")
-    assert p.exit_code == 0, p.output
-    preds = [json.loads(l) for l in p.stdout.splitlines()]
-    hist = [0] * a["model"]["layers"]
-    for x in preds:
-        hist[x["exit_layer"] - 1] += 1
-    assert hist == s["histogram"]
-    assert sum(x["label"] == row["label"] for x, row in zip(preds, rows)) / len(rows) == pytest.approx(s["accuracy"])
+    for runtime, path in (("torch", learned_ckpt), ("onnx", learned_export)):
+        p = runner.invoke(app, ["predict", "--checkpoint", path, "--exit-policy", "learned", "--threshold", str(thr),
+                                "--format", "jsonl", "--device", "cpu", "--batch-size", "8", "--runtime", runtime],
+                          input="\n".join(texts) + "\n")
+        assert p.exit_code == 0, p.output
+        preds = [json.loads(l) for l in p.stdout.splitlines()]
+        hist = [0] * a["model"]["layers"]
+        for x in preds:
+            hist[x["exit_layer"] - 1] += 1
+        assert hist == s["histogram"], runtime
+        assert sum(x["label"] == row["label"] for x, row in zip(preds, rows)) / len(rows) == pytest.approx(s["accuracy"])
     # a checkpoint without learned exits says how to get them
     r = runner.invoke(app, ["predict", "--checkpoint", trained_ckpt, "--exit-policy", "learned", "--device", "cpu"],
                       input="good\n")
     assert r.exit_code == 2 and "--learned-exits" in r.output
 
 
-def test_every_policy_streams_and_loses_nothing(learned_ckpt):
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_every_policy_streams_and_loses_nothing(runtime, request):
     from deebert_cli.core.inference import ExitRule, PatienceRule
 
-    ckpt = load_checkpoint(learned_ckpt)
+    ckpt = load_runtime(runtime, request, "learned_ckpt", "learned_export")
     L = ckpt.model.num_layers
     source = mixed_lines(50) + ["", "   "]
     consumed = 0

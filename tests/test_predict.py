@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import mixed_lines
+from conftest import RUNTIMES, load_runtime, mixed_lines
 from deebert_cli.cli.app import app
 from deebert_cli.core.checkpoint import load_checkpoint
 from deebert_cli.core.data import encode
@@ -43,13 +43,19 @@ def run(ckpt, lines, rule, **kw):
     return list(predict_stream(ckpt, iter(lines), rule, "cpu", stats=stats, **kw)), stats
 
 
-def test_batched_early_exit_equals_one_at_a_time(trained_ckpt):
-    ckpt = load_checkpoint(trained_ckpt)
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_batched_early_exit_equals_one_at_a_time(trained_ckpt, runtime, request):
+    ref = load_checkpoint(trained_ckpt)
+    ckpt = load_runtime(runtime, request)
     lines = mixed_lines(240)
-    thr = spread_threshold(all_exit_entropies(ckpt, lines))
+    thr = spread_threshold(all_exit_entropies(ref, lines))
     rule = ExitRule([thr] * ckpt.model.num_layers)
     one, s1 = run(ckpt, lines, rule, batch_size=1, window=1)
     assert sum(c > 0 for c in s1.histogram) >= 3, f"exits must fire at several layers: {s1.histogram}"
+    if runtime == "onnx":  # the same answers as the torch runtime
+        want, _ = run(ref, lines, rule, batch_size=1, window=1)
+        assert [(a.label, a.exit_layer) for a in one] == [(b.label, b.exit_layer) for b in want]
+        assert max(abs(a.confidence - b.confidence) for a, b in zip(one, want)) < 1e-4
     for kw in (dict(batch_size=32, window=64), dict(batch_size=32, window=1024),
                dict(batch_size=32, engine="refill"), dict(batch_size=7, window=50, engine="refill")):
         many, _ = run(ckpt, lines, rule, **kw)
@@ -59,10 +65,11 @@ def test_batched_early_exit_equals_one_at_a_time(trained_ckpt):
             assert abs(a.confidence - b.confidence) < 1e-4 and abs(a.entropy - b.entropy) < 1e-4
 
 
-def test_exit_layers_match_the_all_exits_pass(trained_ckpt):
-    ckpt = load_checkpoint(trained_ckpt)
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_exit_layers_match_the_all_exits_pass(trained_ckpt, runtime, request):
+    ckpt = load_runtime(runtime, request)
     lines = mixed_lines(100, seed=9)
-    ent = all_exit_entropies(ckpt, lines)
+    ent = all_exit_entropies(load_checkpoint(trained_ckpt), lines)
     thr = spread_threshold(ent)
     fires = ent < thr
     fires[-1] = True
@@ -71,8 +78,9 @@ def test_exit_layers_match_the_all_exits_pass(trained_ckpt):
     assert [r.exit_layer for r in got] == expected
 
 
-def test_threshold_extremes(trained_ckpt):
-    ckpt = load_checkpoint(trained_ckpt)
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_threshold_extremes(runtime, request):
+    ckpt = load_runtime(runtime, request)
     L = ckpt.model.num_layers
     lines = mixed_lines(50)
     zero, s0 = run(ckpt, lines, ExitRule([0.0] * L))
@@ -84,10 +92,13 @@ def test_threshold_extremes(trained_ckpt):
     assert s0.layer_saving == 0 and s1.layer_saving == pytest.approx(1 - 1 / L)
 
 
-def test_nothing_lost_cli(trained_ckpt, tmp_path):
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_nothing_lost_cli(runtime, request):
+    trained_ckpt = request.getfixturevalue("trained_ckpt" if runtime == "torch" else "exported_ckpt")
+    on = ["--runtime", runtime]
     long_line = " ".join(["good film"] * 400)
     raw = (b"good great film\n\n   \nbad awful boring\r\nnot so good\n\xff\xfe bad \xc3\n" + long_line.encode() + b"\nthe end")
-    r = runner.invoke(app, ["predict", "--checkpoint", trained_ckpt, "--format", "jsonl", "--device", "cpu"], input=raw)
+    r = runner.invoke(app, ["predict", "--checkpoint", trained_ckpt, "--format", "jsonl", "--device", "cpu", *on], input=raw)
     assert r.exit_code == 0, r.output
     rows = [json.loads(l) for l in r.stdout.splitlines()]
     assert len(rows) == 8
@@ -98,9 +109,9 @@ def test_nothing_lost_cli(trained_ckpt, tmp_path):
     assert "1 line(s) were longer than 128 tokens" in r.stderr
     # text and tsv keep one line per input too (tsv adds one header line)
     for fmt, extra in (("text", 0), ("tsv", 1)):
-        r = runner.invoke(app, ["predict", "--checkpoint", trained_ckpt, "--format", fmt, "--device", "cpu"], input=raw)
+        r = runner.invoke(app, ["predict", "--checkpoint", trained_ckpt, "--format", fmt, "--device", "cpu", *on], input=raw)
         assert r.exit_code == 0 and len(r.stdout.splitlines()) == 8 + extra
-    r = runner.invoke(app, ["predict", "--checkpoint", trained_ckpt, "--device", "cpu"], input=b"")
+    r = runner.invoke(app, ["predict", "--checkpoint", trained_ckpt, "--device", "cpu", *on], input=b"")
     assert r.exit_code == 0 and r.stdout == ""
 
 
@@ -121,8 +132,9 @@ def test_input_output_files_and_all_probs(trained_ckpt, tmp_path):
     assert "summary" in r.stderr and "mean exit layer" in r.stderr
 
 
-def test_streaming_is_lazy_and_bounded(trained_ckpt):
-    ckpt = load_checkpoint(trained_ckpt)
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_streaming_is_lazy_and_bounded(runtime, request):
+    ckpt = load_runtime(runtime, request)
     consumed = 0
     source = mixed_lines(300)
 
@@ -192,14 +204,16 @@ def test_per_layer_thresholds(trained_ckpt):
     assert {json.loads(l)["exit_layer"] for l in r.stdout.splitlines()} == {3}
 
 
-def test_patience_batched_equals_one_at_a_time(trained_ckpt):
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_patience_batched_equals_one_at_a_time(trained_ckpt, runtime, request):
     from deebert_cli.core.exits import patience_exit
     from deebert_cli.core.inference import PatienceRule
 
-    ckpt = load_checkpoint(trained_ckpt)
+    ref = load_checkpoint(trained_ckpt)
+    ckpt = load_runtime(runtime, request)
     lines = mixed_lines(160, seed=3)
-    enc = encode(ckpt.tokenizer, lines, None, 128)
-    logits = collect(ckpt.model, enc, ckpt.tokenizer.pad_token_id, 16, "cpu", pooled=False, all_logits=True)["logits"]
+    enc = encode(ref.tokenizer, lines, None, 128)
+    logits = collect(ref.model, enc, ref.tokenizer.pad_token_id, 16, "cpu", pooled=False, all_logits=True)["logits"]
     # pick the patience whose exits spread over the most layers
     N = max(range(1, ckpt.model.num_layers), key=lambda n: len(set(patience_exit(logits, n).tolist())))
     rule = PatienceRule(N)
@@ -213,8 +227,9 @@ def test_patience_batched_equals_one_at_a_time(trained_ckpt):
         for a, b in zip(one, many):
             assert (a.label, a.exit_layer) == (b.label, b.exit_layer), (kw, a, b)
     # through the CLI, and thresholds are refused with the patience policy
-    r = runner.invoke(app, ["predict", "--checkpoint", trained_ckpt, "--exit-policy", "patience", "--patience", str(N),
-                            "--format", "jsonl", "--device", "cpu"], input="\n".join(lines) + "\n")
+    path = request.getfixturevalue("trained_ckpt" if runtime == "torch" else "exported_ckpt")
+    r = runner.invoke(app, ["predict", "--checkpoint", path, "--exit-policy", "patience", "--patience", str(N),
+                            "--format", "jsonl", "--device", "cpu", "--runtime", runtime], input="\n".join(lines) + "\n")
     assert r.exit_code == 0, r.output
     assert [json.loads(l)["exit_layer"] for l in r.stdout.splitlines()] == [x.exit_layer for x in one]
     assert "patience" in r.stderr

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from .common import CONFIG_OPT, DEVICE_OPT, err, make_config, out, pct, quiet_libraries, user_errors
+from .common import (CONFIG_OPT, DEVICE_OPT, ONNX_PRECISION_OPT, RUNTIME_OPT, err, make_config, out, pct, quiet_libraries,
+                     user_errors)
 
 
 def analyze(
@@ -37,6 +38,8 @@ def analyze(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every figure to this JSON file."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw accuracy vs saving and the exit histogram to this PNG (needs matplotlib)."),
     device: str = DEVICE_OPT,
+    runtime: str = typer.Option("torch", "--runtime", help="Runtime of the timed runs: torch, or onnx (the graphs of `deebert export`; the export's own accuracy is then reported beside the exact torch fp32 figures)."),
+    onnx_precision: str = ONNX_PRECISION_OPT,
     config: Optional[Path] = CONFIG_OPT,
 ):
     """Per-layer accuracy, an exact threshold sweep from one all-exits pass (accuracy, mean exit layer,
@@ -148,6 +151,19 @@ def _render_other_policies(a) -> None:
                      "threshold", a.learned_sweep, lambda r: f"{r.threshold:g}")
 
 
+def _render_runtime(a) -> None:
+    """The onnx export's own accuracy (fp32 or int8) beside the exact torch fp32 figures."""
+    rt = a.runtime
+    if not rt:
+        return
+    line = (f"[bold]onnx runtime ({rt['precision']})[/]: accuracy {pct(rt['full_depth_accuracy'])} at full depth "
+            f"(torch fp32 {pct(rt['torch_fp32_full_depth_accuracy'])})")
+    if rt.get("at_recommended"):
+        r = rt["at_recommended"]
+        line += f", {pct(r['accuracy'])} at threshold {r['threshold']:g} (torch fp32 {pct(r['torch_fp32_accuracy'])})"
+    out.print(line)
+
+
 def _render_recommendation(a) -> None:
     m = a.model
     rec = a.recommendation
@@ -157,7 +173,7 @@ def _render_recommendation(a) -> None:
         line = (f"[bold]recommended threshold {rec.threshold:g}[/] for a {a.max_drop:g}-point budget: "
                 + _gist(rec.accuracy, rec.accuracy_change, rec.layer_saving))
         if rec.wall_saving is not None:
-            line += f", {pct(rec.wall_saving)} less time (measured, batch {a.timing['batch_size']})"
+            line += f", {pct(rec.wall_saving)} less time (measured, batch {a.timing['batch_size']}, {a.timing.get('runtime', 'torch')} runtime)"
         out.print(line)
         if a.test and a.test.get("at_recommended"):
             h = a.test["at_recommended"]
@@ -197,6 +213,7 @@ def _render_recommendation(a) -> None:
                 mark = "✓" if e["label"] == e["predicted"] else "✗"
                 text = e["text"] if len(e["text"]) <= 90 else e["text"][:87] + "..."
                 out.print(f"  L{layer} {mark} [{e['predicted']}] {text}", soft_wrap=True, markup=False)
+    _render_runtime(a)
 
 
 def render_regression(a, show_layers: bool = True) -> None:

@@ -15,14 +15,19 @@ out = Console(highlight=False)
 DEVICE_OPT = typer.Option("auto", "--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")
 CONFIG_OPT = typer.Option(None, "--config", help="YAML file of options (flags given on the command line win).")
 PRECISION_OPT = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16: autocast to that precision where the device supports it (bf16: CPU and recent GPUs; fp16: GPUs).")
+RUNTIME_OPT = typer.Option("torch", "--runtime", help="torch (any device; autocast with --precision) or onnx (the graphs of `deebert export`, run by ONNX Runtime on the CPU without torch; needs pip install 'deebert-cli[onnx]').")
+ONNX_PRECISION_OPT = typer.Option("fp32", "--onnx-precision", help="With --runtime onnx: fp32, or int8 (the graphs of `deebert export --quantize int8`: faster, slightly less accurate).")
 
 
-def quiet_libraries() -> None:
-    """Silence transformers/hub progress bars and warnings: our output is the progress a user reads."""
+def quiet_libraries(transformers: bool = True) -> None:
+    """Silence transformers/hub progress bars and warnings: our output is the progress a user reads.
+    ``transformers=False`` (the onnx runtime) only sets the environment and imports nothing."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if not transformers:
+        return
     try:
         from transformers.utils import logging as hf_logging
 

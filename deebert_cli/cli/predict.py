@@ -9,7 +9,8 @@ from typing import Optional
 
 import typer
 
-from .common import CONFIG_OPT, DEVICE_OPT, PRECISION_OPT, err, finish_distributed, make_config, quiet_libraries, user_errors
+from .common import (CONFIG_OPT, DEVICE_OPT, ONNX_PRECISION_OPT, PRECISION_OPT, RUNTIME_OPT, err, finish_distributed,
+                     make_config, quiet_libraries, user_errors)
 
 
 def predict(
@@ -32,6 +33,8 @@ def predict(
     summary: bool = typer.Option(True, help="Print a summary on stderr at the end (count, exit histogram, mean exit layer, layer saving, examples/s)."),
     device: str = DEVICE_OPT,
     precision: str = PRECISION_OPT,
+    runtime: str = RUNTIME_OPT,
+    onnx_precision: str = ONNX_PRECISION_OPT,
     config: Optional[Path] = CONFIG_OPT,
 ):
     """Read one text per line (stdin or --input), exit early at the first layer whose off-ramp is
@@ -45,19 +48,18 @@ def predict(
     values["checkpoint"] = str(checkpoint)
     values["input"] = str(input) if input else None
     values["output"] = str(output) if output else None
-    quiet_libraries()
     note = f"'{output}' was not written (a file there before is as it was)" if output else \
         "output so far is complete up to the last line written"
     with user_errors(note):
         from ..core.config import PredictConfig
-        from ..core.inference import PredictStats, predict_sharded, predict_stream, read_lines, resolve_rule
-        from ..core.checkpoint import load_checkpoint
-        from ..core.distributed import Runtime
+        from ..core.inference import PredictStats, load_for_inference, predict_sharded, predict_stream, read_lines, resolve_rule
         from ..core.errors import UserError
         from ..core.files import atomic_text_file, check_output
 
         cfg = make_config(ctx, PredictConfig, config, values)
-        rt = Runtime(cfg.device, cfg.precision)
+        onnx = cfg.runtime == "onnx"
+        quiet_libraries(transformers=not onnx)
+        rt = onnx_process(cfg.device) if onnx else torch_runtime(cfg.device, cfg.precision)
         dev = rt.device
         if cfg.input and not Path(cfg.input).is_file():
             raise UserError(f"input file '{cfg.input}' does not exist")
@@ -65,7 +67,7 @@ def predict(
             check_output(cfg.output, cfg.input)
         if rt.distributed and not cfg.input:
             raise UserError("under accelerate launch every process reads the input: pass --input FILE (not stdin)")
-        ckpt = load_checkpoint(cfg.checkpoint)
+        ckpt = load_for_inference(cfg.checkpoint, cfg.runtime, dev, **({"precision": cfg.onnx_precision} if onnx else {}))
         limit = ckpt.model.max_tokens
         if cfg.max_length and limit and cfg.max_length > limit and rt.is_main:
             err.print(f"[yellow]warning:[/] --max-length {cfg.max_length} is more than this model takes "
@@ -79,7 +81,8 @@ def predict(
         bs, win = (1, 1) if interactive else (cfg.batch_size, cfg.window)
         main = rt.is_main  # under accelerate launch only the main process writes and reports
         if main:
-            where = f"{rt.world} processes" if rt.distributed else f"device {dev}"
+            where = f"{rt.world} processes" if rt.distributed else (
+                f"onnx runtime ({cfg.onnx_precision}, CPU)" if onnx else f"device {dev}")
             err.print(f"[dim]deebert predict: {rule.describe()} ({source}); {L} layers; {where}; engine {cfg.engine}[/]")
         src = open(cfg.input, "rb") if cfg.input else sys.stdin.buffer
         # --output is written to a temporary sibling and renamed when complete: a file there is never half
@@ -113,6 +116,26 @@ def predict(
         if cfg.summary:
             render_summary(stats)
     finish_distributed()
+
+
+def torch_runtime(device: str, precision: str):
+    from ..core.distributed import Runtime
+
+    return Runtime(device, precision)
+
+
+def onnx_process(device: str):
+    """The onnx runtime's one process on the CPU (no torch: core.distributed.Runtime resolves devices with it)."""
+    from types import SimpleNamespace
+
+    from ..core.distributed import is_launched
+    from ..core.errors import UserError
+
+    if is_launched():
+        raise UserError("--runtime onnx runs in one process: drop `accelerate launch`, or use --runtime torch")
+    if device not in ("auto", "cpu"):
+        raise UserError(f"--runtime onnx runs on the CPU: use --device cpu (or auto), or --runtime torch for '{device}'")
+    return SimpleNamespace(device=None, distributed=False, is_main=True, world=1)
 
 
 class Formatter:

@@ -108,6 +108,7 @@ class Analysis:
     patience_recommendation: PatienceRow | None = None  # largest saving within max_drop
     task: str = "classification"  # regression: layers hold mse/pearson/spearman, no entropy sweep
     learned_sweep: list = field(default_factory=list)  # learned exits (BERxiT): SweepRow / RegressionSweepRow per threshold
+    runtime: dict = field(default_factory=dict)  # --runtime onnx: the export's accuracy beside torch fp32 (exact)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -387,13 +388,8 @@ def analyze(cfg: AnalyzeConfig, progress=None) -> Analysis:
     if per_layer is not None:
         timed["per-layer"] = per_layer["thresholds"]
     lines = [t if p is None else f"{t}\t{p}" for t, p in zip(ex.texts, ex.pairs or [None] * len(ex))]
-    seconds = {k: math.inf for k in timed}
-    for _ in range(cfg.timing_repeats):
-        for key, vals in timed.items():
-            start = time.perf_counter()
-            for _ in predict_stream(ckpt, lines, ExitRule(list(vals) + [0.0], cfg.entropy), device, batch_size=cfg.batch_size):
-                pass
-            seconds[key] = min(seconds[key], time.perf_counter() - start)
+    seconds, timed_acc = time_runs(cfg, ckpt, device, timed, lines, labels)
+    runtime = runtime_report(cfg, timed_acc, layers, rows, rec)
     for r in rows:
         if r.threshold in seconds:
             r.measured_seconds = seconds[r.threshold]
@@ -436,10 +432,47 @@ def analyze(cfg: AnalyzeConfig, progress=None) -> Analysis:
         dead_weight=dead_weight(layers, rec, len(ex)), examples=examples, example_threshold=ex_thr,
         per_layer=per_layer, stored_thresholds=stored, cls_spread=spread, warnings=warnings,
         timing={"batch_size": cfg.batch_size, "repeats": cfg.timing_repeats, "device": str(device),
+                "runtime": cfg.runtime if cfg.runtime == "torch" else f"onnx ({cfg.onnx_precision})",
                 "seconds": {str(k): v for k, v in seconds.items()}},
+        runtime=runtime,
         patience_sweep=prows, patience_recommendation=prec,
         learned_sweep=learned_sweep(logits, labels, scores, lgrid) if learned else [],
     )
+
+
+def time_runs(cfg: AnalyzeConfig, ckpt, device, timed: dict, lines: list, labels: list) -> tuple:
+    """Real early-exit runs over ``lines`` on ``cfg.runtime`` at every entry of ``timed`` (key -> L-1
+    thresholds), interleaved and repeated (fastest kept) so that load on a shared machine hits them alike
+    -> (seconds per key, accuracy per key of the runtime's own predictions)."""
+    run_ckpt, run_device = ckpt, device
+    if cfg.runtime == "onnx":
+        from .inference import load_for_inference
+
+        run_ckpt, run_device = load_for_inference(cfg.checkpoint, "onnx", precision=cfg.onnx_precision), None
+    L = ckpt.model.num_layers
+    seconds, acc = {k: math.inf for k in timed}, {}
+    for _ in range(cfg.timing_repeats):
+        for key, vals in timed.items():
+            start = time.perf_counter()
+            got = [r.label for r in predict_stream(run_ckpt, lines, ExitRule(list(vals) + [0.0], cfg.entropy), run_device,
+                                                   batch_size=cfg.batch_size)]
+            seconds[key] = min(seconds[key], time.perf_counter() - start)
+            acc[key] = accuracy(got, labels)
+    assert L == run_ckpt.model.num_layers
+    return seconds, acc
+
+
+def runtime_report(cfg: AnalyzeConfig, timed_acc: dict, layers: list, rows: list, rec) -> dict:
+    """On --runtime onnx: the accuracy of the export's own predictions (fp32 or int8) at full depth and at
+    the recommended threshold, beside the exact torch fp32 figures of the same thresholds."""
+    if cfg.runtime != "onnx":
+        return {}
+    out = {"runtime": "onnx", "precision": cfg.onnx_precision, "full_depth_accuracy": timed_acc[0.0],
+           "torch_fp32_full_depth_accuracy": layers[-1]["accuracy"]}
+    if rec is not None:
+        out["at_recommended"] = {"threshold": rec.threshold, "accuracy": timed_acc[rec.threshold],
+                                 "torch_fp32_accuracy": rec.accuracy}
+    return out
 
 
 def _analyze_regression(cfg: AnalyzeConfig, ckpt, spec: DataSpec, source: str, ex, values: torch.Tensor) -> Analysis:

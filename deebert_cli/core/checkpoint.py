@@ -139,14 +139,24 @@ def load_checkpoint(path: str | Path, device=None) -> Checkpoint:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"'{meta_path}' is not valid JSON: {e}") from None
+    import torch
+
     model_hf = load_hf(AutoModelForSequenceClassification, str(path))
     ramp_cfg = RampConfig(**meta.get("ramp", {}))
-    model = HighwayModel(model_hf, ramp_cfg, init_from_pooler=False)
     ramps_path = path / RAMPS_FILE
-    if ramps_path.is_file():
+    if not ramps_path.is_file():
+        model = HighwayModel(model_hf, ramp_cfg, init_from_pooler=False)
+    else:
+        # the off-ramps are built without memory or random init (meta device) and take the loaded tensors
+        # as they are (assign): no initialisation that the file then overwrites, no copies
+        with torch.device("meta"):
+            model = HighwayModel(model_hf, ramp_cfg, init_from_pooler=False)
         state = {k[len("ramps."):]: v for k, v in load_file(str(ramps_path)).items()}
-        missing, unexpected = model.ramps.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("temperature")]  # older files: uncalibrated
+        missing, unexpected = model.ramps.load_state_dict(state, strict=False, assign=True)
+        for ramp in model.ramps:  # older files: uncalibrated
+            if ramp.temperature.is_meta:
+                ramp.temperature = torch.ones(())
+        missing = [k for k in missing if not k.endswith("temperature")]
         if missing or unexpected:
             raise UserError(f"'{ramps_path}' does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     tokenizer = AutoTokenizer.from_pretrained(str(path)) if _has_tokenizer(path) else None

@@ -182,6 +182,18 @@ def parse_ints(text, what: str) -> list | None:
 
 
 EXIT_POLICIES = ("entropy", "patience", "learned")
+RUNTIMES = ("torch", "onnx")  # same as core.inference.RUNTIMES
+ONNX_PRECISIONS = ("fp32", "int8")
+
+
+def _check_runtime(cfg) -> None:
+    """runtime / onnx_precision (and, where the config has it, precision) go together."""
+    _check(cfg.runtime in RUNTIMES, f"runtime must be one of {', '.join(RUNTIMES)}, got '{cfg.runtime}'")
+    _check(cfg.onnx_precision in ONNX_PRECISIONS,
+           f"onnx_precision must be one of {', '.join(ONNX_PRECISIONS)}, got '{cfg.onnx_precision}'")
+    _check(cfg.runtime == "onnx" or cfg.onnx_precision == "fp32", "--onnx-precision applies to --runtime onnx")
+    _check(cfg.runtime == "torch" or getattr(cfg, "precision", "fp32") == "fp32",
+           "--precision (autocast) applies to --runtime torch; the onnx runtime takes --onnx-precision fp32|int8")
 
 
 @dataclass
@@ -206,9 +218,12 @@ class PredictConfig:
     device: str = "auto"
     summary: bool = True
     precision: str = "fp32"
+    runtime: str = "torch"  # torch, or onnx (the graphs of `deebert export`, run by ONNX Runtime)
+    onnx_precision: str = "fp32"  # onnx runtime: fp32 or int8 (`deebert export --quantize int8`)
 
     def __post_init__(self):
         _check_precision(self.precision)
+        _check_runtime(self)
         self.thresholds = parse_thresholds(self.thresholds)
         _check(self.entropy in ("normalized", "raw"), f"entropy must be 'normalized' or 'raw', got '{self.entropy}'")
         for name, t in [("threshold", self.threshold)] * (self.threshold is not None) + [("thresholds", t) for t in self.thresholds or []]:
@@ -253,8 +268,11 @@ class AnalyzeConfig:
     json: str | None = None
     plot: str | None = None
     device: str = "auto"
+    runtime: str = "torch"  # of the timed runs (and, for onnx, the export's accuracy beside torch fp32)
+    onnx_precision: str = "fp32"
 
     def __post_init__(self):
+        _check_runtime(self)
         self.thresholds = parse_thresholds(self.thresholds)
         self.timing_thresholds = parse_thresholds(self.timing_thresholds, "timing_thresholds")
         self.patience = parse_ints(self.patience, "patience")
@@ -349,6 +367,24 @@ def to_yaml(cfg) -> str:
 
 
 __all__ = [
-    "FinetuneConfig", "TrainExitsConfig", "PredictConfig", "AnalyzeConfig", "build_config", "read_yaml",
+    "FinetuneConfig", "TrainExitsConfig", "PredictConfig", "AnalyzeConfig", "ExportConfig", "build_config", "read_yaml",
     "to_yaml", "default_of", "DEFAULT_MODEL", "field",
 ]
+
+
+QUANTIZE = ("int8",)
+
+
+@dataclass
+class ExportConfig:
+    """``deebert export``: the highway model as ONNX graphs for the onnx runtime."""
+
+    checkpoint: str = DEFAULT_CHECKPOINT
+    output: str | None = None  # default: <checkpoint>/onnx
+    quantize: str | None = None  # int8: also write dynamically quantized graphs
+    opset: int = 17
+    optimize: bool = True  # onnxruntime.transformers fusions (Attention, SkipLayerNorm, BiasGelu ...)
+
+    def __post_init__(self):
+        _check(self.quantize in (None, *QUANTIZE), f"quantize must be one of {', '.join(QUANTIZE)}, got '{self.quantize}'")
+        _check(14 <= self.opset <= 20, f"opset must be in 14..20, got {self.opset}")

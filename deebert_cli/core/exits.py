@@ -1,12 +1,17 @@
-"""Off-ramps (DeeBERT's per-layer classifiers, with an optional BERxiT learned exit) and exit policies:
-entropy (DeeBERT), patience (PABEE) and learned (BERxiT)."""
+"""Exit policies: entropy (DeeBERT), patience (PABEE) and learned (BERxiT), and the entropy they use.
+
+Written once against the Python array API standard, through ``array_api_compat`` (a small, well-kept
+library that gives numpy and torch one namespace of array operations), so the same code decides exits on
+torch tensors (the torch runtime, analyze's sweeps) and on numpy arrays (the ONNX runtime), and nothing
+here imports torch. The off-ramp module itself (torch) lives in :mod:`.ramps`; ``OffRamp`` and ``pool``
+are still importable from here."""
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
 
-import torch
-from torch import nn
+import numpy as np
+from array_api_compat import array_namespace, device as array_device
 
 POOLINGS = ("cls", "mean")
 AUTO = "auto"  # a RampConfig pooling the highway model resolves to its family's own (cls, or mean for ModernBERT)
@@ -33,81 +38,63 @@ class RampConfig:
         return asdict(self)
 
 
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Summarise a layer for an off-ramp: [batch, seq, hidden] -> [batch, hidden]."""
-    if pooling == "cls":
-        return hidden[:, 0]
-    # mean over real tokens only, so padding never changes the result
-    m = attention_mask.to(hidden.dtype).unsqueeze(-1)  # [batch, seq, 1]
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+def __getattr__(name: str):
+    """``OffRamp`` and ``pool`` (torch) moved to :mod:`.ramps`; importing them from here still works."""
+    if name in ("OffRamp", "pool"):
+        from . import ramps
+
+        return getattr(ramps, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class OffRamp(nn.Module):
-    """DeeBERT off-ramp: pooler Linear(H,H) -> tanh -> dropout -> Linear(H,C) on the pooled token."""
-
-    def __init__(self, hidden_size: int, num_labels: int, cfg: RampConfig):
-        super().__init__()
-        if cfg.pooling not in POOLINGS:  # 'auto' is resolved by the highway model, which knows the family
-            raise ValueError(f"an off-ramp needs pooling {POOLINGS}, got '{cfg.pooling}'")
-        self.cfg = cfg
-        self.norm = nn.LayerNorm(hidden_size) if cfg.norm else nn.Identity()
-        self.pooler = nn.Linear(hidden_size, hidden_size)
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.classifier = nn.Linear(hidden_size, num_labels)
-        # temperature scaling (``train-exits --calibrate``); 1 = uncalibrated
-        self.register_buffer("temperature", torch.ones(()))
-        # learned exit (BERxiT, ``train-exits --learned-exits``): reads the pooler output, like the classifier
-        self.exit_head = nn.Linear(hidden_size, 1) if cfg.learned_exit else None
-
-    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[batch, seq, hidden] -> [batch, hidden]: the part that depends on the frozen backbone only."""
-        return pool(hidden, attention_mask, self.cfg.pooling)
-
-    def features(self, pooled: torch.Tensor) -> torch.Tensor:
-        """[batch, hidden] -> the pooler output tanh(pooler(norm(pooled))) [batch, hidden]."""
-        return torch.tanh(self.pooler(self.norm(pooled)))
-
-    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
-        """[batch, hidden] -> logits [batch, classes]."""
-        return self.classifier(self.dropout(self.features(pooled))) / self.temperature
-
-    def exit_score(self, pooled: torch.Tensor) -> torch.Tensor:
-        """[batch, hidden] -> learned exit score [batch] in (0, 1): the predicted chance that this off-ramp
-        is right (classification) or its predicted tanh(|error|) (regression)."""
-        if self.exit_head is None:
-            raise ValueError("this off-ramp has no learned exit (train-exits --learned-exits)")
-        return torch.sigmoid(self.exit_head(self.features(pooled)).float()).squeeze(-1)
-
-    def classify_and_score(self, pooled: torch.Tensor) -> tuple:
-        """[batch, hidden] -> (logits [batch, classes], exit score [batch]) with one pooler pass."""
-        x = self.features(pooled)
-        score = torch.sigmoid(self.exit_head(x).float()).squeeze(-1)
-        return self.classifier(self.dropout(x)) / self.temperature, score
-
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.pool(hidden, attention_mask))
+_NUMPY_IS_STANDARD = tuple(int(v) for v in np.__version__.split(".")[:2]) >= (2, 1)
 
 
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy in nats of softmax(logits): [..., classes] -> [...].
-
-    Computed in float32 from log_softmax so that logits of +-1e4 or bf16/fp16 inputs stay finite
-    (p * log p is taken as 0 where p underflows to 0)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    p = logp.exp()
-    plogp = torch.where(p > 0, p * logp, torch.zeros_like(p))
-    return (-plogp.sum(-1)).clamp(min=0.0)
+def namespace(*arrays):
+    """The array API namespace of ``arrays``: numpy itself for numpy arrays (numpy >= 2.1 implements the
+    standard in its main namespace; array_api_compat's numpy wrapper would add ~0.5 s of imports to every
+    start of the onnx runtime), array_api_compat's wrapper for torch tensors."""
+    if _NUMPY_IS_STANDARD and isinstance(arrays[0], (np.ndarray, np.generic)):
+        return np
+    return array_namespace(*arrays)
 
 
-def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
+def default_namespace(xp=None):
+    """``xp`` itself, or torch's array-API namespace when none is given (the torch engines' default)."""
+    if xp is not None:
+        return xp
+    from array_api_compat import torch as xp_torch
+
+    return xp_torch
+
+
+# ------------------------------------------------------------------------------------------------
+# entropy
+# ------------------------------------------------------------------------------------------------
+def entropy(logits):
+    """Shannon entropy in nats of softmax(logits): [..., classes] -> [...] (torch tensor or numpy array).
+
+    Computed in float32 as log S - sum(e * z) / S with z = logits - max (floored at -1e4, where exp is
+    already 0), e = exp(z), S = sum(e), so logits of +-1e4 or bf16/fp16 inputs stay finite. Few array
+    operations: the engines call this once per layer and batch, and at batch 1 their cost is per row."""
+    xp = namespace(logits)
+    x = xp.astype(logits, xp.float32, copy=False)
+    z = xp.maximum(x - xp.max(x, axis=-1, keepdims=True), -1e4)
+    e = xp.exp(z)
+    total = xp.sum(e, axis=-1)
+    return xp.maximum(xp.log(total) - xp.sum(e * z, axis=-1) / total, 0.0)
+
+
+def normalized_entropy(logits):
     """Entropy divided by ln(C), in [0, 1]: [..., classes] -> [...]."""
     c = logits.shape[-1]
     if c < 2:
         raise ValueError("normalized entropy needs at least 2 classes")
-    return (entropy(logits) / math.log(c)).clamp(0.0, 1.0)
+    xp = namespace(logits)
+    return xp.minimum(entropy(logits) / math.log(c), 1.0)
 
 
-def exit_entropy(logits: torch.Tensor, kind: str = "normalized") -> torch.Tensor:
+def exit_entropy(logits, kind: str = "normalized"):
     """Entropy of the kind a threshold is expressed in: ``normalized`` (0..1) or ``raw`` (nats)."""
     if kind == "normalized":
         return normalized_entropy(logits)
@@ -121,16 +108,16 @@ def max_entropy(num_labels: int, kind: str) -> float:
     return 1.0 if kind == "normalized" else math.log(num_labels)
 
 
-def first_exit(signal: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+def first_exit(signal, thresholds):
     """Exit layer index (0-based) per sample for the entropy rule.
 
     signal: [layers, n] entropy at every exit; thresholds: [layers] (the last layer always exits).
     A sample leaves at the first layer whose entropy is strictly below that layer's threshold."""
-    layers = signal.shape[0]
-    fires = signal < thresholds.view(-1, 1)  # [layers, n]
-    fires[-1] = True
-    # argmax returns the first True along dim 0
-    return fires.int().argmax(0).clamp(max=layers - 1)
+    xp = namespace(signal, thresholds)
+    fires = signal < xp.reshape(thresholds, (-1, 1))  # [layers, n]
+    fires[-1, ...] = True
+    # argmax returns the first maximum (True) along the layers
+    return xp.argmax(xp.astype(fires, xp.int32), axis=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,16 +129,20 @@ POLICIES = ("entropy", "patience", "learned")
 class EntropyPolicy:
     """DeeBERT: leave after layer i if the off-ramp's entropy is strictly below ``thr[i]``. Stateless."""
 
-    def __init__(self, thresholds: torch.Tensor, kind: str = "normalized"):
-        self.thr, self.kind = thresholds, kind  # [layers]
-
-    def init_state(self, b: int, device) -> tuple:
-        return ()
-
     needs_score = False
 
-    def step(self, i: int, logits: torch.Tensor, state: tuple, score: torch.Tensor | None = None) -> tuple:
+    def __init__(self, thresholds, kind: str = "normalized"):
+        self.thr, self.kind = thresholds, kind  # [layers], an array of the engine's namespace
+        self._never = [bool(t <= 0) for t in thresholds]  # entropy is >= 0: nobody leaves at these layers
+
+    def init_state(self, b: int, device=None, xp=None) -> tuple:
+        return ()
+
+    def step(self, i: int, logits, state: tuple, score=None) -> tuple:
         """logits [b, C] at layer i -> (done [b] bool, new state)."""
+        if self._never[i]:  # the answer without computing the entropy (threshold 0: full depth)
+            xp = namespace(logits)
+            return xp.zeros(logits.shape[:1], dtype=xp.bool, device=None if xp is np else array_device(logits)), state
         return exit_entropy(logits, self.kind) < self.thr[i], state
 
 
@@ -169,23 +160,28 @@ class PatiencePolicy:
     def __init__(self, patience: int, tolerance: float | None = None):
         self.patience, self.tolerance = patience, tolerance
 
-    def prediction(self, logits: torch.Tensor) -> torch.Tensor:
+    def prediction(self, logits):
         """[b, C] -> [b] float: the argmax class, or the value for regression."""
-        return logits[:, 0].float() if self.tolerance is not None else logits.argmax(-1).float()
+        xp = namespace(logits)
+        if self.tolerance is not None:
+            return xp.astype(logits[:, 0], xp.float32)
+        return xp.astype(xp.argmax(logits, axis=-1), xp.float32)
 
-    def init_state(self, b: int, device) -> tuple:
-        """(last prediction [b] float, streak [b] long)."""
-        return torch.zeros(b, device=device), torch.zeros(b, dtype=torch.long, device=device)
+    def init_state(self, b: int, device=None, xp=None) -> tuple:
+        """(last prediction [b] float, streak [b] int64); torch tensors unless ``xp`` says otherwise."""
+        xp = default_namespace(xp)
+        return xp.zeros((b,), dtype=xp.float32, device=device), xp.zeros((b,), dtype=xp.int64, device=device)
 
-    def step(self, i: int, logits: torch.Tensor, state: tuple, score: torch.Tensor | None = None) -> tuple:
+    def step(self, i: int, logits, state: tuple, score=None) -> tuple:
         """logits [b, C] at layer i, state (last [b], streak [b]) -> (done [b] bool, (pred, streak))."""
+        xp = namespace(logits)
         pred = self.prediction(logits)
         last, streak = state
         if i == 0:
-            streak = torch.zeros_like(streak)
+            streak = xp.zeros_like(streak)
         else:
-            same = (pred - last).abs() < self.tolerance if self.tolerance is not None else pred == last
-            streak = torch.where(same, streak + 1, torch.zeros_like(streak))
+            same = xp.abs(pred - last) < self.tolerance if self.tolerance is not None else pred == last
+            streak = xp.where(same, streak + 1, xp.zeros_like(streak))
         return streak >= self.patience, (pred, streak)
 
 
@@ -200,29 +196,32 @@ class LearnedPolicy:
     def __init__(self, threshold: float, regression: bool = False):
         self.threshold, self.regression = threshold, regression
 
-    def init_state(self, b: int, device) -> tuple:
+    def init_state(self, b: int, device=None, xp=None) -> tuple:
         return ()
 
-    def step(self, i: int, logits: torch.Tensor, state: tuple, score: torch.Tensor | None = None) -> tuple:
+    def step(self, i: int, logits, state: tuple, score=None) -> tuple:
         """score [b] at layer i -> (done [b] bool, state)."""
         return (score < self.threshold) if self.regression else (score > self.threshold), state
 
 
-def policy_exit(policy, logits: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
+def policy_exit(policy, logits, scores=None):
     """Exit layer (0-based) per sample of ``policy`` from all-exits logits [layers, n, C] (and learned exit
     scores [layers - 1, n] for the learned policy) -> [n]; the same steps the engines take, run over every
     layer at once (the last layer always exits)."""
+    xp = namespace(logits)
+    dev = None if xp is np else array_device(logits)
     L, n = logits.shape[:2]
-    state = policy.init_state(n, logits.device)
-    layer = torch.full((n,), L - 1, dtype=torch.long, device=logits.device)
-    open_ = torch.ones(n, dtype=torch.bool, device=logits.device)
+    state = policy.init_state(n, dev, xp)
+    layer = xp.full((n,), L - 1, dtype=xp.int64, device=dev)
+    open_ = xp.ones((n,), dtype=xp.bool, device=dev)
     for i in range(L - 1):
-        done, state = policy.step(i, logits[i].float(), state, None if scores is None else scores[i].float())
+        score = None if scores is None else xp.astype(scores[i], xp.float32)
+        done, state = policy.step(i, xp.astype(logits[i], xp.float32), state, score)
         layer[open_ & done] = i
-        open_ &= ~done
+        open_ = open_ & ~done
     return layer
 
 
-def patience_exit(logits: torch.Tensor, patience: int, tolerance: float | None = None) -> torch.Tensor:
+def patience_exit(logits, patience: int, tolerance: float | None = None):
     """Exit layer (0-based) under the patience rule (see :class:`PatiencePolicy`): [layers, n, C] -> [n]."""
     return policy_exit(PatiencePolicy(patience, tolerance), logits)

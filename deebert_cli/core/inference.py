@@ -1,4 +1,4 @@
-"""Batched early-exit inference.
+"""Batched early-exit inference, one engine for every runtime.
 
 Exit rules are policies (:mod:`.exits`): entropy (DeeBERT), patience (PABEE) or learned (BERxiT). A
 policy decides layer by layer from the off-ramp's logits (learned: its exit score) and may keep per-row
@@ -13,6 +13,12 @@ Two engines run the same exit rule and give the same answers (test-enforced):
 * ``refill``: per-layer queues; rows that survive layer i wait for layer i+1 while new inputs enter at
   layer 1, so each layer runs on full batches (continuous batching across a stream).
 
+Both are written once against a small backend interface (:class:`Backend`) and the array operations numpy
+and torch share (the Python array API, through ``array_api_compat``): the torch runtime
+(:class:`~.torch_backend.TorchBackend`, the :class:`~.modeling.HighwayModel`) and the ONNX runtime
+(:class:`~.onnx_runtime.OnnxModel`, one onnxruntime session per layer) plug in underneath. Padding,
+bookkeeping and results are numpy on the host; this module imports neither torch nor transformers.
+
 Results always come back in input order, one per input line, empty lines included.
 """
 from __future__ import annotations
@@ -21,15 +27,16 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Protocol
 
-import torch
+import numpy as np
 
-from .checkpoint import Checkpoint
-from .data import Encoded, encode, pad_batch
-from .device import autocast
+from .checkpoint import Checkpoint  # noqa: F401  (type of the torch runtime's checkpoints)
+from .data import encode
 from .errors import UserError
 from .exits import EntropyPolicy, LearnedPolicy, PatiencePolicy, exit_entropy, max_entropy
+
+RUNTIMES = ("torch", "onnx")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -43,14 +50,23 @@ class ExitRule:
     thresholds: list
     entropy: str = "normalized"
 
-    def tensor(self, num_labels: int, device) -> torch.Tensor:
+    def values(self, num_labels: int) -> list:
         """[layers] thresholds; any at or above the maximum entropy exits everyone (becomes +inf)."""
         top = max_entropy(num_labels, self.entropy)
-        vals = [math.inf if t >= top else float(t) for t in self.thresholds]
-        return torch.tensor(vals, dtype=torch.float32, device=device)
+        return [math.inf if t >= top else float(t) for t in self.thresholds]
 
-    def policy(self, num_labels: int, device) -> EntropyPolicy:
-        return EntropyPolicy(self.tensor(num_labels, device), self.entropy)
+    def tensor(self, num_labels: int, device):
+        """The thresholds as a float32 torch tensor on ``device``."""
+        import torch
+
+        return torch.tensor(self.values(num_labels), dtype=torch.float32, device=device)
+
+    def policy(self, num_labels: int, device=None, xp=None) -> EntropyPolicy:
+        """The policy over arrays of namespace ``xp`` (default: torch tensors on ``device``)."""
+        from .exits import default_namespace
+
+        xp = default_namespace(xp)
+        return EntropyPolicy(xp.asarray(self.values(num_labels), dtype=xp.float32, device=device), self.entropy)
 
     def describe(self) -> str:
         unit = "normalized entropy (0..1)" if self.entropy == "normalized" else "entropy in nats"
@@ -69,7 +85,7 @@ class PatienceRule:
     tolerance: float | None = None
     entropy: str = "normalized"
 
-    def policy(self, num_labels: int, device) -> PatiencePolicy:
+    def policy(self, num_labels: int, device=None, xp=None) -> PatiencePolicy:
         return PatiencePolicy(self.patience, self.tolerance)
 
     def describe(self) -> str:
@@ -87,7 +103,7 @@ class LearnedRule:
     regression: bool = False
     entropy: str = "normalized"
 
-    def policy(self, num_labels: int, device) -> LearnedPolicy:
+    def policy(self, num_labels: int, device=None, xp=None) -> LearnedPolicy:
         return LearnedPolicy(self.threshold, self.regression)
 
     def describe(self) -> str:
@@ -95,7 +111,7 @@ class LearnedRule:
         return f"exit when the learned exit's {what}{self.threshold:g}"
 
 
-def resolve_rule(ckpt: Checkpoint, threshold: float | None, thresholds: list | None, entropy: str,
+def resolve_rule(ckpt, threshold: float | None, thresholds: list | None, entropy: str,
                  default: float = 0.3, policy: str = "entropy", patience: int = 3,
                  tolerance: float = 0.1) -> tuple:
     """Pick the exit rule. Patience policy: a :class:`PatienceRule` (thresholds must not be given).
@@ -223,90 +239,142 @@ def split_pair(line: str) -> tuple:
 
 
 # ------------------------------------------------------------------------------------------------
+# backends
+# ------------------------------------------------------------------------------------------------
+class Backend(Protocol):
+    """What the engine needs from a runtime. Arrays are of namespace ``xp`` (numpy, or torch through
+    ``array_api_compat``) on ``device``; everything the engine keeps on the host is numpy."""
+
+    xp: object
+    device: object
+    num_layers: int
+    num_labels: int
+
+    def put(self, a: np.ndarray):
+        """A host numpy array -> an array of this backend (ids, masks, row selections)."""
+
+    def to_numpy(self, a) -> np.ndarray:
+        """An array of this backend -> host numpy (float32 for floating point)."""
+
+    def embed(self, input_ids, token_type_ids=None):
+        """[b, s] ids -> hidden states [b, s, H]."""
+
+    def layer(self, i: int, hidden, attention_mask, score: bool = False) -> tuple:
+        """Layer i (0-based) and its exit: -> (hidden [b, s, H], logits [b, C] float32, learned exit
+        score [b] float32 when ``score`` else None). The last layer's exit is the family's own head."""
+
+
+def backend_for(ckpt, device=None, precision: str = "fp32") -> Backend:
+    """The backend that runs ``ckpt``: its model itself where it is one (the ONNX runtime), else a
+    :class:`~.torch_backend.TorchBackend` over the HighwayModel."""
+    model = ckpt.model
+    if hasattr(model, "backend"):
+        return model.backend(device, precision)
+    from .torch_backend import TorchBackend
+
+    return TorchBackend(model, device, precision)
+
+
+def pad_rows(ids: list, pad_id: int, token_type_ids: list | None = None) -> tuple:
+    """Right-pad token id lists -> (input_ids [b, w] int64, attention_mask [b, w] int64, token_type_ids
+    [b, w] int64 or None), numpy."""
+    lens = [len(r) for r in ids]
+    b, w = len(ids), max(lens)
+    out = np.full((b, w), pad_id, dtype=np.int64)
+    mask = np.zeros((b, w), dtype=np.int64)
+    tt = None if token_type_ids is None else np.zeros((b, w), dtype=np.int64)
+    for j, r in enumerate(ids):
+        n = lens[j]
+        out[j, :n] = r
+        mask[j, :n] = 1
+        if tt is not None:
+            tt[j, :n] = token_type_ids[j]
+    return out, mask, tt
+
+
+# ------------------------------------------------------------------------------------------------
 # engines
 # ------------------------------------------------------------------------------------------------
-class EarlyExitEngine:
-    """Runs ``rule`` over tokenised rows with a given checkpoint; see the module docstring."""
+_END = object()
 
-    def __init__(self, ckpt: Checkpoint, rule: ExitRule, device, batch_size: int = 32, all_probs: bool = False,
-                 precision: str = "fp32"):
-        self.model = ckpt.model.to(device).eval()
-        self.precision = precision
+
+class EarlyExitEngine:
+    """Runs ``rule`` over tokenised rows of a checkpoint (any runtime); see the module docstring."""
+
+    def __init__(self, ckpt, rule, device=None, batch_size: int = 32, all_probs: bool = False,
+                 precision: str = "fp32", backend: Backend | None = None):
+        self.backend = backend if backend is not None else backend_for(ckpt, device, precision)
+        self.xp = self.backend.xp
         self.pad_id = ckpt.tokenizer.pad_token_id if ckpt.tokenizer is not None else 0
-        self.device = device
-        self.L = self.model.num_layers
+        self.device = self.backend.device
+        self.L = self.backend.num_layers
+        self.C = self.backend.num_labels
         self.rule = rule
-        self.policy = rule.policy(self.model.num_labels, device)
+        self.policy = rule.policy(self.C, self.device, self.xp)
         self.batch_size = batch_size
         self.all_probs = all_probs
         self.regression = ckpt.task == "regression"
 
-    def _exit(self, i: int, hidden: torch.Tensor, attn: torch.Tensor) -> tuple:
-        """Exit after layer i: (logits [b, C] float32, learned exit score [b] or None when the policy
-        needs none)."""
-        if self.policy.needs_score:
-            logits, score = self.model.exit_logits_and_score(i, hidden, attn)
-            return logits.float(), score.float()
-        return self.model.exit_logits(i, hidden, attn).float(), None
-
-    def _entropy(self, logits: torch.Tensor) -> torch.Tensor:
-        """[b, C] -> [b]: the entropy reported with each result (nan for regression)."""
+    def _entropy(self, logits: np.ndarray) -> np.ndarray:
+        """[b, C] host logits -> [b]: the entropy reported with each result (nan for regression)."""
         if self.regression:
-            return torch.full(logits.shape[:1], float("nan"), device=logits.device)
-        return exit_entropy(logits, self.rule.entropy)
+            return np.full(logits.shape[:1], np.nan, dtype=np.float32)
+        return np.asarray(exit_entropy(logits, self.rule.entropy))
+
+    def _step(self, i: int, hidden, attn, state: tuple) -> tuple:
+        """Layer i and the policy's decision -> (hidden, logits, done [b] host bool, state)."""
+        be = self.backend
+        last = i == self.L - 1
+        hidden, logits, score = be.layer(i, hidden, attn, self.policy.needs_score and not last)
+        if last:
+            return hidden, logits, np.ones(logits.shape[0], dtype=bool), state
+        done, state = self.policy.step(i, logits, state, score)
+        return hidden, logits, be.to_numpy(done), state
 
     # -- shrinking batch ----------------------------------------------------------------------------
-    def _amp(self):
-        """Autocast for the model's compute (entered around compute only, never across a ``yield``)."""
-        return autocast(self.device, self.precision)
-
-    @torch.no_grad()
     def run_batch(self, batch: dict) -> tuple:
-        """One padded batch -> (exit_layer [b] 0-based, logits [b, C], entropy [b]). Rows that exit
-        leave the batch; padding columns that no remaining row needs are trimmed."""
-        with self._amp():
-            return self._run_batch(batch)
-
-    def _run_batch(self, batch: dict) -> tuple:
-        m = self.model
-        attn = batch["attention_mask"]
-        hidden = m.embed(batch["input_ids"], batch.get("token_type_ids"))
-        b = hidden.shape[0]
-        active = torch.arange(b, device=hidden.device)
-        state = self.policy.init_state(b, hidden.device)  # per-row policy state, sliced with the rows
-        exit_layer = torch.full((b,), self.L - 1, dtype=torch.long, device=hidden.device)
-        out_logits = torch.empty((b, m.num_labels), dtype=torch.float32, device=hidden.device)
-        out_ent = torch.empty((b,), dtype=torch.float32, device=hidden.device)
+        """One padded batch {input_ids, attention_mask[, token_type_ids]} (numpy) -> (exit_layer [b]
+        0-based, logits [b, C] float32, entropy [b]), numpy. Rows that exit leave the batch; padding
+        columns that no remaining row needs are trimmed."""
+        be = self.backend
+        ids, mask, tt = batch["input_ids"], np.asarray(batch["attention_mask"]), batch.get("token_type_ids")
+        b = mask.shape[0]
+        hidden = be.embed(be.put(np.asarray(ids)), None if tt is None else be.put(np.asarray(tt)))
+        attn = be.put(mask)
+        active = np.arange(b)  # original rows still in the batch
+        lengths = mask.sum(1)
+        state = self.policy.init_state(b, self.device, self.xp)  # per-row policy state, sliced with the rows
+        exit_layer = np.full(b, self.L - 1, dtype=np.int64)
+        out_logits = np.empty((b, self.C), dtype=np.float32)
         for i in range(self.L):
-            hidden = m.run_layer(i, hidden, m.prepare_mask(attn, hidden))
-            logits, score = self._exit(i, hidden, attn)
-            ent = self._entropy(logits)
-            done, state = self.policy.step(i, logits, state, score)
-            if i == self.L - 1:
-                done = torch.ones_like(done)
-            if bool(done.any()):
-                rows = active[done]
-                exit_layer[rows], out_logits[rows], out_ent[rows] = i, logits[done], ent[done]
+            hidden, logits, done, state = self._step(i, hidden, attn, state)
+            if done.any():
+                exit_layer[active[done]] = i
+                out_logits[active[done]] = be.to_numpy(logits)[done]
                 keep = ~done
-                if not bool(keep.any()):
+                if not keep.any():
                     break
-                hidden, attn, active = hidden[keep], attn[keep], active[keep]
-                state = tuple(t[keep] for t in state)
-                width = int(attn.sum(1).max())
+                sel = be.put(keep)
+                hidden, attn, active, lengths = hidden[sel], attn[sel], active[keep], lengths[keep]
+                state = tuple(t[sel] for t in state)
+                width = int(lengths.max())
                 if width < hidden.shape[1]:  # right padding: trailing columns no remaining row uses
                     hidden, attn = hidden[:, :width], attn[:, :width]
-        return exit_layer, out_logits, out_ent
+        return exit_layer, out_logits, self._entropy(out_logits)
 
     # -- refill (continuous batching) ---------------------------------------------------------------
-    @torch.no_grad()
-    def run_refill(self, rows: Iterator[tuple], max_lag: int = 1024) -> Iterator[tuple]:
-        """rows: (key, ids, token_type_ids|None), keys = input positions -> yields (key, exit_layer,
-        logits, ent) as rows finish. Each queue holds per-row states [len, H]. The deepest full queue runs
-        first; when none is full, new rows enter layer 1. A row may not wait while more than ``max_lag``
-        newer inputs pass it (its queue then runs part-full), so the caller's reorder buffer stays
-        bounded. At the end, partial queues drain shallowest first so rows merge downstream."""
-        m, B, L = self.model, self.batch_size, self.L
-        queues = [deque() for _ in range(L)]  # items: (key, hidden [len, H], policy state: tuple of 0-d tensors)
+    def run_refill(self, rows: Iterator, max_lag: int = 1024) -> Iterator[tuple]:
+        """rows: (key, ids, token_type_ids|None) with keys = input positions, or ``None`` meaning "no new
+        input right now" -> yields (key, exit_layer, logits [C] numpy, entropy) as rows finish.
+
+        Each queue holds per-row states [len, H]. The deepest full queue runs first; when none is full,
+        new rows enter layer 1. A row may not wait while more than ``max_lag`` newer inputs pass it (its
+        queue then runs part-full), so the caller's reorder buffer stays bounded. When the iterator yields
+        ``None``, the deepest non-empty queue runs part-full (or, with every queue empty, the iterator is
+        asked again: it may block until input comes). At the end, partial queues drain shallowest first so
+        rows merge downstream."""
+        B, L = self.batch_size, self.L
+        queues = [deque() for _ in range(L)]  # items: (key, hidden [len, H], policy state: tuple of 0-d arrays)
         exhausted = False
         newest = -1
         rows = iter(rows)
@@ -318,59 +386,66 @@ class EarlyExitEngine:
             elif oldest is not None and newest - oldest[0] > max_lag:
                 i = oldest[1]  # an old row has waited long enough: move it on in a part-full batch
             elif not exhausted:
-                fresh = []
+                fresh, idle = [], False
                 for _ in range(B - len(queues[0])):
-                    nxt = next(rows, None)
-                    if nxt is None:
+                    nxt = next(rows, _END)
+                    if nxt is _END:
                         exhausted = True
+                        break
+                    if nxt is None:
+                        idle = True
                         break
                     fresh.append(nxt)
                     newest = max(newest, nxt[0])
                 if fresh:
                     self._embed_into(fresh, queues[0])
-                continue
+                nonempty = [i for i in range(L) if queues[i]]
+                if not idle or not nonempty:
+                    continue
+                i = nonempty[-1]  # no new input right now: move the deepest rows on, part-full
             else:
                 nonempty = [i for i in range(L) if queues[i]]
                 if not nonempty:
                     return
                 i = nonempty[0]
-            take = [queues[i].popleft() for _ in range(min(B, len(queues[i])))]
-            width = max(t[1].shape[0] for t in take)
-            hidden = torch.zeros((len(take), width, take[0][1].shape[1]), dtype=take[0][1].dtype, device=self.device)
-            attn = torch.zeros((len(take), width), dtype=torch.long, device=self.device)
-            for j, t in enumerate(take):
-                n = t[1].shape[0]
-                hidden[j, :n], attn[j, :n] = t[1], 1
-            state = tuple(torch.stack([t[2][k] for t in take]) for k in range(len(take[0][2])))
-            with self._amp():
-                hidden = m.run_layer(i, hidden, m.prepare_mask(attn, hidden))
-                logits, score = self._exit(i, hidden, attn)
-            ent = self._entropy(logits)
-            done, state = self.policy.step(i, logits, state, score)
-            done = done.tolist() if i < L - 1 else [True] * len(take)
-            for j, t in enumerate(take):
-                if done[j]:
-                    yield t[0], i, logits[j], ent[j]
-                else:
-                    queues[i + 1].append((t[0], hidden[j, : t[1].shape[0]], tuple(x[j] for x in state)))
+            yield from self._advance(i, queues)
+
+    def _advance(self, i: int, queues: list) -> Iterator[tuple]:
+        """Run up to one batch of queue i through layer i: finished rows are yielded, the rest move on."""
+        xp, be = self.xp, self.backend
+        take = [queues[i].popleft() for _ in range(min(self.batch_size, len(queues[i])))]
+        lens = [t[1].shape[0] for t in take]
+        width = max(lens)
+        hidden = xp.zeros((len(take), width, take[0][1].shape[1]), dtype=take[0][1].dtype, device=self.device)
+        mask = np.zeros((len(take), width), dtype=np.int64)
+        for j, t in enumerate(take):
+            hidden[j, : lens[j]] = t[1]
+            mask[j, : lens[j]] = 1
+        state = tuple(xp.stack([t[2][k] for t in take]) for k in range(len(take[0][2])))
+        hidden, logits, done, state = self._step(i, hidden, be.put(mask), state)
+        logits = be.to_numpy(logits)
+        ent = self._entropy(logits)
+        for j, t in enumerate(take):
+            if done[j]:
+                yield t[0], i, logits[j], float(ent[j])
+            else:
+                queues[i + 1].append((t[0], hidden[j, : lens[j]], tuple(x[j] for x in state)))
 
     def _embed_into(self, fresh: list, queue: deque) -> None:
-        enc_ids = [f[1] for f in fresh]
-        tt = [f[2] for f in fresh] if fresh[0][2] is not None else None
-        b = {k: v.to(self.device) for k, v in pad_batch(Encoded(enc_ids, tt), range(len(fresh)), self.pad_id).items()}
-        with self._amp():
-            hidden = self.model.embed(b["input_ids"], b.get("token_type_ids"))
-        state = self.policy.init_state(len(fresh), self.device)
+        be = self.backend
+        ids, _, tt = pad_rows([f[1] for f in fresh], self.pad_id, [f[2] for f in fresh] if fresh[0][2] is not None else None)
+        hidden = be.embed(be.put(ids), None if tt is None else be.put(tt))
+        state = self.policy.init_state(len(fresh), self.device, self.xp)
         for j, f in enumerate(fresh):
             queue.append((f[0], hidden[j, : len(f[1])], tuple(x[j] for x in state)))
 
 
-def predict_stream(ckpt: Checkpoint, lines: Iterable[str], rule: ExitRule, device, *, batch_size: int = 32,
+def predict_stream(ckpt, lines: Iterable[str], rule, device=None, *, batch_size: int = 32,
                    window: int = 1024, max_length: int | None = None, engine: str = "shrink",
                    all_probs: bool = False, stats: PredictStats | None = None,
                    precision: str = "fp32") -> Iterator[Prediction]:
     """Predict every line of ``lines`` (read lazily, ``window`` lines at a time) and yield one result
-    per line in input order.
+    per line in input order. ``ckpt`` is what :func:`load_for_inference` returns (either runtime).
 
     Within a window, rows are sorted by length to cut padding; results pass through a reorder buffer
     and leave as soon as every earlier line is done, so output starts before the input ends and memory
@@ -423,11 +498,13 @@ def predict_stream(ckpt: Checkpoint, lines: Iterable[str], rule: ExitRule, devic
         for rows in windows():
             for s in range(0, len(rows), batch_size):
                 part = rows[s : s + batch_size]
-                enc = Encoded([r[1] for r in part], [r[2] for r in part] if part[0][2] is not None else None)
-                b = {k: v.to(device) for k, v in pad_batch(enc, range(len(part)), eng.pad_id).items()}
-                layer, logits, ent = eng.run_batch(b)
-                for j, r in enumerate(part):
-                    yield _result(r[0], int(layer[j]), logits[j], ent[j], all_probs, eng.regression)
+                ids, mask, tt = pad_rows([r[1] for r in part], eng.pad_id,
+                                         [r[2] for r in part] if part[0][2] is not None else None)
+                batch = {"input_ids": ids, "attention_mask": mask}
+                if tt is not None:
+                    batch["token_type_ids"] = tt
+                layer, logits, ent = eng.run_batch(batch)
+                yield from _results([r[0] for r in part], layer, logits, ent, all_probs, eng.regression)
             yield None  # window done: flush empties waiting in the buffer
 
     t0 = time.perf_counter()
@@ -454,15 +531,60 @@ def predict_stream(ckpt: Checkpoint, lines: Iterable[str], rule: ExitRule, devic
     stats.seconds = time.perf_counter() - t0
 
 
-def _result(index: int, layer: int, logits: torch.Tensor, ent: torch.Tensor, all_probs: bool,
-            regression: bool = False) -> Prediction:
-    """One row's Prediction from its exit's logits [C] (regression: the value is logits[0])."""
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+def _results(keys: list, layers: np.ndarray, logits: np.ndarray, ent: np.ndarray, all_probs: bool,
+             regression: bool = False) -> list:
+    """Predictions of a batch of rows from their exits' logits [b, C] (numpy; one softmax for all)."""
+    layers = (np.asarray(layers) + 1).tolist()
     if regression:
-        return Prediction(index=index, exit_layer=int(layer) + 1, value=float(logits[0]))
-    probs = torch.softmax(logits.float(), -1)
-    conf, label = probs.max(-1)
-    return Prediction(index=index, label=int(label), confidence=float(conf), exit_layer=int(layer) + 1,
-                      entropy=float(ent), probs=probs.tolist() if all_probs else None)
+        return [Prediction(index=k, exit_layer=l, value=v) for k, l, v in zip(keys, layers, logits[:, 0].tolist())]
+    probs = _softmax(np.asarray(logits, dtype=np.float32))
+    conf, label = probs.max(-1).tolist(), probs.argmax(-1).tolist()
+    plist = probs.tolist() if all_probs else [None] * len(keys)
+    return [Prediction(index=k, label=c, confidence=p, exit_layer=l, entropy=e, probs=pr)
+            for k, c, p, l, e, pr in zip(keys, label, conf, layers, np.asarray(ent).tolist(), plist)]
+
+
+def _result(index: int, layer: int, logits, ent, all_probs: bool, regression: bool = False) -> Prediction:
+    """One row's Prediction from its exit's logits [C] (regression: the value is logits[0])."""
+    return _results([index], np.asarray([int(layer)]), np.asarray(logits, dtype=np.float32)[None],
+                    np.asarray([float(ent)]), all_probs, regression)[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# loading for inference
+# ------------------------------------------------------------------------------------------------
+def load_for_inference(path, runtime: str = "torch", device=None, **runtime_opts):
+    """A checkpoint ready for :func:`resolve_rule` and :func:`predict_stream` on ``runtime``:
+
+    * ``torch``: :func:`~.checkpoint.load_checkpoint` (``device``: a torch device or spec such as
+      ``"cpu"``/``"auto"``; None leaves the model on the CPU until predict moves it).
+    * ``onnx``: the graphs written by ``deebert export`` (:func:`~.onnx_runtime.load_onnx`; options
+      ``precision="fp32"|"int8"``, ``threads``), run by ONNX Runtime on the CPU without torch.
+
+    Both give the same attributes: ``.model`` (``num_layers``, ``num_labels``, ``ramp_cfg``), ``.task``,
+    ``.exits_trained``, ``.meta``, ``.path``, ``.label_names``, ``.tokenizer``."""
+    if runtime == "onnx":
+        from .onnx_runtime import load_onnx
+
+        if device not in (None, "auto", "cpu") and str(device) != "cpu":
+            raise UserError(f"--runtime onnx runs on the CPU; device '{device}' needs --runtime torch")
+        return load_onnx(path, **runtime_opts)
+    if runtime != "torch":
+        raise UserError(f"unknown runtime '{runtime}': use {' or '.join(RUNTIMES)}")
+    if runtime_opts:
+        raise UserError(f"options {sorted(runtime_opts)} apply to --runtime onnx only")
+    from .checkpoint import load_checkpoint
+
+    if isinstance(device, str):
+        from .device import resolve_device
+
+        device = resolve_device(device)
+    return load_checkpoint(path, device)
 
 
 def predict_sharded(ckpt: Checkpoint, lines: Iterable[str], rule: ExitRule, rt, *, stats: PredictStats,

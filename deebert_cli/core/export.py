@@ -1,0 +1,229 @@
+"""``deebert export``: the highway model as ONNX graphs that the early-exit engine drives layer by layer
+on ONNX Runtime (see :mod:`.onnx_runtime` for the layout and the loader).
+
+Each layer is exported together with its exit (off-ramp, or the family's own head after the last layer,
+plus the learned exit head where trained), taking the 2-D attention mask and building the family's mask
+inside (the adapter's ``prepare_mask``), so one session call per layer returns the new hidden states and
+the exit's logits, and any family whose adapter traces exports. Batch and sequence axes are dynamic.
+ONNX Runtime's own transformer fusions (``onnxruntime.transformers.optimizer``: Attention,
+SkipLayerNormalization, BiasGelu, ...) are applied to the layer graphs, and ``--quantize int8`` adds the
+graphs after ``onnxruntime.quantization.quantize_dynamic``. The folder is written atomically."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import META_FILE, atomic_dir, load_checkpoint
+from .config import ExportConfig
+from .errors import UserError
+from .onnx_runtime import EXPORT_DIR, EXPORT_FORMAT, INSTALL_HINT, MANIFEST, source_fingerprint
+
+COPIED = ("config.json", "tokenizer.json", "tokenizer_config.json", META_FILE)
+SAMPLE_TEXTS = ("a short one", "a somewhat longer example text, so that the batch has padding in it")
+
+
+class _Embed(nn.Module):
+    def __init__(self, model, token_type_ids: bool):
+        super().__init__()
+        self.m, self.tt = model, token_type_ids
+
+    def forward(self, input_ids, token_type_ids=None):
+        return self.m.embed(input_ids, token_type_ids if self.tt else None)
+
+
+class _LayerExit(nn.Module):
+    """Layer i and its exit: (hidden, 2-D attention mask) -> (hidden, logits[, score]); the last layer
+    -> logits of the family's own head."""
+
+    def __init__(self, model, i: int, score: bool):
+        super().__init__()
+        self.m, self.i, self.score = model, i, score
+
+    def forward(self, hidden, attention_mask):
+        m = self.m
+        hidden = m.run_layer(self.i, hidden, m.prepare_mask(attention_mask, hidden))
+        if self.i == m.num_layers - 1:
+            return m.exit_logits(self.i, hidden, attention_mask)
+        if self.score:
+            logits, s = m.exit_logits_and_score(self.i, hidden, attention_mask)
+            return hidden, logits, s
+        return hidden, m.exit_logits(self.i, hidden, attention_mask)
+
+
+def _require_onnx():
+    try:
+        import onnx  # noqa: F401  (torch.onnx.export writes through it)
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise UserError(f"deebert export needs ONNX and ONNX Runtime: {INSTALL_HINT}") from None
+
+
+def _torch_export(module: nn.Module, args: tuple, path: Path, inputs: list, outputs: list, opset: int) -> None:
+    axes = {n: {0: "batch", 1: "sequence"} for n in inputs + outputs if n not in ("logits", "score")}
+    axes.update({n: {0: "batch"} for n in outputs if n in ("logits", "score")})
+    import warnings
+
+    module.eval()  # a wrapper starts in training mode, and export restores the mode it found (dropout!)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python branches
+        torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
+                          opset_version=opset, do_constant_folding=True, dynamo=False)
+
+
+def _optimize(path: Path, num_heads: int, hidden_size: int) -> dict:
+    """onnxruntime.transformers fusions, in place -> the fused operator counts (or the error that stopped
+    them: the unfused graph is kept, and is still correct)."""
+    try:
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        opt = optimize_model(str(path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size)
+        opt.save_model_to_file(str(path))
+        return {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+    except Exception as e:  # an unfamiliar graph pattern: fusions are an optimisation, not a must
+        return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+
+
+def _quantize(src: Path, dst: Path) -> None:
+    """Dynamic int8 quantization (int8 weights, activations quantized at run time)."""
+    import logging
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic's advice to pre-process, printed once per graph
+    try:
+        # fused (com.microsoft) operators defeat ONNX shape inference: their outputs are float
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    finally:
+        root.setLevel(level)
+
+
+def _heads_and_width(cfg) -> tuple:
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_heads", None) or 0
+    width = getattr(cfg, "hidden_size", None) or getattr(cfg, "dim", None) or 0
+    return heads, width
+
+
+def export_checkpoint(cfg: ExportConfig, log=None) -> dict:
+    """Write the export of ``cfg.checkpoint`` (to ``cfg.output``, default ``<checkpoint>/onnx``) atomically
+    -> the manifest written."""
+    _require_onnx()
+    log = log or (lambda msg: None)
+    ckdir = Path(cfg.checkpoint)
+    ckpt = load_checkpoint(ckdir)
+    if ckpt.tokenizer is None or not (ckdir / "tokenizer.json").is_file():
+        raise UserError(f"'{ckdir}' has no tokenizer.json (a fast tokenizer): the onnx runtime tokenizes with it")
+    model = ckpt.model.cpu().eval()
+    learned = bool(model.ramp_cfg.learned_exit and ckpt.exits_trained)
+    with_tt = "token_type_ids" in getattr(ckpt.tokenizer, "model_input_names", [])
+    enc = ckpt.tokenizer(list(SAMPLE_TEXTS), padding=True, return_tensors="pt")
+    sample = (enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids") if with_tt else None)
+    t0 = time.perf_counter()
+    with atomic_dir(Path(cfg.output) if cfg.output else ckdir / EXPORT_DIR) as tmp:
+        log(f"exporting embeddings and {model.num_layers} layers with their exits (opset {cfg.opset})")
+        names, fused = write_graphs(model, tmp / "fp32", sample, learned, cfg.opset, cfg.optimize)
+        precisions = ["fp32"]
+        if cfg.quantize == "int8":
+            log("quantizing (dynamic int8)")
+            (tmp / "int8").mkdir()
+            for g in [names["embed"], *names["layers"]]:
+                _quantize(tmp / "fp32" / g, tmp / "int8" / g)
+            precisions.append("int8")
+        for f in COPIED:
+            if (ckdir / f).is_file():
+                shutil.copy2(ckdir / f, tmp / f)
+        manifest = {
+            "format": EXPORT_FORMAT,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "checkpoint": str(ckdir.resolve()),
+            "config": dataclasses.asdict(cfg),
+            "source": source_fingerprint(ckdir, ckpt.meta),
+            "opset": cfg.opset,
+            "precisions": precisions,
+            "family": model.family,
+            "num_layers": model.num_layers,
+            "max_tokens": model.max_tokens,
+            "num_labels": model.num_labels,
+            "hidden_size": _heads_and_width(model.config)[1],
+            "learned_exit": learned,
+            "pad_token_id": ckpt.tokenizer.pad_token_id if ckpt.tokenizer.pad_token_id is not None else 0,
+            "inputs": {"token_type_ids": with_tt},
+            "graphs": names,
+            "fusions": fused if cfg.optimize else None,
+            "versions": _versions(),
+        }
+        manifest["check"] = check_export(model, tmp, manifest, *sample)
+        manifest["seconds"] = round(time.perf_counter() - t0, 1)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def write_graphs(model, out: Path, sample: tuple, learned: bool, opset: int = 17, optimize: bool = True) -> tuple:
+    """The embeddings graph and one graph per layer with its exit, traced on ``sample`` (input_ids,
+    attention_mask with padding, token_type_ids or None) into folder ``out`` -> (file names, fused
+    operator counts per layer graph)."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:  # eager attention exports as the pattern ONNX Runtime fuses into its Attention operator
+        model.model.set_attn_implementation("eager")
+    except Exception:  # a family without the choice keeps its own
+        pass
+    ids, mask, tt = sample
+    L = model.num_layers
+    heads, width = _heads_and_width(model.config)
+    names = {"embed": "embed.onnx", "layers": [f"layer_{i + 1:02d}.onnx" for i in range(L)]}
+    _torch_export(_Embed(model, tt is not None), (ids, tt) if tt is not None else (ids,), out / names["embed"],
+                  ["input_ids", "token_type_ids"] if tt is not None else ["input_ids"], ["hidden"], opset)
+    fused = {}
+    with torch.no_grad():
+        hidden = model.embed(ids, tt)
+    for i in range(L):
+        outs = ["logits"] if i == L - 1 else ["hidden_out", "logits"] + (["score"] if learned else [])
+        _torch_export(_LayerExit(model, i, learned), (hidden, mask), out / names["layers"][i],
+                      ["hidden", "attention_mask"], outs, opset)
+        if optimize and heads and width:
+            fused[names["layers"][i]] = _optimize(out / names["layers"][i], heads, width)
+        with torch.no_grad():
+            hidden = model.run_layer(i, hidden, model.prepare_mask(mask, hidden))
+    return names, fused
+
+
+def check_export(model, odir: Path, manifest: dict, ids, mask, tt) -> dict:
+    """Max |ONNX - torch| of every exit's logits on the sample batch, per precision."""
+    from .onnx_runtime import OnnxModel, require_onnxruntime
+
+    ort = require_onnxruntime()
+    meta = json.loads((odir / META_FILE).read_text()) if (odir / META_FILE).is_file() else {}
+    config = json.loads((odir / "config.json").read_text())
+    with torch.no_grad():
+        want = model(ids, mask, tt).numpy()  # [L, b, C]
+    out = {}
+    for p in manifest["precisions"]:
+        om = OnnxModel(ort, odir, manifest, p, config, meta, threads=1)
+        h = om.embed(ids.numpy(), None if tt is None else tt.numpy())
+        worst = 0.0
+        for i in range(manifest["num_layers"]):
+            h, logits, _ = om.layer(i, h, mask.numpy())
+            worst = max(worst, float(abs(logits - want[i]).max()))
+        out[f"{p}_max_abs_logit_diff"] = worst
+    return out
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    got = {}
+    for pkg in ("deebert-cli", "torch", "transformers", "onnx", "onnxruntime", "tokenizers"):
+        try:
+            got[pkg] = version(pkg)
+        except PackageNotFoundError:
+            got[pkg] = None
+    return got

@@ -1,0 +1,45 @@
+"""The torch runtime's backend for the early-exit engine: a :class:`~.modeling.HighwayModel` on a device,
+with autocast for ``--precision bf16|fp16`` entered around each call (never across a ``yield``)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from array_api_compat import torch as xp_torch
+
+from .device import autocast
+
+
+class TorchBackend:
+    """:class:`~.inference.Backend` over a HighwayModel (torch tensors through ``array_api_compat``)."""
+
+    xp = xp_torch
+
+    def __init__(self, model, device=None, precision: str = "fp32"):
+        self.device = torch.device(device if device is not None else "cpu")
+        self.model = model.to(self.device).eval()
+        self.precision = precision
+        self.num_layers = model.num_layers
+        self.num_labels = model.num_labels
+
+    def put(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+
+    def to_numpy(self, a: torch.Tensor) -> np.ndarray:
+        if a.dtype in (torch.bfloat16, torch.float16):
+            a = a.float()
+        return a.detach().cpu().numpy()
+
+    @torch.no_grad()
+    def embed(self, input_ids, token_type_ids=None):
+        with autocast(self.device, self.precision):
+            return self.model.embed(input_ids, token_type_ids)
+
+    @torch.no_grad()
+    def layer(self, i: int, hidden, attention_mask, score: bool = False) -> tuple:
+        m = self.model
+        with autocast(self.device, self.precision):
+            hidden = m.run_layer(i, hidden, m.prepare_mask(attention_mask, hidden))
+            if score:
+                logits, s = m.exit_logits_and_score(i, hidden, attention_mask)
+                return hidden, logits.float(), s.float()
+            return hidden, m.exit_logits(i, hidden, attention_mask).float(), None
