@@ -304,12 +304,17 @@ class EarlyExitEngine:
         logits, ent) as rows finish. Each queue holds per-row states [len, H]. The deepest full queue runs
         first; when none is full, new rows enter layer 1. A row may not wait while more than ``max_lag``
         newer inputs pass it (its queue then runs part-full), so the caller's reorder buffer stays
-        bounded. At the end, partial queues drain shallowest first so rows merge downstream."""
+        bounded. At the end, partial queues drain shallowest first so rows merge downstream.
+
+        ``rows`` may yield ``None``: "no new input right now" (a server between requests). The deepest
+        non-empty queue then runs part-full; when every queue is empty the engine asks again (the
+        iterator may block until input arrives)."""
         m, B, L = self.model, self.batch_size, self.L
         queues = [deque() for _ in range(L)]  # items: (key, hidden [len, H], policy state: tuple of 0-d tensors)
         exhausted = False
         newest = -1
         rows = iter(rows)
+        end = object()
         while True:
             full = [i for i in range(L) if len(queues[i]) >= B]
             oldest = min(((t[0], i) for i in range(L) for t in queues[i]), default=None)
@@ -318,17 +323,25 @@ class EarlyExitEngine:
             elif oldest is not None and newest - oldest[0] > max_lag:
                 i = oldest[1]  # an old row has waited long enough: move it on in a part-full batch
             elif not exhausted:
-                fresh = []
+                fresh, idle = [], False
                 for _ in range(B - len(queues[0])):
-                    nxt = next(rows, None)
-                    if nxt is None:
+                    nxt = next(rows, end)
+                    if nxt is end:
                         exhausted = True
+                        break
+                    if nxt is None:
+                        idle = True
                         break
                     fresh.append(nxt)
                     newest = max(newest, nxt[0])
                 if fresh:
                     self._embed_into(fresh, queues[0])
-                continue
+                if fresh or not idle:
+                    continue
+                nonempty = [i for i in range(L) if queues[i]]
+                if not nonempty:
+                    continue  # nothing in flight: ask the iterator again
+                i = nonempty[-1]  # no new input right now: advance the deepest rows part-full
             else:
                 nonempty = [i for i in range(L) if queues[i]]
                 if not nonempty:
