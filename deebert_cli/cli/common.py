@@ -35,8 +35,11 @@ def quiet_libraries() -> None:
 def fail(message: str, code: int = 2):
     from ..core.distributed import is_launched, process_index
 
+    from rich.markup import escape
+
     where = f"process {process_index()}: " if is_launched() else ""
-    err.print(f"[bold red]error:[/] {where}{message}", soft_wrap=True)
+    # escaped: a message naming an extra ('deebert-cli[serve]') is text, not rich markup
+    err.print(f"[bold red]error:[/] {where}{escape(message)}", soft_wrap=True)
     finish_distributed(code)
     raise typer.Exit(code)
 
