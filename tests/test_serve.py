@@ -212,6 +212,18 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
     assert get(server.url + "/health")[0] == 200
 
 
+def test_a_tei_client_works_unchanged(server, monkeypatch):
+    hub = pytest.importorskip("huggingface_hub")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # loopback only: the test server
+    out = hub.InferenceClient(server.url).text_classification("a good great superb film")
+    status, want, _ = post(server.url, {"inputs": "a good great superb film"})
+    # huggingface_hub reads a single input's answer as the HF API's [[...]] and keeps element [0]: on a
+    # TEI endpoint (and this one, same shape) that is the best label, with deebert's fields as attributes
+    assert (out.label, round(out.score, 5), out.exit_layer) == (want[0]["label"], round(want[0]["score"], 5), want[0]["exit_layer"])
+
+
 def test_full_queue_gets_429_and_a_disconnected_client_is_dropped(trained_ckpt):
     s = ServerProcess(trained_ckpt, "--threshold", "0", "--no-batching", "--batch-size", "1",
                       "--max-concurrent-requests", "2", "--max-client-batch-size", "512")

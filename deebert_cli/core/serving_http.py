@@ -214,8 +214,11 @@ def build_app(server: BatchingServer, cfg: ServeConfig, info: dict, metrics: Pro
         await run_in_threadpool(server.drain)  # uvicorn has finished the accepted requests by now
         on_stop()
 
+    async def root(request: HttpRequest):  # TEI answers POST / as its model's route: /predict here
+        return await predict(request) if request.method == "POST" else await page(request)
+
     routes = [Route("/predict", predict, methods=["POST"]), Route("/health", health), Route("/info", info_route),
-              Route("/metrics", prometheus), Route("/", page)]
+              Route("/metrics", prometheus), Route("/", root, methods=["GET", "POST"])]
     return Starlette(routes=routes, lifespan=lifespan)
 
 
