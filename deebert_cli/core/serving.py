@@ -122,7 +122,8 @@ class BatchingServer:
         self._inbox: queue.Queue = queue.Queue()
         self._keys = itertools.count()
         self._by_key: dict = {}  # key -> (request, position), rows handed to the engine
-        self._lock = threading.Lock()  # admission counters and the tokenizer (not thread-safe)
+        self._lock = threading.Lock()  # admission counters
+        self._tok_lock = threading.Lock()  # a fast tokenizer must not be called from two threads at once
         self._admitted = 0
         self._waiting_rows = 0
         self._in_engine = 0  # rows handed to the engine and not yet finished (worker thread only)
@@ -148,27 +149,31 @@ class BatchingServer:
         :class:`InputError` for inputs the model cannot take, :class:`Overloaded` when full,
         :class:`Draining` after :meth:`drain`."""
         firsts, seconds = self._split(inputs)
-        with self._lock:
-            if self._draining:
-                raise Draining("the server is shutting down")
-            if self._admitted >= self.max_requests:
-                raise Overloaded(f"model is overloaded: {self._admitted} requests in progress "
-                                 f"(--max-concurrent-requests {self.max_requests})")
+        self._admit_check()
+        with self._tok_lock:
             enc = encode(self.ckpt.tokenizer, firsts, seconds, self.max_length)
             cut = self._truncated(firsts, seconds, enc)
-            if any(cut) and not truncate:
-                k = cut.index(True)
-                raise InputError(f"input {k} is longer than {self.max_length} tokens and truncate is false",
-                                 413, "validation")
+        if any(cut) and not truncate:
+            raise InputError(f"input {cut.index(True)} is longer than {self.max_length} tokens and truncate is false",
+                             413, "validation")
+        tt = enc.token_type_ids
+        rows = [(next(self._keys), j, enc.input_ids[j], tt[j] if tt is not None else None) for j in range(len(inputs))]
+        rows.sort(key=lambda r: len(r[2]))  # as predict: rows of similar length together, less padding
+        req = Request(rows, cut)
+        with self._lock:
+            self._admit_check()
             self._admitted += 1
             self._waiting_rows += len(inputs)
-            tt = enc.token_type_ids
-            rows = [(next(self._keys), j, enc.input_ids[j], tt[j] if tt is not None else None) for j in range(len(inputs))]
-            rows.sort(key=lambda r: len(r[2]))  # as predict: rows of similar length together, less padding
-            req = Request(rows, cut)
             self.observer.load(self._waiting_rows, self._admitted)
-        self._inbox.put(req)
+            self._inbox.put(req)  # under the lock: a drain that starts now still sees it
         return req
+
+    def _admit_check(self) -> None:
+        if self._draining:
+            raise Draining("the server is shutting down")
+        if self._admitted >= self.max_requests:
+            raise Overloaded(f"model is overloaded: {self._admitted} requests in progress "
+                             f"(--max-concurrent-requests {self.max_requests})")
 
     def cancel(self, req: Request) -> None:
         """Drop a request (its client went away): its queued rows never run, its results are discarded."""
