@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from . import analyze, export, finetune, predict, train_exits
+from . import analyze, export, finetune, predict, serve, train_exits
 
 app = typer.Typer(
     name="deebert",
@@ -18,6 +18,7 @@ app.command("train-exits")(train_exits.train_exits)
 app.command("predict")(predict.predict)
 app.command("analyze")(analyze.analyze)
 app.command("export")(export.export)
+app.command("serve")(serve.serve)
 
 
 def main() -> None:

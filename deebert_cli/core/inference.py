@@ -378,6 +378,7 @@ class EarlyExitEngine:
         exhausted = False
         newest = -1
         rows = iter(rows)
+        end = object()
         while True:
             full = [i for i in range(L) if len(queues[i]) >= B]
             oldest = min(((t[0], i) for i in range(L) for t in queues[i]), default=None)

@@ -1,0 +1,56 @@
+"""`deebert serve`: a TEI-compatible HTTP server batching early-exit rows across requests."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import (CONFIG_OPT, DEVICE_OPT, ONNX_PRECISION_OPT, PRECISION_OPT, RUNTIME_OPT, err, make_config,
+                     quiet_libraries, user_errors)
+
+
+def serve(
+    ctx: typer.Context,
+    checkpoint: Path = typer.Option(Path("deebert-checkpoint"), help="Checkpoint from `deebert train-exits`."),
+    threshold: Optional[float] = typer.Option(None, help="As in predict: exit when the off-ramp's entropy is below this (default: thresholds stored in the checkpoint, else 0.3; learned policy: the exit score)."),
+    thresholds: Optional[str] = typer.Option(None, help="One threshold per layer 1..L-1, comma-separated (overrides --threshold)."),
+    entropy: str = typer.Option("normalized", help="Threshold unit: normalized (entropy / ln C, in [0, 1]) or raw (nats)."),
+    exit_policy: str = typer.Option("entropy", help="entropy, patience or learned (as in predict)."),
+    patience: int = typer.Option(3, help="Patience policy: exit once N + 1 consecutive off-ramps agree."),
+    tolerance: float = typer.Option(0.1, help="Patience policy on a regression checkpoint: values agree within this."),
+    batch_size: int = typer.Option(32, help="Rows per layer step (rows of different requests share a step)."),
+    max_length: Optional[int] = typer.Option(None, help="Maximum tokens per input (default: the checkpoint's)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    batching: bool = typer.Option(True, "--batching/--no-batching", help="Batch rows across requests (refill engine), or run each request alone."),
+    max_batch_tokens: int = typer.Option(16384, help="Token budget per layer step: rows per step are capped at this / --max-length."),
+    max_concurrent_requests: int = typer.Option(512, help="Requests admitted at once (queued or running); more get 429 with Retry-After."),
+    max_wait_ms: float = typer.Option(0.0, help="After new rows arrive, wait up to this long for more before running a part-full step."),
+    max_client_batch_size: int = typer.Option(32, help="Inputs per request; more get 413."),
+    max_input_bytes: int = typer.Option(16384, help="UTF-8 bytes per input text; more get 413."),
+    auto_truncate: bool = typer.Option(True, "--auto-truncate/--no-auto-truncate", help="Truncate over-long inputs as predict does when a request does not say (`truncate`); otherwise they get 413."),
+    device: str = DEVICE_OPT,
+    precision: str = PRECISION_OPT,
+    runtime: str = RUNTIME_OPT,
+    onnx_precision: str = ONNX_PRECISION_OPT,
+    config: Optional[Path] = CONFIG_OPT,
+):
+    """Serve the checkpoint over HTTP, compatible with text-embeddings-inference: POST /predict
+    {"inputs": "text" | ["t1", "t2"] | [["a", "b"]]} answers every label with its score, plus exit_layer
+    and entropy; GET / is a page to try it, /health, /info, /metrics (Prometheus). One worker owns the
+    model and batches rows across concurrent requests. SIGTERM or Ctrl-C finishes accepted requests, then stops."""
+    values = dict(locals())
+    for k in ("ctx", "config"):
+        values.pop(k)
+    values["checkpoint"] = str(checkpoint)
+    quiet_libraries()
+    with user_errors("accepted requests were finished"):
+        from ..core.config import ServeConfig
+        from ..core.serving import check_serve_extra
+
+        cfg = make_config(ctx, ServeConfig, config, values)
+        check_serve_extra()
+        from ..core.serving_http import serve as run_server
+
+        run_server(cfg, announce=lambda message: err.print(f"[dim]{message}[/]"))

@@ -1,0 +1,334 @@
+"""Serving core: one worker thread owns the model and batches rows across concurrent requests.
+
+Requests are admitted up to a bound (beyond it :class:`Overloaded`), tokenised in the caller's thread,
+and queued. The worker feeds their rows to the refill engine (:meth:`EarlyExitEngine.run_refill`): rows
+of different requests share each layer step, rows that exit leave, waiting rows enter at layer 1. When
+no new row is waiting the row source yields ``None`` and the engine advances its deepest rows part-full,
+so a lone request never waits for company. A request's future resolves when its last row is done.
+With ``batching=False`` each request runs alone (the shrinking batch over its own rows): the baseline.
+
+Nothing here knows HTTP; :mod:`.serving_http` puts a TEI-compatible API in front of it."""
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .checkpoint import Checkpoint
+from .data import Encoded, encode, pad_batch
+from .errors import UserError
+from .inference import EarlyExitEngine, Prediction, _result, split_pair
+
+
+def load_model(path: str, device=None, runtime: str = "torch", onnx_precision: str = "fp32"):
+    """The checkpoint the server runs, on the torch or the onnx runtime (:func:`~.inference.load_for_inference`)."""
+    from .inference import load_for_inference
+
+    return load_for_inference(path, runtime, device, **({"precision": onnx_precision} if runtime == "onnx" else {}))
+
+
+SERVE_EXTRA = ("starlette", "uvicorn", "prometheus_client")
+
+
+def check_serve_extra() -> None:
+    """The HTTP stack is the optional `[serve]` extra: one clear error when a part of it is missing."""
+    import importlib.util
+
+    missing = [m for m in SERVE_EXTRA if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"deebert serve needs {', '.join(missing)}: pip install 'deebert-cli[serve]'")
+
+
+class Overloaded(Exception):
+    """Too many requests admitted (HTTP 429)."""
+
+
+class Draining(Exception):
+    """The server is shutting down and takes no new requests (HTTP 503)."""
+
+
+class InputError(Exception):
+    """A request the server refuses: ``status`` 413 (too large) or 422 (invalid), TEI's ``error_type``."""
+
+    def __init__(self, message: str, status: int = 422, error_type: str = "validation"):
+        super().__init__(message)
+        self.status, self.error_type = status, error_type
+
+
+class Observer:
+    """Hooks the worker calls (no-ops here; the HTTP layer exports them as Prometheus metrics)."""
+
+    def step(self, layer: int, rows: int) -> None:
+        """One layer step ran on ``rows`` rows (0-based ``layer``)."""
+
+    def request_done(self, seconds: float, exit_layers: list) -> None:
+        """A request finished after ``seconds``; its rows left at these 1-based layers."""
+
+    def load(self, rows_waiting: int, requests: int) -> None:
+        """Rows waiting to enter the engine and requests admitted (queued or running)."""
+
+
+@dataclass
+class Request:
+    """One admitted request: its rows, results by position, and the future that resolves with them."""
+
+    rows: list  # (key, position, ids, token_type_ids|None)
+    truncated: list  # per input: was it cut to max_length
+    results: list = field(default_factory=list)
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    remaining: int = 0
+    cancelled: bool = False
+    started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self):
+        self.results = [None] * len(self.rows)
+        self.remaining = len(self.rows)
+
+
+class _ObservedPolicy:
+    """The engine's exit policy, reporting each layer step's size to an :class:`Observer`."""
+
+    def __init__(self, policy, observer: Observer):
+        self._policy, self._observer = policy, observer
+
+    def __getattr__(self, name):
+        return getattr(self._policy, name)
+
+    def step(self, i, logits, state, score=None):
+        self._observer.step(i, int(logits.shape[0]))
+        return self._policy.step(i, logits, state, score)
+
+
+class BatchingServer:
+    """Owns the model in one worker thread; :meth:`submit` from any thread, :meth:`drain` to stop."""
+
+    def __init__(self, ckpt: Checkpoint, rule, device, *, batch_size: int = 32, max_batch_tokens: int = 16384,
+                 max_concurrent_requests: int = 512, max_wait_ms: float = 0.0, batching: bool = True,
+                 max_length: int | None = None, precision: str = "fp32", observer: Observer | None = None):
+        if ckpt.tokenizer is None:
+            raise UserError(f"'{ckpt.path}' has no tokenizer files")
+        self.ckpt, self.rule = ckpt, rule
+        self.max_length = max_length or ckpt.meta.get("max_length", 128)
+        self.pairs = bool(ckpt.meta.get("data", {}).get("text_pair_column"))
+        # a token budget per step: rows are capped so that rows x max_length fits it
+        rows_cap = max(1, min(batch_size, max_batch_tokens // self.max_length))
+        self.engine = EarlyExitEngine(ckpt, rule, device, rows_cap, all_probs=True, precision=precision)
+        self.observer = observer or Observer()
+        self.engine.policy = _ObservedPolicy(self.engine.policy, self.observer)
+        self.batching, self.max_wait = batching, max_wait_ms / 1000.0
+        self.max_requests = max_concurrent_requests
+        self._inbox: queue.Queue = queue.Queue()
+        self._keys = itertools.count()
+        self._by_key: dict = {}  # key -> (request, position), rows handed to the engine
+        self._lock = threading.Lock()  # admission counters
+        self._tok_lock = threading.Lock()  # a fast tokenizer must not be called from two threads at once
+        self._admitted = 0
+        self._waiting_rows = 0
+        self._in_engine = 0  # rows handed to the engine and not yet finished (worker thread only)
+        self._draining = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="deebert-serve-worker", daemon=True)
+
+    # -- caller side ---------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.engine.L
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._draining
+
+    def start(self) -> "BatchingServer":
+        self._thread.start()
+        return self
+
+    def submit(self, inputs: list, truncate: bool = True) -> Request:
+        """Tokenise ``inputs`` (texts, or (a, b) pairs on a pair checkpoint) and queue them. Raises
+        :class:`InputError` for inputs the model cannot take, :class:`Overloaded` when full,
+        :class:`Draining` after :meth:`drain`."""
+        firsts, seconds = self._split(inputs)
+        self._admit_check()
+        with self._tok_lock:
+            enc = encode(self.ckpt.tokenizer, firsts, seconds, self.max_length)
+            cut = self._truncated(firsts, seconds, enc)
+        if any(cut) and not truncate:
+            raise InputError(f"input {cut.index(True)} is longer than {self.max_length} tokens and truncate is false",
+                             413, "validation")
+        tt = enc.token_type_ids
+        rows = [(next(self._keys), j, enc.input_ids[j], tt[j] if tt is not None else None) for j in range(len(inputs))]
+        rows.sort(key=lambda r: len(r[2]))  # as predict: rows of similar length together, less padding
+        req = Request(rows, cut)
+        with self._lock:
+            self._admit_check()
+            self._admitted += 1
+            self._waiting_rows += len(inputs)
+            self.observer.load(self._waiting_rows, self._admitted)
+            self._inbox.put(req)  # under the lock: a drain that starts now still sees it
+        return req
+
+    def _admit_check(self) -> None:
+        if self._draining:
+            raise Draining("the server is shutting down")
+        if self._admitted >= self.max_requests:
+            raise Overloaded(f"model is overloaded: {self._admitted} requests in progress "
+                             f"(--max-concurrent-requests {self.max_requests})")
+
+    def cancel(self, req: Request) -> None:
+        """Drop a request (its client went away): its queued rows never run, its results are discarded."""
+        with self._lock:
+            if req.cancelled or req.future.done():
+                return
+            req.cancelled = True
+        req.future.cancel()
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Refuse new requests, finish the admitted ones, stop the worker. True if it stopped in time."""
+        with self._lock:
+            self._draining = True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _split(self, inputs: list) -> tuple:
+        """Inputs -> (first texts, second texts or None), as predict reads them (a tab splits a pair)."""
+        if self.pairs:
+            both = [x if isinstance(x, tuple) else split_pair(x) for x in inputs]
+            return [a for a, _ in both], [b for _, b in both]
+        for k, x in enumerate(inputs):
+            if isinstance(x, tuple):
+                raise InputError(f"input {k} is a pair of texts, but '{self.ckpt.path}' classifies single texts")
+        return list(inputs), None
+
+    def _truncated(self, firsts: list, seconds: list | None, enc: Encoded) -> list:
+        """Per input: was it cut to max_length (only inputs that reached the limit can have been)."""
+        flags = []
+        for j, ids in enumerate(enc.input_ids):
+            long = len(ids) >= self.max_length
+            flags.append(long and encode(self.ckpt.tokenizer, [firsts[j]], [seconds[j]] if seconds else None,
+                                         self.max_length).truncated > 0)
+        return flags
+
+    # -- worker side ---------------------------------------------------------------------------------
+    def _work(self) -> None:
+        try:
+            if self.batching:
+                self._work_batched()
+            else:
+                self._work_alone()
+        except BaseException as e:  # a bug or a device error: fail every waiting request, not hang them
+            self._error = e
+            self._fail_all(e)
+
+    def _work_batched(self) -> None:
+        lag = max(64, self.engine.batch_size * self.engine.L)
+        for key, layer, logits, ent in self.engine.run_refill(self._row_source(), max_lag=lag):
+            self._in_engine -= 1
+            req, pos = self._by_key.pop(key)
+            self._finish_row(req, pos, layer, logits, ent)
+
+    def _row_source(self):
+        """Rows for the refill engine: (key, ids, token_type_ids). ``None`` when no row is waiting but
+        rows are in the engine; blocks when the engine is empty; ends once draining and idle."""
+        pending: deque = deque()
+        linger = False  # after new rows came in, wait up to max_wait once for more before a part-full step
+        while True:
+            if pending:
+                req, (key, pos, ids, tt) = pending.popleft()
+                self._row_taken()
+                if req.cancelled:
+                    self._row_done(req)
+                    continue
+                self._by_key[key] = (req, pos)
+                self._in_engine += 1
+                linger = True
+                yield key, ids, tt
+                continue
+            req = self._take(0.05 if not self._in_engine else (self.max_wait if linger and self.max_wait > 0 else 0))
+            if req is None:
+                if self._in_engine:
+                    linger = False
+                    yield None
+                elif self._draining and self._inbox.empty():
+                    return
+                continue
+            pending.extend((req, r) for r in req.rows)
+
+    def _work_alone(self) -> None:
+        """Batching off: each request alone, its rows in shrinking batches of up to batch_size."""
+        B = self.engine.batch_size
+        while True:
+            req = self._take(0.05)
+            if req is None:
+                if self._draining and self._inbox.empty():
+                    return
+                continue
+            for _ in req.rows:
+                self._row_taken()
+            if req.cancelled:
+                for _ in req.rows:
+                    self._row_done(req)
+                continue
+            for s in range(0, len(req.rows), B):
+                part = req.rows[s : s + B]
+                enc = Encoded([r[2] for r in part], [r[3] for r in part] if part[0][3] is not None else None)
+                batch = {k: v.to(self.engine.device) for k, v in pad_batch(enc, range(len(part)), self.engine.pad_id).items()}
+                layer, logits, ent = self.engine.run_batch(batch)
+                for j, r in enumerate(part):
+                    self._finish_row(req, r[1], int(layer[j]), logits[j], ent[j])
+
+    def _take(self, timeout: float) -> Request | None:
+        try:
+            return self._inbox.get(block=timeout > 0, timeout=timeout if timeout > 0 else None)
+        except queue.Empty:
+            return None
+
+    def _row_taken(self) -> None:
+        with self._lock:
+            self._waiting_rows -= 1
+
+    def _finish_row(self, req: Request, pos: int, layer: int, logits, ent) -> None:
+        """Store one row's result (converted as predict converts it)."""
+        if not req.cancelled:
+            req.results[pos] = (_result(pos, layer, logits, ent, True, self.engine.regression), logits.tolist())
+        self._row_done(req)
+
+    def _row_done(self, req: Request) -> None:
+        """Count one row of ``req`` as done (run or dropped); the last one resolves its future."""
+        req.remaining -= 1
+        if req.remaining:
+            return
+        with self._lock:
+            self._admitted -= 1
+            self.observer.load(self._waiting_rows, self._admitted)
+        if req.cancelled:
+            return
+        results = [r[0] for r in req.results]
+        self.observer.request_done(time.perf_counter() - req.started, [r.exit_layer for r in results])
+        try:
+            req.future.set_result([Served(p, raw, t) for (p, raw), t in zip(req.results, req.truncated)])
+        except concurrent.futures.InvalidStateError:  # cancelled meanwhile
+            pass
+
+    def _fail_all(self, e: BaseException) -> None:
+        with self._lock:
+            self._draining = True
+        while True:
+            req = self._take(0.0)
+            if req is None:
+                break
+            req.future.set_exception(e) if not req.future.done() else None
+        for req, _ in list(self._by_key.values()):
+            if not req.future.done():
+                req.future.set_exception(e)
+
+
+@dataclass
+class Served:
+    """One input's result: the prediction (as predict computes it), the raw logits, truncation."""
+
+    prediction: Prediction
+    logits: list
+    truncated: bool
