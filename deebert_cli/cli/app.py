@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from . import analyze, finetune, predict, train_exits
+from . import analyze, finetune, predict, predict_dataset, train_exits
 
 app = typer.Typer(
     name="deebert",
@@ -17,6 +17,7 @@ app.command("finetune")(finetune.finetune)
 app.command("train-exits")(train_exits.train_exits)
 app.command("predict")(predict.predict)
 app.command("analyze")(analyze.analyze)
+app.command("predict-dataset")(predict_dataset.predict_dataset)
 
 
 def main() -> None:

@@ -36,7 +36,10 @@ def fail(message: str, code: int = 2):
     from ..core.distributed import is_launched, process_index
 
     where = f"process {process_index()}: " if is_launched() else ""
-    err.print(f"[bold red]error:[/] {where}{message}", soft_wrap=True)
+    from rich.markup import escape
+
+    # escaped: a message may hold brackets ("pip install 'deebert-cli[ray]'") that are not markup
+    err.print(f"[bold red]error:[/] {escape(where + message)}", soft_wrap=True)
     finish_distributed(code)
     raise typer.Exit(code)
 
