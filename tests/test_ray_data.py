@@ -162,6 +162,8 @@ def test_predictor_maps_pandas_batches_like_predict(trained_ckpt):
     assert list(out["empty"]) == [False] * 30 + [True] * 3 and out["label"][30:].isna().all()
     with pytest.raises(Exception, match="would be overwritten"):
         pred(pd.DataFrame({"text": ["good"], "label": ["x"]}))
+    with pytest.raises(Exception, match="not trained on pairs"):
+        DeeBertPredictor(trained_ckpt, text_pair_column="second", threshold=thr, device="cpu")
 
 
 @pytest.mark.parametrize("case", ["glob", "column", "id_text", "output_exists", "bad_json", "format"])
@@ -202,3 +204,43 @@ def test_missing_extra_names_the_pip_command(monkeypatch, tmp_path, trained_ckpt
                               "--output", str(tmp_path / "out")])
     assert res.exit_code == 2
     assert "pip install 'deebert-cli[ray]'" in res.output
+
+
+def test_predictor_reads_sentence_pairs_from_two_columns(tmp_path):
+    import pyarrow as pa
+
+    from conftest import make_tiny_backbone, write_jsonl
+    from deebert_cli.core.checkpoint import load_checkpoint
+    from deebert_cli.core.config import FinetuneConfig
+    from deebert_cli.core.inference import ExitRule, predict_stream
+    from deebert_cli.core.ray_data import DeeBertPredictor
+    from deebert_cli.core.training import finetune
+
+    rows = make_sentiment_rows(40, 3, with_score=False)
+    pairs = [{"premise": r["text"], "hypothesis": rows[(i + 1) % 40]["text"], "label": r["label"]} for i, r in enumerate(rows)]
+    out = str(tmp_path / "ck")
+    finetune(FinetuneConfig(model=make_tiny_backbone(tmp_path), dataset=write_jsonl(tmp_path / "p.jsonl", pairs),
+                            text_column="premise", text_pair_column="hypothesis", output=out, max_steps=2, device="cpu"))
+    first = [p["premise"] for p in pairs[:12]] + [None]
+    second = [p["hypothesis"] for p in pairs[:12]] + ["good"]
+    first[0] = first[0].replace(" ", "\t", 1)  # a tab inside the first text reads as a space
+    pred = DeeBertPredictor(out, text_column="premise", text_pair_column="hypothesis", threshold=0.0, device="cpu")
+    got = pred(pa.table({"premise": first, "hypothesis": second})).to_pylist()
+    ck = load_checkpoint(out)
+    lines = [f"{a.replace(chr(9), ' ')}\t{b}" for a, b in zip(first[:12], second[:12])] + [""]
+    want = list(predict_stream(ck, lines, ExitRule([0.0] * ck.model.num_layers), "cpu"))
+    assert [g["empty"] for g in got] == [w.empty for w in want] == [False] * 12 + [True]
+    assert all(abs(g["confidence"] - w.confidence) < 1e-5 for g, w in zip(got[:12], want[:12]))
+    alone = list(predict_stream(ck, [f"{first[1]}\t"], ExitRule([0.0] * ck.model.num_layers), "cpu"))[0]
+    assert abs(alone.confidence - got[1]["confidence"]) > 1e-6, "the second text must reach the model"
+
+
+def test_text_files_are_read_by_predicts_line_rules():
+    import io
+
+    from deebert_cli.core.inference import read_lines
+    from deebert_cli.core.ray_data import text_lines
+
+    raw = b"one\r\ntwo\n\n\xff bad \xfe\r\n  \nlast without newline"
+    assert list(text_lines(io.BytesIO(raw))) == list(read_lines(io.BytesIO(raw)))
+    assert len(list(text_lines(io.BytesIO(raw)))) == 6

@@ -34,6 +34,8 @@ def predict_dataset(
     num_gpus: float = typer.Option(0.0, help="GPUs per predictor actor (e.g. 1, or 0.5 to share one GPU between two)."),
     max_retries: int = typer.Option(3, help="Times Ray restarts a dead worker and retries its batch (reads too) before the run fails."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)."),
+    local_cpus: Optional[int] = typer.Option(None, help="CPUs of a local Ray instance (default: all cores); ignored with --address."),
+    object_store_mb: Optional[int] = typer.Option(None, help="Object store of a local Ray instance in MB (default: Ray's, 30% of memory); ignored with --address."),
     device: str = DEVICE_OPT,
     precision: str = PRECISION_OPT,
     config: Optional[Path] = CONFIG_OPT,

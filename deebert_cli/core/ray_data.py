@@ -299,21 +299,28 @@ def _read_chunks(path: str, fmt: str, columns: list, text_column: str):
 
 
 def _text_chunks(path: str, text_column: str):
-    """One row per line, as ``deebert predict`` reads lines (CRLF, no final newline, non-UTF-8 bytes
-    replaced; empty lines kept as rows)."""
+    """One row per line, as ``deebert predict`` reads lines; empty lines kept as rows."""
     import pyarrow as pa
-
-    from .inference import read_lines
 
     with open(path, "rb") as f:
         buf = []
-        for line in read_lines(f):
+        for line in text_lines(f):
             buf.append(line)
             if len(buf) == READ_CHUNK:
                 yield pa.table({text_column: pa.array(buf, pa.string())})
                 buf = []
         if buf:
             yield pa.table({text_column: pa.array(buf, pa.string())})
+
+
+def text_lines(stream):
+    """The lines of a binary stream by :func:`.inference.read_lines`' rules (CRLF or LF, a last line
+    without newline kept, bytes that are not UTF-8 replaced); a test holds the two equal. Kept here
+    because importing :mod:`.inference` imports torch, which would cost every read worker seconds."""
+    for raw in stream:
+        raw = raw[:-1] if raw.endswith(b"\n") else raw
+        raw = raw[:-1] if raw.endswith(b"\r") else raw
+        yield raw.decode("utf-8", errors="replace")
 
 
 def _jsonl_chunks(path: str, columns: list):
@@ -396,6 +403,8 @@ class PredictDatasetConfig:
     num_gpus: float = 0.0  # per actor
     max_retries: int = 3  # restarts of a dead actor / retries of its task or of a read task
     address: str | None = None  # Ray cluster; default: RAY_ADDRESS, else a local instance
+    local_cpus: int | None = None  # a local instance's CPUs (default: all cores)
+    object_store_mb: int | None = None  # a local instance's object store (default: Ray's, 30% of memory)
     device: str = "auto"
     precision: str = "fp32"
 
@@ -414,6 +423,8 @@ class PredictDatasetConfig:
         _check(self.num_cpus > 0, f"num_cpus must be > 0, got {self.num_cpus}")
         _check(self.num_gpus >= 0, f"num_gpus must be >= 0, got {self.num_gpus}")
         _check(self.max_retries >= 0, f"max_retries must be >= 0, got {self.max_retries}")
+        _check(self.local_cpus is None or self.local_cpus >= 1, f"local_cpus must be >= 1, got {self.local_cpus}")
+        _check(self.object_store_mb is None or self.object_store_mb >= 100, f"object_store_mb must be >= 100, got {self.object_store_mb}")
         self.concurrency_value()
         self.predict_options()  # the exit options, validated by PredictConfig
 
@@ -461,7 +472,7 @@ def predict_dataset(cfg: PredictDatasetConfig, log=lambda msg: None) -> DatasetS
     rule = f"{probe.rule.describe()} ({probe.rule_source})"
     L = probe.ckpt.model.num_layers
     del probe
-    with ray_session(cfg.address) as where:
+    with ray_session(cfg.address, cfg.local_cpus, cfg.object_store_mb) as where:
         log(f"{len(files)} file(s); {rule}; {L} layers; Ray: {where}")
         tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
@@ -561,10 +572,12 @@ def _write_run_file(folder: Path, cfg: PredictDatasetConfig, stats) -> None:
 
 class ray_session:
     """Context manager: connect to ``address`` (else ``RAY_ADDRESS``, else a new local instance without
-    dashboard) unless Ray is already initialised; shut down only what it started. Yields a description."""
+    dashboard, with ``local_cpus`` and ``object_store_mb`` when given) unless Ray is already
+    initialised; shut down only what it started. Yields a description of the cluster."""
 
-    def __init__(self, address: str | None = None):
+    def __init__(self, address: str | None = None, local_cpus: int | None = None, object_store_mb: int | None = None):
         self.address, self.started = address, False
+        self.local = dict(num_cpus=local_cpus, object_store_memory=object_store_mb * 2**20 if object_store_mb else None)
 
     def __enter__(self) -> str:
         import logging
@@ -573,9 +586,9 @@ class ray_session:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         if not ray.is_initialized():
             address = self.address or os.environ.get("RAY_ADDRESS") or None
+            local = {} if address else {k: v for k, v in self.local.items() if v is not None}
             try:
-                ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-                         configure_logging=True)
+                ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, **local)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 raise UserError(f"could not connect to Ray at '{address}' (--address / RAY_ADDRESS): {str(e).splitlines()[0]}") from None
             self.started = True
