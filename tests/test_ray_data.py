@@ -166,15 +166,16 @@ def test_predictor_maps_pandas_batches_like_predict(trained_ckpt):
         DeeBertPredictor(trained_ckpt, text_pair_column="second", threshold=thr, device="cpu")
 
 
-@pytest.mark.parametrize("case", ["glob", "column", "id_text", "output_exists", "bad_json", "format"])
-def test_bad_inputs_give_one_error_line(case, trained_ckpt, tmp_path):
+@pytest.mark.parametrize("case", ["glob", "column", "id_text", "output_exists", "bad_json", "format", "id_clash"])
+def test_bad_inputs_give_one_error_line(case, local_ray, trained_ckpt, tmp_path):
     corpus = tmp_path / "c"
     corpus.mkdir()
     (corpus / "a.jsonl").write_text('{"text": "good film"}\n')
     out = tmp_path / "out"
     args = ["--input", str(corpus / "*.jsonl")]
     expect = {"glob": "matches no files", "column": "no column 'body'", "id_text": "text file",
-              "output_exists": "already exists", "bad_json": "line 2 is not valid JSON", "format": "unknown file type"}[case]
+              "output_exists": "already exists", "bad_json": "line 2 is not valid JSON", "format": "unknown file type",
+              "id_clash": "--id-column label"}[case]
     if case == "glob":
         args = ["--input", str(corpus / "*.parquet")]
     elif case == "column":
@@ -187,6 +188,9 @@ def test_bad_inputs_give_one_error_line(case, trained_ckpt, tmp_path):
         (out / "mine.txt").write_text("keep me")
     elif case == "bad_json":
         (corpus / "a.jsonl").write_text('{"text": "good film"}\n{"text": oops}\n')
+    elif case == "id_clash":
+        (corpus / "a.jsonl").write_text('{"text": "good film", "label": "positive"}\n')
+        args += ["--id-column", "label"]
     elif case == "format":
         (corpus / "a.doc").write_text("x")
         args = ["--input", str(corpus / "a.doc")]

@@ -37,6 +37,7 @@ FORMATS_BY_SUFFIX = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".json"
 INPUT_FORMATS = ("auto", "text", "jsonl", "csv", "tsv", "parquet")
 OUTPUT_FORMATS = ("parquet", "jsonl")
 PATH_COLUMN, ROW_COLUMN = "path", "row"
+OUTPUT_NAMES = {"label", "confidence", "exit_layer", "entropy", "empty", "value"}  # prediction columns
 READ_CHUNK = 4096  # rows per block a reader yields
 # the exit options a predictor takes, validated by PredictConfig (same rules and messages as `deebert predict`)
 PREDICT_OPTIONS = ("threshold", "thresholds", "entropy", "exit_policy", "patience", "tolerance", "batch_size",
@@ -89,7 +90,7 @@ class DeeBertPredictor:
 
         if num_threads:
             torch.set_num_threads(int(num_threads))
-        cfg = PredictConfig(checkpoint=str(checkpoint), **options)
+        cfg = PredictConfig(checkpoint=str(checkpoint), window=max(1024, options.get("batch_size", 32)), **options)
         self.cfg, self.text_column, self.pair_column = cfg, text_column, text_pair_column
         self.keep_columns, self.prefix = keep_columns, prefix
         self.device = resolve_device(cfg.device)
@@ -463,6 +464,10 @@ def predict_dataset(cfg: PredictDatasetConfig, log=lambda msg: None) -> DatasetS
     ids = not cfg.id_column
     columns = (cfg.id_column or []) + [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
     check_columns(files, columns)
+    clash = sorted(set(cfg.id_column or []) & OUTPUT_NAMES)
+    if clash:
+        raise UserError(f"--id-column {', '.join(clash)}: the output has a prediction column of that name; "
+                        "carry another column (or none: path and row identify each row)")
     out = Path(cfg.output)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise UserError(f"--output '{out}' already exists; give a new folder (nothing is overwritten)")
