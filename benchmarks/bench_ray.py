@@ -97,7 +97,7 @@ def main():
                 sec, err = run(cmd(), env)
                 times[name].append(sec)
                 hist[name] = histogram(err)
-                print(f"  {name}: {sec:.1f} s", file=sys.stderr, flush=True)
+                print(f"  {name}: {sec:.1f} s; exits {hist[name]}", file=sys.stderr, flush=True)
         best = {c: min(v) for c, v in times.items()}
         print(f"checkpoint {args.checkpoint}, {args.n} lines (movie train texts repeated), threshold {args.threshold}; "
               f"predict: torch on {os.cpu_count()} cores; predict-dataset: local Ray with {args.cpus} CPUs, "

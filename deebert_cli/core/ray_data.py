@@ -28,7 +28,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import EXIT_POLICIES, PredictConfig, _check, _check_precision, parse_thresholds
+from .config import PredictConfig, _check, parse_thresholds
 from .errors import UserError
 
 RAY_EXTRA = "pip install 'deebert-cli[ray]'"
@@ -85,7 +85,7 @@ class DeeBertPredictor:
             raise TypeError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(PREDICT_OPTIONS)}")
         import torch
 
-        from .device import resolve_device
+        from .device import check_precision, resolve_device
         from .inference import PredictStats, resolve_rule
 
         if num_threads:
@@ -94,6 +94,7 @@ class DeeBertPredictor:
         self.cfg, self.text_column, self.pair_column = cfg, text_column, text_pair_column
         self.keep_columns, self.prefix = keep_columns, prefix
         self.device = resolve_device(cfg.device)
+        check_precision(cfg.precision, self.device)
         self.ckpt = load_model(cfg.checkpoint, device=self.device)
         self.rule, self.rule_source = resolve_rule(self.ckpt, cfg.threshold, cfg.thresholds, cfg.entropy,
                                                    policy=cfg.exit_policy, patience=cfg.patience,
@@ -110,8 +111,6 @@ class DeeBertPredictor:
         return [self.prefix + n for n in names]
 
     def __call__(self, batch):
-        import pyarrow as pa
-
         table, back = _to_arrow(batch)
         keep = table.column_names if self.keep_columns is None else list(self.keep_columns)
         clash = sorted(set(keep) & set(self.output_columns()))
@@ -471,9 +470,10 @@ def predict_dataset(cfg: PredictDatasetConfig, log=lambda msg: None) -> DatasetS
     out = Path(cfg.output)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise UserError(f"--output '{out}' already exists; give a new folder (nothing is overwritten)")
-    # one probe on this machine checks checkpoint and exit options before any worker starts
+    # one probe on this machine checks checkpoint and exit options before any worker starts (on the CPU:
+    # the driver may have no GPU; device and precision are checked in each actor)
     probe = DeeBertPredictor(cfg.checkpoint, text_column=cfg.text_column, text_pair_column=cfg.text_pair_column,
-                             **{**cfg.predict_options(), "device": "cpu"})
+                             **{**cfg.predict_options(), "device": "cpu", "precision": "fp32"})
     rule = f"{probe.rule.describe()} ({probe.rule_source})"
     L = probe.ckpt.model.num_layers
     del probe
