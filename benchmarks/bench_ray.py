@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/bench_ray.py --checkpoint runs/minilm --threshold 0.3
 
 Both commands run end to end as subprocesses on the same N lines (movie-review training texts repeated
-and cut to N): predict reads one file with torch on every core; predict-dataset reads the same lines
+and cut to N): predict reads one file with torch on every core (and once more with one thread, OMP_NUM_THREADS=1);
+predict-dataset reads the same lines
 split over --files text files, on a local Ray instance limited to --cpus CPUs, with that many
 one-thread actors. Runs are interleaved and repeated (fastest kept). To separate Ray's fixed costs
 (starting Ray, starting the actors, loading the checkpoint in each, writing shards) from its per-row
@@ -82,9 +83,11 @@ def main():
         ray_opts = ["--concurrency", str(args.cpus), "--num-cpus", "1", "--local-cpus", str(args.cpus),
                     "--object-store-mb", "400", "--format", "parquet"]
         k = iter(range(10**6))
+        predict = lambda: deebert + ["predict", "--input", str(big_all), "--output", str(work / f"p{next(k)}.jsonl"),
+                                     "--format", "jsonl"] + common
         configs = {
-            "deebert predict": lambda: deebert + ["predict", "--input", str(big_all), "--output", str(work / f"p{next(k)}.jsonl"),
-                                                  "--format", "jsonl"] + common,
+            "deebert predict": predict,
+            "deebert predict (1 thread)": predict,
             "predict-dataset": lambda: deebert + ["predict-dataset", "--input", str(big_parts / "*.txt"),
                                                   "--output", str(work / f"o{next(k)}")] + common + ray_opts,
             "predict-dataset (small)": lambda: deebert + ["predict-dataset", "--input", str(small_parts / "*.txt"),
@@ -94,7 +97,7 @@ def main():
         hist = {}
         for _ in range(args.repeats):
             for name, cmd in configs.items():
-                sec, err = run(cmd(), env)
+                sec, err = run(cmd(), dict(env, OMP_NUM_THREADS="1") if "1 thread" in name else env)
                 times[name].append(sec)
                 hist[name] = histogram(err)
                 print(f"  {name}: {sec:.1f} s; exits {hist[name]}", file=sys.stderr, flush=True)
@@ -104,11 +107,13 @@ def main():
               f"{args.cpus} one-thread actors, {args.files} input files; fastest of {args.repeats} interleaved runs, "
               "end to end (process start to exit)")
         print(f"{'command':28s} {'lines':>7s} {'seconds':>8s} {'rows/s':>8s}")
-        for c, n in (("deebert predict", args.n), ("predict-dataset", args.n), ("predict-dataset (small)", args.small)):
+        for c, n in (("deebert predict", args.n), ("deebert predict (1 thread)", args.n), ("predict-dataset", args.n),
+                     ("predict-dataset (small)", args.small)):
             print(f"{c:28s} {n:7d} {best[c]:8.1f} {n / best[c]:8.1f}")
         fixed = best["predict-dataset (small)"]
         marginal = (args.n - args.small) / (best["predict-dataset"] - fixed)
-        print(f"predict-dataset / predict, end to end: {best['deebert predict'] / best['predict-dataset']:.2f}x rows/s")
+        for c in ("deebert predict", "deebert predict (1 thread)"):
+            print(f"predict-dataset / {c}, end to end: {best[c] / best['predict-dataset']:.2f}x rows/s")
         print(f"predict-dataset per-row rate without its fixed cost: ({args.n} - {args.small}) lines / "
               f"({best['predict-dataset']:.1f} - {fixed:.1f}) s = {marginal:.1f} rows/s "
               f"({marginal / (args.n / best['deebert predict']):.2f}x predict's end-to-end rate)")
