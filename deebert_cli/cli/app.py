@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from . import analyze, export, finetune, predict, serve, train_exits
+from . import analyze, export, finetune, predict, predict_dataset, serve, train_exits
 
 app = typer.Typer(
     name="deebert",
@@ -19,6 +19,7 @@ app.command("predict")(predict.predict)
 app.command("analyze")(analyze.analyze)
 app.command("export")(export.export)
 app.command("serve")(serve.serve)
+app.command("predict-dataset")(predict_dataset.predict_dataset)
 
 
 def main() -> None:

@@ -1,0 +1,250 @@
+"""deebert predict-dataset and DeeBertPredictor on a local Ray instance (2 CPUs, small object store)."""
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import make_sentiment_rows, mixed_lines
+from deebert_cli.cli.app import app
+
+ray = pytest.importorskip("ray", reason="needs the [ray] extra: pip install 'deebert-cli[ray]'")
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+import ray.data  # noqa: E402
+
+runner = CliRunner()
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray for the module's tests: 2 CPUs, 256 MB object store, no dashboard; workers import
+    deebert_cli and this test module (for the crash-once predictor) from the same paths as pytest."""
+    import logging
+
+    paths = [str(HERE.parent), str(HERE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths)
+    ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False, logging_level=logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def threshold_for(ckpt_path, lines):
+    """A threshold that sends rows out at several layers, far from every entropy (see test_predict)."""
+    from test_predict import all_exit_entropies, spread_threshold
+    from deebert_cli.core.checkpoint import load_checkpoint
+
+    return spread_threshold(all_exit_entropies(load_checkpoint(ckpt_path), [l for l in lines if l.strip()]))
+
+
+def write_corpus(folder: Path, lines: list) -> list:
+    """The lines spread over a text, a JSONL, a CSV and a Parquet file (with nulls and blanks among them);
+    returns [(file, its texts)] in sorted file order."""
+    folder.mkdir()
+    parts = [lines[:60], lines[60:120], lines[120:180], lines[180:]]
+    (folder / "a.txt").write_text("\n".join(parts[0]) + "\n")
+    with open(folder / "b.jsonl", "w") as f:
+        for k, t in enumerate(parts[1]):
+            rec = {"id": f"b{k}", "text": t if t else None, "label": "x"}  # a null text reads as empty
+            f.write(json.dumps(rec) + "\n")
+            if k == 3:
+                f.write("\n")  # a blank line is not a record
+    with open(folder / "c.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "text"])
+        w.writerows([[f"c{k}", t] for k, t in enumerate(parts[2])])
+    pq.write_table(pa.table({"id": [f"d{k}" for k in range(len(parts[3]))], "text": parts[3]}), folder / "d.parquet")
+    return list(zip(sorted(str(p.resolve()) for p in folder.iterdir()), parts))
+
+
+def read_output(folder: Path):
+    import pyarrow.dataset as pds
+
+    files = [str(p) for p in folder.iterdir() if not p.name.startswith(("_", "."))]
+    return pds.dataset(files, format="parquet" if files[0].endswith(".parquet") else "json").to_table().to_pylist()
+
+
+def predict_lines(ckpt, lines, tmp_path, *args):
+    src = tmp_path / "all.txt"
+    src.write_text("\n".join(lines) + "\n")
+    res = runner.invoke(app, ["predict", "--checkpoint", ckpt, "--input", str(src), "--format", "jsonl", "--device", "cpu", *args])
+    assert res.exit_code == 0, res.output
+    return [json.loads(l) for l in res.stdout.splitlines()]
+
+
+def test_several_files_equal_predict_on_the_concatenated_texts(local_ray, trained_ckpt, tmp_path):
+    lines = mixed_lines(240)
+    lines[5] = lines[70] = lines[130] = lines[200] = ""  # an empty text in every file
+    thr = threshold_for(trained_ckpt, lines)
+    corpus = write_corpus(tmp_path / "corpus", lines)
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["predict-dataset", "--checkpoint", trained_ckpt, "--input", str(tmp_path / "corpus" / "*"),
+                              "--output", str(out), "--threshold", str(thr), "--concurrency", "2",
+                              "--rows-per-batch", "50", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    rows = read_output(out)
+    assert len(rows) == len(lines)
+    order = {path: k for k, (path, _) in enumerate(corpus)}
+    rows.sort(key=lambda r: (order[r["path"]], r["row"]))  # input order from the carried ids
+    assert [(r["path"], r["row"]) for r in rows] == [(p, k) for p, part in corpus for k in range(len(part))]
+    want = predict_lines(trained_ckpt, lines, tmp_path, "--threshold", str(thr))
+    assert len({w["exit_layer"] for w in want if not w["empty"]}) >= 3, "exits must fire at several layers"
+    assert [(r["label"], r["exit_layer"], r["empty"]) for r in rows] == [(w["label"], w["exit_layer"], w["empty"]) for w in want]
+    assert all(abs(r["confidence"] - w["confidence"]) < 1e-4 for r, w in zip(rows, want) if not w["empty"])
+    assert f"{len(lines)} row(s) from 4 file(s)" in res.output and "4 empty" in res.output
+    assert (out / "_deebert.yaml").is_file()
+
+
+def test_id_columns_carried_in_jsonl_output(local_ray, trained_ckpt, tmp_path):
+    rows_in = make_sentiment_rows(40, seed=4, with_score=False)
+    data = tmp_path / "in"
+    data.mkdir()
+    for part, chunk in enumerate((rows_in[:25], rows_in[25:])):
+        (data / f"p{part}.jsonl").write_text("".join(json.dumps({"uid": 1000 + part * 25 + k, **r}) + "\n" for k, r in enumerate(chunk)))
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["predict-dataset", "--checkpoint", trained_ckpt, "--input", str(data), "--id-column", "uid",
+                              "--output", str(out), "--format", "jsonl", "--threshold", "0", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    got = sorted(read_output(out), key=lambda r: r["uid"])
+    assert [r["uid"] for r in got] == list(range(1000, 1040))
+    assert set(got[0]) == {"uid", "label", "confidence", "exit_layer", "entropy", "empty"}
+    want = predict_lines(trained_ckpt, [r["text"] for r in rows_in], tmp_path, "--threshold", "0")
+    assert [r["label"] for r in got] == [w["label"] for w in want]
+
+
+class CrashOnce:
+    """A predictor whose process dies on its first batch (once per marker file): Ray must restart it."""
+
+    def __init__(self, marker, **kw):
+        from deebert_cli.core.ray_data import DeeBertPredictor
+
+        self.marker, self.inner = Path(marker), DeeBertPredictor(**kw)
+
+    def __call__(self, batch):
+        if not self.marker.exists():
+            self.marker.write_text("crashed")
+            os._exit(1)
+        return self.inner(batch)
+
+
+def test_a_dying_worker_is_restarted_and_no_row_is_lost(local_ray, trained_ckpt, tmp_path):
+    texts = mixed_lines(60, seed=6)
+    marker = tmp_path / "crashed"
+    ds = ray.data.from_items([{"n": k, "text": t} for k, t in enumerate(texts)], override_num_blocks=3)
+    out = ds.map_batches(CrashOnce, fn_constructor_kwargs=dict(marker=str(marker), checkpoint=trained_ckpt,
+                                                               threshold=0.0, device="cpu"),
+                         batch_size=20, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), max_restarts=2, max_task_retries=2).take_all()
+    assert marker.read_text() == "crashed"
+    assert sorted(r["n"] for r in out) == list(range(60))
+
+
+def test_predictor_maps_pandas_batches_like_predict(trained_ckpt):
+    import pandas as pd
+
+    from deebert_cli.core.checkpoint import load_checkpoint
+    from deebert_cli.core.inference import ExitRule, predict_stream
+    from deebert_cli.core.ray_data import DeeBertPredictor
+
+    texts = mixed_lines(30, seed=8) + ["", None, "   "]
+    thr = threshold_for(trained_ckpt, [t for t in texts if t])
+    pred = DeeBertPredictor(trained_ckpt, threshold=thr, device="cpu", batch_size=4)
+    out = pred(pd.DataFrame({"k": range(len(texts)), "text": texts}))
+    assert isinstance(out, pd.DataFrame) and list(out["k"]) == list(range(len(texts)))
+    ckpt = load_checkpoint(trained_ckpt)
+    want = list(predict_stream(ckpt, [t or "" for t in texts], ExitRule([thr] * ckpt.model.num_layers), "cpu"))
+    assert list(out["exit_layer"][:30]) == [w.exit_layer for w in want[:30]]
+    assert list(out["label"][:30]) == [ckpt.label_names[w.label] for w in want[:30]]
+    assert list(out["empty"]) == [False] * 30 + [True] * 3 and out["label"][30:].isna().all()
+    with pytest.raises(Exception, match="would be overwritten"):
+        pred(pd.DataFrame({"text": ["good"], "label": ["x"]}))
+    with pytest.raises(Exception, match="not trained on pairs"):
+        DeeBertPredictor(trained_ckpt, text_pair_column="second", threshold=thr, device="cpu")
+
+
+@pytest.mark.parametrize("case", ["glob", "column", "id_text", "output_exists", "bad_json", "format", "id_clash"])
+def test_bad_inputs_give_one_error_line(case, local_ray, trained_ckpt, tmp_path):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text('{"text": "good film"}\n')
+    out = tmp_path / "out"
+    args = ["--input", str(corpus / "*.jsonl")]
+    expect = {"glob": "matches no files", "column": "no column 'body'", "id_text": "text file",
+              "output_exists": "already exists", "bad_json": "line 2 is not valid JSON", "format": "unknown file type",
+              "id_clash": "--id-column label"}[case]
+    if case == "glob":
+        args = ["--input", str(corpus / "*.parquet")]
+    elif case == "column":
+        args += ["--text-column", "body"]
+    elif case == "id_text":
+        (corpus / "b.txt").write_text("good\n")
+        args = ["--input", str(corpus / "b.txt"), "--id-column", "uid"]
+    elif case == "output_exists":
+        out.mkdir()
+        (out / "mine.txt").write_text("keep me")
+    elif case == "bad_json":
+        (corpus / "a.jsonl").write_text('{"text": "good film"}\n{"text": oops}\n')
+    elif case == "id_clash":
+        (corpus / "a.jsonl").write_text('{"text": "good film", "label": "positive"}\n')
+        args += ["--id-column", "label"]
+    elif case == "format":
+        (corpus / "a.doc").write_text("x")
+        args = ["--input", str(corpus / "a.doc")]
+    res = runner.invoke(app, ["predict-dataset", "--checkpoint", trained_ckpt, *args, "--output", str(out), "--device", "cpu"])
+    assert res.exit_code == 2, res.output
+    assert "error:" in res.output and expect in res.output and "Traceback" not in res.output
+    if case == "output_exists":
+        assert (out / "mine.txt").read_text() == "keep me"
+
+
+def test_missing_extra_names_the_pip_command(monkeypatch, tmp_path, trained_ckpt):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    (tmp_path / "a.txt").write_text("good\n")
+    res = runner.invoke(app, ["predict-dataset", "--checkpoint", trained_ckpt, "--input", str(tmp_path / "a.txt"),
+                              "--output", str(tmp_path / "out")])
+    assert res.exit_code == 2
+    assert "pip install 'deebert-cli[ray]'" in res.output
+
+
+def test_predictor_reads_sentence_pairs_from_two_columns(tmp_path):
+    import pyarrow as pa
+
+    from conftest import make_tiny_backbone, write_jsonl
+    from deebert_cli.core.checkpoint import load_checkpoint
+    from deebert_cli.core.config import FinetuneConfig
+    from deebert_cli.core.inference import ExitRule, predict_stream
+    from deebert_cli.core.ray_data import DeeBertPredictor
+    from deebert_cli.core.training import finetune
+
+    rows = make_sentiment_rows(40, 3, with_score=False)
+    pairs = [{"premise": r["text"], "hypothesis": rows[(i + 1) % 40]["text"], "label": r["label"]} for i, r in enumerate(rows)]
+    out = str(tmp_path / "ck")
+    finetune(FinetuneConfig(model=make_tiny_backbone(tmp_path), dataset=write_jsonl(tmp_path / "p.jsonl", pairs),
+                            text_column="premise", text_pair_column="hypothesis", output=out, max_steps=2, device="cpu"))
+    first = [p["premise"] for p in pairs[:12]] + [None]
+    second = [p["hypothesis"] for p in pairs[:12]] + ["good"]
+    first[0] = first[0].replace(" ", "\t", 1)  # a tab inside the first text reads as a space
+    pred = DeeBertPredictor(out, text_column="premise", text_pair_column="hypothesis", threshold=0.0, device="cpu")
+    got = pred(pa.table({"premise": first, "hypothesis": second})).to_pylist()
+    ck = load_checkpoint(out)
+    lines = [f"{a.replace(chr(9), ' ')}\t{b}" for a, b in zip(first[:12], second[:12])] + [""]
+    want = list(predict_stream(ck, lines, ExitRule([0.0] * ck.model.num_layers), "cpu"))
+    assert [g["empty"] for g in got] == [w.empty for w in want] == [False] * 12 + [True]
+    assert all(abs(g["confidence"] - w.confidence) < 1e-5 for g, w in zip(got[:12], want[:12]))
+    alone = list(predict_stream(ck, [f"{first[1]}\t"], ExitRule([0.0] * ck.model.num_layers), "cpu"))[0]
+    assert abs(alone.confidence - got[1]["confidence"]) > 1e-6, "the second text must reach the model"
+
+
+def test_text_files_are_read_by_predicts_line_rules():
+    import io
+
+    from deebert_cli.core.inference import read_lines
+    from deebert_cli.core.ray_data import text_lines
+
+    raw = b"one\r\ntwo\n\n\xff bad \xfe\r\n  \nlast without newline"
+    assert list(text_lines(io.BytesIO(raw))) == list(read_lines(io.BytesIO(raw)))
+    assert len(list(text_lines(io.BytesIO(raw)))) == 6
