@@ -239,12 +239,13 @@ def test_predictor_reads_sentence_pairs_from_two_columns(tmp_path):
     assert abs(alone.confidence - got[1]["confidence"]) > 1e-6, "the second text must reach the model"
 
 
-def test_text_files_are_read_by_predicts_line_rules():
+def test_text_files_are_read_by_predicts_line_rules(tmp_path):
     import io
 
     from deebert_cli.core.inference import read_lines
-    from deebert_cli.core.ray_data import text_lines
+    from deebert_cli.core.ray_data import _text_chunks
 
     raw = b"one\r\ntwo\n\n\xff bad \xfe\r\n  \nlast without newline"
-    assert list(text_lines(io.BytesIO(raw))) == list(read_lines(io.BytesIO(raw)))
-    assert len(list(text_lines(io.BytesIO(raw)))) == 6
+    (tmp_path / "t.txt").write_bytes(raw)
+    got = [x for t in _text_chunks(str(tmp_path / "t.txt"), "text") for x in t.column("text").to_pylist()]
+    assert got == list(read_lines(io.BytesIO(raw))) and len(got) == 6

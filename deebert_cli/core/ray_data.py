@@ -303,28 +303,20 @@ def _read_chunks(path: str, fmt: str, columns: list, text_column: str):
 
 
 def _text_chunks(path: str, text_column: str):
-    """One row per line, as ``deebert predict`` reads lines; empty lines kept as rows."""
+    """One row per line, read by ``deebert predict``'s own line reader; empty lines kept as rows."""
     import pyarrow as pa
+
+    from .inference import read_lines  # torch-free: cheap in a read worker
 
     with open(path, "rb") as f:
         buf = []
-        for line in text_lines(f):
+        for line in read_lines(f):
             buf.append(line)
             if len(buf) == READ_CHUNK:
                 yield pa.table({text_column: pa.array(buf, pa.string())})
                 buf = []
         if buf:
             yield pa.table({text_column: pa.array(buf, pa.string())})
-
-
-def text_lines(stream):
-    """The lines of a binary stream by :func:`.inference.read_lines`' rules (CRLF or LF, a last line
-    without newline kept, bytes that are not UTF-8 replaced); a test holds the two equal. Kept here
-    because importing :mod:`.inference` imports torch, which would cost every read worker seconds."""
-    for raw in stream:
-        raw = raw[:-1] if raw.endswith(b"\n") else raw
-        raw = raw[:-1] if raw.endswith(b"\r") else raw
-        yield raw.decode("utf-8", errors="replace")
 
 
 def _jsonl_chunks(path: str, columns: list):
