@@ -249,3 +249,20 @@ def test_text_files_are_read_by_predicts_line_rules(tmp_path):
     (tmp_path / "t.txt").write_bytes(raw)
     got = [x for t in _text_chunks(str(tmp_path / "t.txt"), "text") for x in t.column("text").to_pylist()]
     assert got == list(read_lines(io.BytesIO(raw))) and len(got) == 6
+
+
+def test_predictor_on_the_onnx_runtime_equals_torch(trained_ckpt, exported_ckpt):
+    """The same exit rule on the export (runtime onnx, no torch in the actor) gives predict's torch answers."""
+    import pandas as pd
+
+    from deebert_cli.core.ray_data import DeeBertPredictor
+
+    texts = mixed_lines(30, seed=9)
+    thr = threshold_for(trained_ckpt, texts)
+    frame = pd.DataFrame({"text": texts})
+    on_torch = DeeBertPredictor(trained_ckpt, threshold=thr, device="cpu", batch_size=4)(frame)
+    on_onnx = DeeBertPredictor(exported_ckpt, threshold=thr, runtime="onnx", batch_size=4)(frame)
+    assert list(on_onnx["label"]) == list(on_torch["label"])
+    assert list(on_onnx["exit_layer"]) == list(on_torch["exit_layer"]) and len(set(on_torch["exit_layer"])) >= 2
+    with pytest.raises(Exception, match="deebert export"):
+        DeeBertPredictor(trained_ckpt, threshold=thr, runtime="onnx")
