@@ -17,6 +17,13 @@ CONFIG_OPT = typer.Option(None, "--config", help="YAML file of options (flags gi
 PRECISION_OPT = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16: autocast to that precision where the device supports it (bf16: CPU and recent GPUs; fp16: GPUs).")
 RUNTIME_OPT = typer.Option("torch", "--runtime", help="torch (any device; autocast with --precision) or onnx (the graphs of `deebert export`, run by ONNX Runtime on the CPU without torch; needs pip install 'deebert-cli[onnx]').")
 ONNX_PRECISION_OPT = typer.Option("fp32", "--onnx-precision", help="With --runtime onnx: fp32, or int8 (the graphs of `deebert export --quantize int8`: faster, slightly less accurate).")
+# the exit rule, shared by predict, serve and predict-dataset
+THRESHOLD_OPT = typer.Option(None, "--threshold", help="Exit when the off-ramp's entropy is below this. Normalized entropy (0..1) by default, nats with --entropy raw. 0 runs every input to the last layer; at or above the maximum exits everyone at layer 1. Default: thresholds stored in the checkpoint, else 0.3. With --exit-policy learned: the learned exit score in [0, 1] (default 0.9; regression 0.1).")
+THRESHOLDS_OPT = typer.Option(None, "--thresholds", help="One threshold per layer 1..L-1, comma-separated (overrides --threshold).")
+ENTROPY_OPT = typer.Option("normalized", "--entropy", help="Threshold unit: normalized (entropy / ln C, in [0, 1]) or raw (nats, as in the DeeBERT paper).")
+EXIT_POLICY_OPT = typer.Option("entropy", "--exit-policy", help="entropy (DeeBERT: exit when the off-ramp's entropy is below the threshold), patience (PABEE: exit once --patience + 1 consecutive off-ramps predict the same class) or learned (BERxiT: exit when the learned exit's score crosses --threshold; needs train-exits --learned-exits).")
+PATIENCE_OPT = typer.Option(3, "--patience", help="Patience policy: exit at the first layer whose prediction equals those of the N layers before it (0 exits at layer 1).")
+TOLERANCE_OPT = typer.Option(0.1, "--tolerance", help="Patience policy on a regression checkpoint: consecutive off-ramp values agree when they differ by less than this.")
 
 
 def quiet_libraries(transformers: bool = True) -> None:

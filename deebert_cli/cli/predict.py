@@ -9,19 +9,20 @@ from typing import Optional
 
 import typer
 
-from .common import (CONFIG_OPT, DEVICE_OPT, ONNX_PRECISION_OPT, PRECISION_OPT, RUNTIME_OPT, err, finish_distributed,
+from .common import (ENTROPY_OPT, EXIT_POLICY_OPT, PATIENCE_OPT, THRESHOLD_OPT, THRESHOLDS_OPT, TOLERANCE_OPT,
+                     CONFIG_OPT, DEVICE_OPT, ONNX_PRECISION_OPT, PRECISION_OPT, RUNTIME_OPT, err, finish_distributed,
                      make_config, quiet_libraries, user_errors)
 
 
 def predict(
     ctx: typer.Context,
     checkpoint: Path = typer.Option(Path("deebert-checkpoint"), help="Checkpoint from `deebert train-exits`."),
-    threshold: Optional[float] = typer.Option(None, help="Exit when the off-ramp's entropy is below this. Normalized entropy (0..1) by default, nats with --entropy raw. 0 runs every input to the last layer; at or above the maximum exits everyone at layer 1. Default: thresholds stored in the checkpoint, else 0.3. With --exit-policy learned: the learned exit score in [0, 1] (default 0.9; regression 0.1)."),
-    thresholds: Optional[str] = typer.Option(None, help="One threshold per layer 1..L-1, comma-separated (overrides --threshold)."),
-    entropy: str = typer.Option("normalized", help="Threshold unit: normalized (entropy / ln C, in [0, 1]) or raw (nats, as in the DeeBERT paper)."),
-    exit_policy: str = typer.Option("entropy", help="entropy (DeeBERT: exit when the off-ramp's entropy is below the threshold), patience (PABEE: exit once --patience + 1 consecutive off-ramps predict the same class) or learned (BERxiT: exit when the learned exit's score crosses --threshold; needs train-exits --learned-exits)."),
-    patience: int = typer.Option(3, help="Patience policy: exit at the first layer whose prediction equals those of the N layers before it (0 exits at layer 1)."),
-    tolerance: float = typer.Option(0.1, help="Patience policy on a regression checkpoint: consecutive off-ramp values agree when they differ by less than this."),
+    threshold: Optional[float] = THRESHOLD_OPT,
+    thresholds: Optional[str] = THRESHOLDS_OPT,
+    entropy: str = ENTROPY_OPT,
+    exit_policy: str = EXIT_POLICY_OPT,
+    patience: int = PATIENCE_OPT,
+    tolerance: float = TOLERANCE_OPT,
     batch_size: int = typer.Option(32, help="Rows per batch; rows that exit leave the batch."),
     engine: str = typer.Option("shrink", help="shrink (exited rows leave the batch) or refill (per-layer queues refilled from the input)."),
     window: int = typer.Option(1024, help="Lines read at a time (sorted by length within a window to cut padding)."),

@@ -6,7 +6,8 @@ from typing import List, Optional
 
 import typer
 
-from .common import (CONFIG_OPT, DEVICE_OPT, ONNX_PRECISION_OPT, PRECISION_OPT, RUNTIME_OPT, err, make_config,
+from .common import (ENTROPY_OPT, EXIT_POLICY_OPT, PATIENCE_OPT, THRESHOLD_OPT, THRESHOLDS_OPT, TOLERANCE_OPT,
+                     CONFIG_OPT, DEVICE_OPT, ONNX_PRECISION_OPT, PRECISION_OPT, RUNTIME_OPT, err, make_config,
                      quiet_libraries, user_errors)
 
 
@@ -20,12 +21,12 @@ def predict_dataset(
     text_column: str = typer.Option("text", help="Column holding the text (tabular inputs)."),
     text_pair_column: Optional[str] = typer.Option(None, help="Column holding the second text of a sentence-pair checkpoint."),
     id_column: Optional[List[str]] = typer.Option(None, "--id-column", help="Input column(s) carried into the output to identify rows (repeat for more). Default: path (the input file) and row (0-based position in it)."),
-    threshold: Optional[float] = typer.Option(None, help="As in `deebert predict`: the exit threshold (normalized entropy by default)."),
-    thresholds: Optional[str] = typer.Option(None, help="One threshold per layer 1..L-1, comma-separated."),
-    entropy: str = typer.Option("normalized", help="Threshold unit: normalized or raw (nats)."),
-    exit_policy: str = typer.Option("entropy", help="entropy, patience or learned (as in `deebert predict`)."),
-    patience: int = typer.Option(3, help="Patience policy: N + 1 consecutive agreeing off-ramps."),
-    tolerance: float = typer.Option(0.1, help="Patience on a regression checkpoint: agreement tolerance."),
+    threshold: Optional[float] = THRESHOLD_OPT,
+    thresholds: Optional[str] = THRESHOLDS_OPT,
+    entropy: str = ENTROPY_OPT,
+    exit_policy: str = EXIT_POLICY_OPT,
+    patience: int = PATIENCE_OPT,
+    tolerance: float = TOLERANCE_OPT,
     batch_size: int = typer.Option(32, help="Rows per model batch inside a worker."),
     engine: str = typer.Option("shrink", help="shrink or refill (as in `deebert predict`)."),
     max_length: Optional[int] = typer.Option(None, help="Maximum tokens per input (default: the checkpoint's)."),

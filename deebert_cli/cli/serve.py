@@ -6,19 +6,20 @@ from typing import Optional
 
 import typer
 
-from .common import (CONFIG_OPT, DEVICE_OPT, ONNX_PRECISION_OPT, PRECISION_OPT, RUNTIME_OPT, err, make_config,
+from .common import (ENTROPY_OPT, EXIT_POLICY_OPT, PATIENCE_OPT, THRESHOLD_OPT, THRESHOLDS_OPT, TOLERANCE_OPT,
+                     CONFIG_OPT, DEVICE_OPT, ONNX_PRECISION_OPT, PRECISION_OPT, RUNTIME_OPT, err, make_config,
                      quiet_libraries, user_errors)
 
 
 def serve(
     ctx: typer.Context,
     checkpoint: Path = typer.Option(Path("deebert-checkpoint"), help="Checkpoint from `deebert train-exits`."),
-    threshold: Optional[float] = typer.Option(None, help="As in predict: exit when the off-ramp's entropy is below this (default: thresholds stored in the checkpoint, else 0.3; learned policy: the exit score)."),
-    thresholds: Optional[str] = typer.Option(None, help="One threshold per layer 1..L-1, comma-separated (overrides --threshold)."),
-    entropy: str = typer.Option("normalized", help="Threshold unit: normalized (entropy / ln C, in [0, 1]) or raw (nats)."),
-    exit_policy: str = typer.Option("entropy", help="entropy, patience or learned (as in predict)."),
-    patience: int = typer.Option(3, help="Patience policy: exit once N + 1 consecutive off-ramps agree."),
-    tolerance: float = typer.Option(0.1, help="Patience policy on a regression checkpoint: values agree within this."),
+    threshold: Optional[float] = THRESHOLD_OPT,
+    thresholds: Optional[str] = THRESHOLDS_OPT,
+    entropy: str = ENTROPY_OPT,
+    exit_policy: str = EXIT_POLICY_OPT,
+    patience: int = PATIENCE_OPT,
+    tolerance: float = TOLERANCE_OPT,
     batch_size: int = typer.Option(32, help="Rows per layer step (rows of different requests share a step)."),
     max_length: Optional[int] = typer.Option(None, help="Maximum tokens per input (default: the checkpoint's)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
