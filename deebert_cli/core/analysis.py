@@ -541,17 +541,16 @@ def store_thresholds(path, thresholds: dict) -> None:
     """Write ``thresholds`` into the checkpoint's deebert.json (atomically: temp file, then rename);
     predict uses them when no threshold is given."""
     import json
-    import os
     from pathlib import Path
 
     from .checkpoint import META_FILE
+    from .files import atomic_text_file
 
     meta_path = Path(path) / META_FILE
     meta = json.loads(meta_path.read_text())
     meta["thresholds"] = thresholds
-    tmp = meta_path.with_name(f".{META_FILE}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, meta_path)
+    with atomic_text_file(meta_path) as f:
+        f.write(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
 def plot_analysis(a: Analysis, path: str) -> None:
