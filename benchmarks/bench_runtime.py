@@ -92,8 +92,8 @@ class PlainOrt:
 
         from deebert_cli.core.onnx_runtime import session_options
 
-        # one session: ORT's default thread spinning (its fastest setting for a single graph)
-        so = session_options(ort, threads, spinning=True)
+        # the same session options as deebert's own model (ORT's default thread spinning)
+        so = session_options(ort, threads)
         self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.tok = tok
 
@@ -202,8 +202,6 @@ def bench(args) -> dict:
     print(f"recommended threshold {thr:g} for a {args.max_drop:g}-point budget (validation: mean exit layer "
           f"{rec.mean_exit_layer:.2f} of {L}, {rec.accuracy_change:+.2f} points)", file=sys.stderr)
     onnx = {p: load_for_inference(ck, "onnx", precision=p, threads=args.threads) for p in ("fp32", "int8")}
-    for o in onnx.values():
-        o.model.warm_up()
     plain = plain_onnx(ck, Path(args.work) / "plain")
     y = [ref.label_names.index(l) for l in labels]
     configs = {

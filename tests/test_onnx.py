@@ -175,13 +175,14 @@ def test_analyze_times_the_onnx_runtime_and_reports_int8_accuracy(exported_ckpt,
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_exports_layer_by_layer(family, tmp_path):
     """Each family's layers trace with the mask built inside from the 2-D attention mask: every exit's
-    logits (and learned exit score) of the graphs equal torch's on a padded batch."""
+    logits (and learned exit score) of the graphs equal torch's on a padded batch; the steps composed
+    into one model (chosen by its ``step`` input) give the same as each step's own graph."""
     pytest.importorskip("onnxruntime", reason="the onnx runtime needs pip install 'deebert-cli[onnx]'")
     import onnxruntime as ort
 
     from conftest import tiny_classifier
     from deebert_cli.core.exits import RampConfig
-    from deebert_cli.core.export import write_graphs
+    from deebert_cli.core.export import compose_steps, write_graphs
     from deebert_cli.core.modeling import HighwayModel
 
     torch.manual_seed(0)
@@ -206,3 +207,19 @@ def test_every_family_exports_layer_by_layer(family, tmp_path):
                 _, score = model.exit_logits_and_score(i, hidden, mask)
             assert np.abs(out[2] - score.numpy()).max() < 1e-5
             h = out[0]
+    steps = [names["embed"], *names["layers"]]
+    compose_steps([tmp_path / g for g in steps], tmp_path / "all" / "model.onnx")
+    one = ort.InferenceSession(str(tmp_path / "all" / "model.onnx"), providers=["CPUExecutionProvider"])
+    idle = {"input_ids": np.zeros((1, 1), np.int64), "hidden": np.zeros((1, 1, 1), np.float32),
+            "attention_mask": np.zeros((1, 1), np.int64)} | ({"token_type_ids": np.zeros((1, 1), np.int64)} if tt is not None else {})
+    h = run(names["embed"], feeds)[0]
+    assert np.array_equal(one.run(["hidden_out"], idle | feeds | {"step": np.array(0)})[0], h)
+    for k, g in enumerate(names["layers"], start=1):
+        layer_feeds = {"hidden": h, "attention_mask": mask.numpy()}
+        alone = run(g, layer_feeds)
+        got = one.run(None, idle | layer_feeds | {"step": np.array(k)})  # hidden_out, logits, score
+        last = k == len(names["layers"])
+        assert np.abs(got[1] - alone[0 if last else 1]).max() < 1e-6, (family, k)
+        if not last:
+            assert np.abs(got[0] - alone[0]).max() < 1e-6 and np.abs(got[2] - alone[2]).max() < 1e-6
+            h = alone[0]

@@ -6,12 +6,22 @@ plus the learned exit head where trained), taking the 2-D attention mask and bui
 inside (the adapter's ``prepare_mask``), so one session call per layer returns the new hidden states and
 the exit's logits, and any family whose adapter traces exports. Batch and sequence axes are dynamic.
 ONNX Runtime's own transformer fusions (``onnxruntime.transformers.optimizer``: Attention,
-SkipLayerNormalization, BiasGelu, ...) are applied to the layer graphs, and ``--quantize int8`` adds the
-graphs after ``onnxruntime.quantization.quantize_dynamic``. The folder is written atomically."""
+SkipLayerNormalization, BiasGelu, ...) are applied to the layer graphs, and ``--quantize int8`` quantizes
+them with ``onnxruntime.quantization.quantize_dynamic``.
+
+The per-step graphs (embeddings, layer 1, ..., layer L) are then composed into one model whose ``step``
+input picks the step through a tree of ONNX ``If`` nodes (:func:`compose_steps`), so that every layer runs
+in one ONNX Runtime session with one thread pool. One session per layer was measured slower: with thread
+spinning on, the pools of the sessions that just ran spin on the cores the next layer needs (50 ex/s
+instead of 289 at batch 1, MiniLM fp32, 2 threads); with spinning off, every layer call pays for waking
+its pool (0.73 of the plain classifier at batch 1, against 0.92 for the composed model; see
+docs/BENCHMARKS.md). The weights are stored beside the graph (``model.onnx.data``): a model holding them
+inside took 0.27 s to load against 0.04 s. The folder is written atomically."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -22,7 +32,7 @@ from torch import nn
 from .checkpoint import META_FILE, atomic_dir, load_checkpoint
 from .config import ExportConfig
 from .errors import UserError
-from .onnx_runtime import EXPORT_DIR, EXPORT_FORMAT, INSTALL_HINT, MANIFEST, source_fingerprint
+from .onnx_runtime import EXPORT_DIR, EXPORT_FORMAT, INSTALL_HINT, MANIFEST, MODEL_GRAPH, STEP_OUTPUTS, source_fingerprint
 
 COPIED = ("config.json", "tokenizer.json", "tokenizer_config.json", META_FILE)
 SAMPLE_TEXTS = ("a short one", "a somewhat longer example text, so that the batch has padding in it")
@@ -130,14 +140,21 @@ def export_checkpoint(cfg: ExportConfig, log=None) -> dict:
     t0 = time.perf_counter()
     with atomic_dir(Path(cfg.output) if cfg.output else ckdir / EXPORT_DIR) as tmp:
         log(f"exporting embeddings and {model.num_layers} layers with their exits (opset {cfg.opset})")
-        names, fused = write_graphs(model, tmp / "fp32", sample, learned, cfg.opset, cfg.optimize)
+        parts = tmp / "parts"  # the per-step graphs, composed below, then removed
+        names, fused = write_graphs(model, parts / "fp32", sample, learned, cfg.opset, cfg.optimize)
+        steps = [names["embed"], *names["layers"]]
         precisions = ["fp32"]
         if cfg.quantize == "int8":
             log("quantizing (dynamic int8)")
-            (tmp / "int8").mkdir()
-            for g in [names["embed"], *names["layers"]]:
-                _quantize(tmp / "fp32" / g, tmp / "int8" / g)
+            (parts / "int8").mkdir()
+            for g in steps:
+                _quantize(parts / "fp32" / g, parts / "int8" / g)
             precisions.append("int8")
+        log("composing the steps into one model per precision")
+        for p in precisions:
+            compose_steps([parts / p / g for g in steps], tmp / p / MODEL_GRAPH)
+        shutil.rmtree(parts)
+        steps = [g.removesuffix(".onnx") for g in steps]
         for f in COPIED:
             if (ckdir / f).is_file():
                 shutil.copy2(ckdir / f, tmp / f)
@@ -157,7 +174,7 @@ def export_checkpoint(cfg: ExportConfig, log=None) -> dict:
             "learned_exit": learned,
             "pad_token_id": ckpt.tokenizer.pad_token_id if ckpt.tokenizer.pad_token_id is not None else 0,
             "inputs": {"token_type_ids": with_tt},
-            "graphs": names,
+            "graphs": {"model": MODEL_GRAPH, "data": MODEL_GRAPH + ".data", "steps": steps},
             "fusions": fused if cfg.optimize else None,
             "versions": _versions(),
         }
@@ -194,6 +211,106 @@ def write_graphs(model, out: Path, sample: tuple, learned: bool, opset: int = 17
         with torch.no_grad():
             hidden = model.run_layer(i, hidden, model.prepare_mask(mask, hidden))
     return names, fused
+
+
+# ------------------------------------------------------------------------------------------------
+# one model from the per-step graphs
+# ------------------------------------------------------------------------------------------------
+def compose_steps(files: list, out: Path) -> None:
+    """Compose the step graphs ``files`` (embeddings, layer 1, ..., layer L) into one model at ``out``:
+    inputs ``step`` (int64 scalar: 0 embeds, k runs layer k) and the union of the steps' inputs; outputs
+    ``hidden_out, logits, score`` (an empty tensor where a step has no such output). Weights go to
+    ``out.data``."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graphs = [onnx.load(str(f)) for f in files]
+    bodies = [_step_body(m.graph, k, last=k == len(files) - 1) for k, m in enumerate(graphs)]
+    top = _if_tree(bodies, 0, len(bodies))
+    top.node[-1].output[:] = STEP_OUTPUTS  # the root If's outputs are the model's
+    seen, inputs = set(), [helper.make_tensor_value_info("step", TensorProto.INT64, [])]
+    for m in graphs:
+        for i in m.graph.input:
+            if i.name not in seen:
+                seen.add(i.name)
+                inputs.append(_free_dims(i))
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in STEP_OUTPUTS]
+    opsets = {}
+    for m in graphs:
+        for o in m.opset_import:
+            opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
+    model = helper.make_model(helper.make_graph(list(top.node), "deebert_steps", inputs, outputs),
+                              opset_imports=[helper.make_opsetid(d, v) for d, v in sorted(opsets.items())],
+                              ir_version=max(m.ir_version for m in graphs))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=out.name + ".data", size_threshold=1024)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out.parent / (out.name + ".data"), 0o666 & ~umask)  # onnx writes it 0600
+
+
+def _free_dims(value_info):
+    """The input with every dimension symbolic and named for that input alone (the dummy fed to the
+    inputs a step does not read has its own shape)."""
+    from onnx import helper
+
+    t = value_info.type.tensor_type
+    dims = [f"{value_info.name}_{j}" for j in range(len(t.shape.dim))]
+    return helper.make_tensor_value_info(value_info.name, t.elem_type, dims)
+
+
+def _step_body(graph, k: int, last: bool):
+    """Step graph ``k`` as an If branch: its own names prefixed (branches share one namespace), its
+    inputs read from the outer scope, outputs (hidden_out, logits, score) with empty tensors for those
+    it lacks (the embeddings have no logits, the last layer no hidden states)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    p = f"step{k}/"
+    outer = {i.name for i in graph.input} | {""}  # "" = an optional input left out
+    ren = lambda n: n if n in outer else p + n  # noqa: E731
+    nodes = []
+    for n in graph.node:
+        c = onnx.NodeProto()
+        c.CopyFrom(n)
+        c.input[:] = [ren(x) for x in n.input]
+        c.output[:] = [ren(x) for x in n.output]
+        c.name = p + (n.name or "node")
+        nodes.append(c)
+    inits = []
+    for t in graph.initializer:  # kept inside the branch: ORT pre-packs them there (outer scope: 0.6x speed)
+        c = onnx.TensorProto()
+        c.CopyFrom(t)
+        c.name = p + t.name
+        inits.append(c)
+    inits.append(helper.make_tensor(p + "empty", TensorProto.FLOAT, [0], []))
+    produced = {o.name: ren(o.name) for o in graph.output}
+    if k == 0:
+        wanted = [produced["hidden"], p + "empty", p + "empty"]
+    elif last:
+        wanted = [p + "empty", produced["logits"], p + "empty"]
+    else:
+        wanted = [produced["hidden_out"], produced["logits"], produced.get("score", p + "empty")]
+    outs = [f"{p}out/{n}" for n in STEP_OUTPUTS]
+    nodes += [helper.make_node("Identity", [w], [o]) for w, o in zip(wanted, outs)]
+    return helper.make_graph(nodes, f"step{k}", [], [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
+                                                      for o in outs], initializer=inits)
+
+
+def _if_tree(bodies: list, lo: int, hi: int):
+    """A graph that runs ``bodies[step]`` for lo <= step < hi: If(step < mid) halves, depth log2(L + 1)."""
+    from onnx import TensorProto, helper
+
+    if hi - lo == 1:
+        return bodies[lo]
+    mid, tag = (lo + hi) // 2, f"{lo}_{hi}"
+    outs = [f"{n}_{tag}" for n in STEP_OUTPUTS]
+    nodes = [helper.make_node("Constant", [], [f"mid_{tag}"], value=helper.make_tensor(f"mid_{tag}", TensorProto.INT64, [], [mid])),
+             helper.make_node("Less", ["step", f"mid_{tag}"], [f"below_{tag}"]),
+             helper.make_node("If", [f"below_{tag}"], outs, then_branch=_if_tree(bodies, lo, mid),
+                              else_branch=_if_tree(bodies, mid, hi))]
+    return helper.make_graph(nodes, f"steps_{tag}", [], [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs])
 
 
 def check_export(model, odir: Path, manifest: dict, ids, mask, tt) -> dict:

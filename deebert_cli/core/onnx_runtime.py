@@ -5,14 +5,16 @@ An export lives in ``<checkpoint>/onnx/`` (or a folder of its own, ``deebert exp
 
     manifest.json          what produced it: hashes of model.safetensors and highway.safetensors, the
                            deebert.json fields that shape the graphs, opset, precisions, versions
-    fp32/embed.onnx        input_ids [+ token_type_ids] -> hidden
-    fp32/layer_01.onnx ... (hidden, attention_mask) -> (hidden, exit logits [, learned exit score]);
-                           the last layer's graph ends in the family's own head -> logits
-    int8/...               the same graphs after onnxruntime.quantization.quantize_dynamic (--quantize int8)
+    fp32/model.onnx        the steps of the highway model in one graph, chosen by its ``step`` input:
+                           step 0: input_ids [+ token_type_ids] -> hidden_out (the embeddings);
+                           step k: (hidden, attention_mask) -> (hidden_out, exit logits [, learned exit
+                           score]) of layer k; the last layer ends in the family's own head -> logits
+    fp32/model.onnx.data   its weights
+    int8/...               the same after onnxruntime.quantization.quantize_dynamic (--quantize int8)
     config.json, tokenizer.json, tokenizer_config.json, deebert.json   copies, so the folder stands alone
 
 :class:`OnnxModel` is itself the engine's backend (:class:`~.inference.Backend`): one session call per
-layer returns the new hidden states and that layer's exit.
+layer returns the new hidden states and that layer's exit, all in one session (one thread pool).
 """
 from __future__ import annotations
 
@@ -30,7 +32,9 @@ from .exits import RampConfig
 
 EXPORT_DIR = "onnx"
 MANIFEST = "manifest.json"
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2  # 1: one graph per step (slower: a thread pool per layer); 2: the steps composed
+MODEL_GRAPH = "model.onnx"
+STEP_OUTPUTS = ("hidden_out", "logits", "score")
 MODEL_FILE = "model.safetensors"
 # the deebert.json fields that change the graphs (thresholds and metrics do not)
 META_KEYS = ("family", "num_layers", "ramp", "stage", "task")
@@ -145,18 +149,15 @@ def load_onnx(path, precision: str = "fp32", threads: int | None = None) -> Chec
     return Checkpoint(model=model, tokenizer=tok, meta=meta, path=Path(path))
 
 
-def session_options(ort, threads: int | None = None, spinning: bool = False):
-    """Intra-op threads = the cores, full graph optimisation, sequential execution. ``spinning`` off: each
-    layer has its own session and thread pool, and threads left spinning after their layer compete with
-    the next layer's (measured here: 0.41 ms per tiny-layer call with spinning, 0.15 ms without)."""
+def session_options(ort, threads: int | None = None):
+    """Intra-op threads = the cores, full graph optimisation, sequential execution, ORT's default thread
+    spinning (between the layer calls of one text the pool stays hot)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or _cores()
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
-    if not spinning:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 
@@ -168,7 +169,8 @@ def _cores() -> int:
 
 
 class OnnxModel:
-    """The exported highway model: an embeddings session and one session per layer (+ its exit)."""
+    """The exported highway model: one session, one call per step (the embeddings, then each layer with
+    its exit)."""
 
     runtime = "onnx"
     xp = np
@@ -184,28 +186,18 @@ class OnnxModel:
         self.ramp_cfg = RampConfig(**meta.get("ramp", {}))
         id2label = {int(k): v for k, v in config.get("id2label", {}).items()} or {i: str(i) for i in range(self.num_labels)}
         self.config = SimpleNamespace(id2label=id2label, num_labels=self.num_labels, model_type=config.get("model_type"))
-        self._ort, self._so = ort, session_options(ort, threads)
-        self._files = [odir / precision / g for g in [manifest["graphs"]["embed"], *manifest["graphs"]["layers"]]]
-        self._sessions = [None] * (self.num_layers + 1)  # embeddings, layers 1..L: created on first use
-        self._embed_inputs = {"input_ids", "token_type_ids"} if manifest["inputs"]["token_type_ids"] else {"input_ids"}
+        self._session = ort.InferenceSession(str(odir / precision / manifest["graphs"]["model"]),
+                                             session_options(ort, threads), providers=["CPUExecutionProvider"])
+        self._steps = [np.array(k, dtype=np.int64) for k in range(self.num_layers + 1)]
+        # what a step does not read is still a required input of the one model: fed a 1-element dummy
+        self._with_tt = bool(manifest["inputs"]["token_type_ids"])
+        ids = np.zeros((1, 1), dtype=np.int64)
+        self._idle_ids = {"input_ids": ids, "token_type_ids": ids} if self._with_tt else {"input_ids": ids}
+        self._idle_layer = {"hidden": np.zeros((1, 1, 1), dtype=np.float32), "attention_mask": ids}
         last = self.num_layers - 1
         self._scored = [bool(manifest.get("learned_exit")) and i < last for i in range(self.num_layers)]
         self._fetch = [["logits"] if i == last else ["hidden_out", "logits"] for i in range(self.num_layers)]
         self._fetch_scored = [f + ["score"] if self._scored[i] else f for i, f in enumerate(self._fetch)]
-
-    def _session(self, k: int):
-        """Session k (0: embeddings, i + 1: layer i), created on first use: a line that exits at layer 1
-        never pays for loading the deeper layers."""
-        s = self._sessions[k]
-        if s is None:
-            s = self._sessions[k] = self._ort.InferenceSession(str(self._files[k]), self._so,
-                                                               providers=["CPUExecutionProvider"])
-        return s
-
-    def warm_up(self) -> None:
-        """Create every session now (benchmarks time the work, not the loading)."""
-        for k in range(len(self._sessions)):
-            self._session(k)
 
     def backend(self, device=None, precision: str = "fp32"):
         if precision != "fp32":
@@ -222,19 +214,20 @@ class OnnxModel:
         return np.asarray(a)
 
     def embed(self, input_ids: np.ndarray, token_type_ids: np.ndarray | None = None) -> np.ndarray:
-        feeds = {"input_ids": input_ids}
-        if "token_type_ids" in self._embed_inputs:
+        feeds = {"step": self._steps[0], "input_ids": input_ids, **self._idle_layer}
+        if self._with_tt:
             feeds["token_type_ids"] = token_type_ids if token_type_ids is not None else np.zeros_like(input_ids)
-        return self._session(0).run(None, feeds)[0]
+        return self._session.run(["hidden_out"], feeds)[0]
 
     def layer(self, i: int, hidden: np.ndarray, attention_mask: np.ndarray, score: bool = False) -> tuple:
-        feeds = {"hidden": np.ascontiguousarray(hidden), "attention_mask": np.ascontiguousarray(attention_mask)}
+        feeds = {"step": self._steps[i + 1], "hidden": np.ascontiguousarray(hidden),
+                 "attention_mask": np.ascontiguousarray(attention_mask), **self._idle_ids}
         if i == self.num_layers - 1:
-            return hidden, self._session(i + 1).run(self._fetch[i], feeds)[0], None
+            return hidden, self._session.run(self._fetch[i], feeds)[0], None
         if score:
             if not self._scored[i]:
                 raise UserError("this export has no learned exits: re-run `deebert export` after `train-exits --learned-exits`")
-            h, logits, s = self._session(i + 1).run(self._fetch_scored[i], feeds)
+            h, logits, s = self._session.run(self._fetch_scored[i], feeds)
             return h, logits, s
-        h, logits = self._session(i + 1).run(self._fetch[i], feeds)
+        h, logits = self._session.run(self._fetch[i], feeds)
         return h, logits, None
