@@ -81,26 +81,57 @@ class Server:
                 self.proc.kill()
 
 
+class Connection:
+    """A minimal HTTP/1.1 keep-alive client for POST /predict. The client shares the 2 CPUs with the
+    server; httpx's AsyncClient spent about 1 ms of CPU per request here, which the server then lacks,
+    so the load generator is kept lean (as wrk or hey would be)."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port, self.reader, self.writer = host, port, None, None
+
+    async def post_json(self, path: str, body: dict) -> tuple:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        data = json.dumps(body).encode()
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        return status, json.loads(await self.reader.readexactly(length))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 async def load(url: str, texts: list, clients: int) -> dict:
-    """``clients`` concurrent clients, each sending one text per request until every text is sent."""
+    """``clients`` concurrent clients (one keep-alive connection each), each sending one text per request
+    until every text is sent."""
     latencies, layers, nxt = [], [], 0
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+    host, port = url.removeprefix("http://").split(":")
+    conns = [Connection(host, int(port)) for _ in range(clients)]
 
-        async def one_client():
-            nonlocal nxt
-            while nxt < len(texts):
-                text = texts[nxt]
-                nxt += 1
-                t = time.perf_counter()
-                r = await client.post("/predict", json={"inputs": text})
-                latencies.append(time.perf_counter() - t)
-                r.raise_for_status()
-                layers.append(r.json()[0]["exit_layer"])
+    async def one_client(conn):
+        nonlocal nxt
+        while nxt < len(texts):
+            text = texts[nxt]
+            nxt += 1
+            t = time.perf_counter()
+            status, out = await conn.post_json("/predict", {"inputs": text})
+            latencies.append(time.perf_counter() - t)
+            if status != 200:
+                raise RuntimeError(f"HTTP {status}: {out}")
+            layers.append(out[0]["exit_layer"])
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one_client() for _ in range(clients)))
-        wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    try:
+        await asyncio.gather(*(one_client(c) for c in conns))
+    finally:
+        for c in conns:
+            c.close()
+    wall = time.perf_counter() - t0
     latencies.sort()
     q = lambda p: latencies[min(len(latencies) - 1, int(p * len(latencies)))]
     return {"rps": len(texts) / wall, "p50": q(0.50), "p99": q(0.99), "mean_exit": sum(layers) / len(layers)}
@@ -115,11 +146,15 @@ def main():
     ap.add_argument("--clients", default="1,8,64")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs per configuration; the fastest is kept")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--runtime", default="torch", help="the servers' --runtime (torch or onnx)")
+    ap.add_argument("--onnx-precision", default="fp32", help="with --runtime onnx: fp32 or int8")
     args = ap.parse_args()
     src = SHARED if SHARED.is_file() else PACKAGED
     texts = load_texts(src, args.n)
     thr = args.threshold if args.threshold is not None else recommended_threshold(args.checkpoint, args.max_drop)
-    bs = ["--batch-size", str(args.batch_size)]
+    bs = ["--batch-size", str(args.batch_size), "--runtime", args.runtime]
+    if args.runtime == "onnx":
+        bs += ["--onnx-precision", args.onnx_precision]
     servers = {
         "(a) full depth, batching": Server(args.checkpoint, "--threshold", "0", *bs),
         "(b) threshold, batching": Server(args.checkpoint, "--threshold", str(thr), *bs),
@@ -145,7 +180,8 @@ def main():
     import torch
 
     print(f"checkpoint {args.checkpoint}, {len(texts)} single-text requests from {src.parent.name}/{src.name}, "
-          f"threshold {thr:g} (normalized entropy), batch size {args.batch_size}, {os.cpu_count()} CPUs, "
+          f"threshold {thr:g} (normalized entropy), batch size {args.batch_size}, runtime {args.runtime}"
+          f"{' ' + args.onnx_precision if args.runtime == 'onnx' else ''}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}, fastest of {args.repeats} interleaved runs")
     print(f"{'configuration':28s} {'clients':>7s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'mean exit':>9s}")
     for c in clients:

@@ -12,7 +12,7 @@ from deebert_cli.cli.app import app
 from deebert_cli.core.checkpoint import load_checkpoint
 from deebert_cli.core.data import encode
 from deebert_cli.core.exits import normalized_entropy
-from deebert_cli.core.inference import ExitRule, PredictStats, predict_stream
+from deebert_cli.core.inference import ExitRule, PredictStats, predict_stream, width_groups
 from deebert_cli.core.training import collect
 
 runner = CliRunner()
@@ -236,3 +236,30 @@ def test_patience_batched_equals_one_at_a_time(trained_ckpt, runtime, request):
     r = runner.invoke(app, ["predict", "--checkpoint", trained_ckpt, "--exit-policy", "patience", "--threshold", "0.2",
                             "--device", "cpu"], input="good\n")
     assert r.exit_code == 2 and "--patience" in r.output
+
+
+def test_width_groups_split_a_refill_step_by_length_at_least_cost():
+    """The sub-batches of a refill step partition its rows, each padded to its own longest, and cost no
+    more (call_tokens per call + padded tokens) than the best of every contiguous split of the sorted
+    lengths, found here by brute force."""
+    import itertools
+    import random
+
+    def cost(groups, lens, c):
+        return sum(c + len(g) * max(lens[j] for j in g) for g in groups)
+
+    assert width_groups([20] * 12, 8) == [sorted(range(12))]  # nothing to gain: one call
+    two = width_groups([3, 60] * 6, 8)
+    assert [sorted(g) for g in two] == [[0, 2, 4, 6, 8, 10], [1, 3, 5, 7, 9, 11]]
+    assert width_groups([3, 60] * 6, 10_000) == [[0, 2, 4, 6, 8, 10, 1, 3, 5, 7, 9, 11]]  # calls dear: one
+    rng = random.Random(0)
+    for _ in range(200):
+        lens = [rng.randint(1, 64) for _ in range(rng.randint(1, 9))]
+        c = rng.choice([0, 4, 16, 64])
+        got = width_groups(lens, c)
+        assert sorted(j for g in got for j in g) == list(range(len(lens)))
+        assert all([lens[j] for j in g] == sorted(lens[j] for j in g) for g in got)
+        order = sorted(range(len(lens)), key=lens.__getitem__)
+        best = min(cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(lens)))], lens, c)
+                   for r in range(len(lens)) for cuts in itertools.combinations(range(1, len(lens)), r))
+        assert cost(got, lens, c) == best

@@ -284,16 +284,17 @@ def _step_body(graph, k: int, last: bool):
         c.CopyFrom(t)
         c.name = p + t.name
         inits.append(c)
-    inits.append(helper.make_tensor(p + "empty", TensorProto.FLOAT, [0], []))
     produced = {o.name: ren(o.name) for o in graph.output}
+    empty = lambda name: helper.make_node("Constant", [], [p + name], value=helper.make_tensor(p + name, TensorProto.FLOAT, [0], []))  # noqa: E731
     if k == 0:
-        wanted = [produced["hidden"], p + "empty", p + "empty"]
+        outs = [produced["hidden"], p + "no_logits", p + "no_score"]
+        nodes += [empty("no_logits"), empty("no_score")]
     elif last:
-        wanted = [p + "empty", produced["logits"], p + "empty"]
+        outs = [p + "no_hidden", produced["logits"], p + "no_score"]
+        nodes += [empty("no_hidden"), empty("no_score")]
     else:
-        wanted = [produced["hidden_out"], produced["logits"], produced.get("score", p + "empty")]
-    outs = [f"{p}out/{n}" for n in STEP_OUTPUTS]
-    nodes += [helper.make_node("Identity", [w], [o]) for w, o in zip(wanted, outs)]
+        outs = [produced["hidden_out"], produced["logits"], produced.get("score", p + "no_score")]
+        nodes += [] if "score" in produced else [empty("no_score")]
     return helper.make_graph(nodes, f"step{k}", [], [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
                                                       for o in outs], initializer=inits)
 

@@ -249,6 +249,7 @@ class Backend(Protocol):
     device: object
     num_layers: int
     num_labels: int
+    call_tokens: int  # what one more layer call costs, in padded tokens (see :func:`width_groups`)
 
     def put(self, a: np.ndarray):
         """A host numpy array -> an array of this backend (ids, masks, row selections)."""
@@ -273,6 +274,32 @@ def backend_for(ckpt, device=None, precision: str = "fp32") -> Backend:
     from .torch_backend import TorchBackend
 
     return TorchBackend(model, device, precision)
+
+
+def width_groups(lens: list, call_tokens: float) -> list:
+    """Split rows of lengths ``lens`` into sub-batches that each pad to their own longest row -> lists of
+    row indices (each in ascending length). Minimises sum over sub-batches of (call_tokens + rows x
+    longest), i.e. padded tokens plus a fixed cost per extra call, by dynamic programming over the rows
+    sorted by length (optimal groups are contiguous there). A refill step holds rows of whatever lengths
+    were in flight, padded to the longest, and a CPU layer costs about the same per token at batch 1 as
+    at batch 32 (benchmarks/bench_serve.py, docs/BENCHMARKS.md), so padding, not calls, is the waste."""
+    order = sorted(range(len(lens)), key=lens.__getitem__)
+    s = [lens[j] for j in order]
+    n = len(s)
+    if n * s[-1] - sum(s) <= call_tokens:  # all the padding costs less than one more call
+        return [order]
+    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)  # best[k]: cheapest split of the k shortest rows
+    for k in range(1, n + 1):
+        w = s[k - 1]
+        for j in range(k):  # the last group: sorted rows j..k-1, padded to w
+            c = best[j] + call_tokens + (k - j) * w
+            if c < best[k]:
+                best[k], cut[k] = c, j
+    groups, k = [], n
+    while k:
+        groups.append(order[cut[k]:k])
+        k = cut[k]
+    return groups[::-1]
 
 
 def pad_rows(ids: list, pad_id: int, token_type_ids: list | None = None) -> tuple:
@@ -412,9 +439,15 @@ class EarlyExitEngine:
             yield from self._advance(i, queues)
 
     def _advance(self, i: int, queues: list) -> Iterator[tuple]:
-        """Run up to one batch of queue i through layer i: finished rows are yielded, the rest move on."""
-        xp, be = self.xp, self.backend
+        """Run up to one batch of queue i through layer i, in sub-batches of similar length
+        (:func:`width_groups`): finished rows are yielded, the rest move on."""
         take = [queues[i].popleft() for _ in range(min(self.batch_size, len(queues[i])))]
+        for group in width_groups([t[1].shape[0] for t in take], self.backend.call_tokens):
+            yield from self._advance_rows(i, [take[j] for j in group], queues)
+
+    def _advance_rows(self, i: int, take: list, queues: list) -> Iterator[tuple]:
+        """Rows ``take`` (key, hidden [len, H], state) through layer i as one padded batch."""
+        xp, be = self.xp, self.backend
         lens = [t[1].shape[0] for t in take]
         width = max(lens)
         hidden = xp.zeros((len(take), width, take[0][1].shape[1]), dtype=take[0][1].dtype, device=self.device)

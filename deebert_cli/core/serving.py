@@ -223,7 +223,10 @@ class BatchingServer:
             self._fail_all(e)
 
     def _work_batched(self) -> None:
-        lag = max(64, self.engine.batch_size * self.engine.L)
+        # a row waiting in a part-full queue moves on once a batch of newer rows has passed it: under
+        # steady load new rows keep the shallow queues full, and a larger lag (B x L was tried) left the
+        # deep rows waiting (p99 above full depth's in benchmarks/bench_serve.py)
+        lag = self.engine.batch_size
         for key, layer, logits, ent in self.engine.run_refill(self._row_source(), max_lag=lag):
             self._in_engine -= 1
             req, pos = self._by_key.pop(key)
