@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from deebert_cli.core.checkpoint import load_checkpoint
-from deebert_cli.core.inference import ExitRule, PredictStats, predict_stream
+from deebert_cli.core.inference import ExitRule, PredictStats, load_for_inference, predict_stream
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "movie_snippets" / "test.jsonl"
 PACKAGED = Path(__file__).resolve().parents[1] / "deebert_cli" / "data" / "movie_snippets" / "test.jsonl"
@@ -45,10 +44,13 @@ def main():
     ap.add_argument("--threshold", type=float, default=0.3, help="normalized entropy threshold")
     ap.add_argument("--n", type=int, default=400, help="texts (from the movie-review test split)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved runs per configuration; the fastest is kept")
+    ap.add_argument("--runtime", default="torch", help="torch or onnx (the checkpoint's `deebert export`)")
+    ap.add_argument("--onnx-precision", default="fp32", help="with --runtime onnx: fp32 or int8")
     args = ap.parse_args()
     src = SHARED if SHARED.is_file() else PACKAGED
     texts = load_texts(src, args.n)
-    ckpt = load_checkpoint(args.checkpoint)
+    opts = {"precision": args.onnx_precision} if args.runtime == "onnx" else {}
+    ckpt = load_for_inference(args.checkpoint, args.runtime, **opts)
     L = ckpt.model.num_layers
     configs = {
         "full depth, batch 1": (0.0, 1, "shrink"),
@@ -67,7 +69,8 @@ def main():
             stats[name] = st
     med = {k: min(v) for k, v in times.items()}  # fastest run: least disturbed by other load
     print(f"checkpoint {args.checkpoint} ({L} layers), {len(texts)} texts from {src.parent.name}/{src.name}, "
-          f"threshold {args.threshold} (normalized entropy), torch threads {torch.get_num_threads()}, "
+          f"threshold {args.threshold} (normalized entropy), runtime {args.runtime}"
+          f"{' ' + args.onnx_precision if args.runtime == 'onnx' else ''}, torch threads {torch.get_num_threads()}, "
           f"fastest of {args.repeats} interleaved runs")
     print(f"{'configuration':32s} {'seconds':>8s} {'ex/s':>8s} {'mean exit':>10s}")
     for k in configs:

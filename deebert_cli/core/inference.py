@@ -281,8 +281,9 @@ def width_groups(lens: list, call_tokens: float) -> list:
     row indices (each in ascending length). Minimises sum over sub-batches of (call_tokens + rows x
     longest), i.e. padded tokens plus a fixed cost per extra call, by dynamic programming over the rows
     sorted by length (optimal groups are contiguous there). A refill step holds rows of whatever lengths
-    were in flight, padded to the longest, and a CPU layer costs about the same per token at batch 1 as
-    at batch 32 (benchmarks/bench_serve.py, docs/BENCHMARKS.md), so padding, not calls, is the waste."""
+    were in flight (a server's requests arrive in any order), and padding them all to the longest cost
+    1.86x their tokens on the movie reviews; ``call_tokens`` is the backend's measured price of a call
+    (benchmarks/bench_refill_groups.py)."""
     order = sorted(range(len(lens)), key=lens.__getitem__)
     s = [lens[j] for j in order]
     n = len(s)

@@ -175,7 +175,7 @@ class OnnxModel:
     runtime = "onnx"
     xp = np
     device = "cpu"
-    call_tokens = 8  # a layer call in padded tokens: MiniLM, 2 threads: fp32 0.17 ms for 1x8, 0.45 for 1x32
+    call_tokens = 32  # a layer call in padded tokens (benchmarks/bench_refill_groups.py, docs/BENCHMARKS.md)
 
     def __init__(self, ort, odir: Path, manifest: dict, precision: str, config: dict, meta: dict,
                  threads: int | None = None):

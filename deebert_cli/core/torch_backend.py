@@ -20,9 +20,11 @@ class TorchBackend:
         self.precision = precision
         self.num_layers = model.num_layers
         self.num_labels = model.num_labels
-        # a layer call in padded tokens: ~16 for MiniLM on 2 CPU threads (0.58 ms for 1x8 tokens, 1.07 ms
-        # for 1x32); on an accelerator a call costs about the same for few or many tokens (not measured)
-        self.call_tokens = 32 if self.device.type == "cpu" else 1024
+        # what one more layer call costs, in padded tokens (inference.width_groups): on the CPU the cheapest
+        # of 8..256 for the serving core (benchmarks/bench_refill_groups.py, docs/BENCHMARKS.md); a call
+        # streams the layer's weights from memory, so it costs far more than a cache-hot call suggests.
+        # On an accelerator a call costs about the same for few or many tokens (not measured here).
+        self.call_tokens = 64 if self.device.type == "cpu" else 1024
 
     def put(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
