@@ -11,12 +11,12 @@ them with ``onnxruntime.quantization.quantize_dynamic``.
 
 The per-step graphs (embeddings, layer 1, ..., layer L) are then composed into one model whose ``step``
 input picks the step through a tree of ONNX ``If`` nodes (:func:`compose_steps`), so that every layer runs
-in one ONNX Runtime session with one thread pool. One session per layer was measured slower: with thread
-spinning on, the pools of the sessions that just ran spin on the cores the next layer needs (50 ex/s
-instead of 289 at batch 1, MiniLM fp32, 2 threads); with spinning off, every layer call pays for waking
-its pool (0.73 of the plain classifier at batch 1, against 0.92 for the composed model; see
-docs/BENCHMARKS.md). The weights are stored beside the graph (``model.onnx.data``): a model holding them
-inside took 0.27 s to load against 0.04 s. The folder is written atomically."""
+in one ONNX Runtime session with one thread pool. One session per step was measured slower
+(benchmarks/bench_onnx_sessions.py, MiniLM, 2 threads, batch 1, against the plain classifier: 0.13x with
+thread spinning on, where the pools of the sessions that just ran spin on the cores the next step needs;
+0.71x with spinning off, where every call wakes its pool; the composed model 0.92x). The weights are
+stored beside the graph (``model.onnx.data``): held inside it, the model took 0.20 s to load instead of
+0.05 s (the same benchmark). The folder is written atomically."""
 from __future__ import annotations
 
 import dataclasses
@@ -279,7 +279,7 @@ def _step_body(graph, k: int, last: bool):
         c.name = p + (n.name or "node")
         nodes.append(c)
     inits = []
-    for t in graph.initializer:  # kept inside the branch: ORT pre-packs them there (outer scope: 0.6x speed)
+    for t in graph.initializer:  # kept inside the branch: from the outer scope ORT ran the model slower here
         c = onnx.TensorProto()
         c.CopyFrom(t)
         c.name = p + t.name
