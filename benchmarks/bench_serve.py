@@ -1,4 +1,4 @@
-"""`deebert serve` under load: an asyncio httpx client on loopback, 1 / 8 / 64 concurrent clients.
+"""`deebert serve` under load: a lean asyncio HTTP/1.1 client on loopback, 1 / 8 / 64 concurrent clients.
 
     .venv/bin/python benchmarks/bench_serve.py --checkpoint runs/minilm [--threshold T]
 
@@ -82,9 +82,9 @@ class Server:
 
 
 class Connection:
-    """A minimal HTTP/1.1 keep-alive client for POST /predict. The client shares the 2 CPUs with the
-    server; httpx's AsyncClient spent about 1 ms of CPU per request here, which the server then lacks,
-    so the load generator is kept lean (as wrk or hey would be)."""
+    """A minimal HTTP/1.1 keep-alive client for POST /predict. The client shares the machine's CPUs with
+    the servers, so the load generator is kept lean (as wrk or hey would be) rather than httpx's
+    AsyncClient, whose per-request Python work competes with the server it measures."""
 
     def __init__(self, host: str, port: int):
         self.host, self.port, self.reader, self.writer = host, port, None, None
