@@ -81,6 +81,11 @@ def test_stale_export_is_refused(trained_ckpt, tmp_path_factory):
         load_for_inference(ck, "onnx", precision="int8")
     r = runner.invoke(app, ["predict", "--checkpoint", ck, "--runtime", "onnx", "--format", "jsonl"], input="good film\n")
     assert r.exit_code == 0 and json.loads(r.stdout)["label"] in ("positive", "negative")
+    # an export written by an earlier deebert (one graph per step, format 1) is refused the same way
+    manifest = json.loads(open(f"{ck}/onnx/manifest.json").read())
+    open(f"{ck}/onnx/manifest.json", "w").write(json.dumps(manifest | {"format": 1}))
+    with pytest.raises(UserError, match=r"stale \(export format 1 \(this deebert writes 2\)\).*deebert export"):
+        load_for_inference(ck, "onnx")
 
 
 def test_missing_extra_gives_one_line(trained_ckpt, exported_ckpt, monkeypatch):
