@@ -20,9 +20,8 @@ class TorchBackend:
         self.precision = precision
         self.num_layers = model.num_layers
         self.num_labels = model.num_labels
-        # what one more layer call costs, in padded tokens (inference.width_groups): on the CPU the cheapest
-        # of 8..256 for the serving core (benchmarks/bench_refill_groups.py, docs/BENCHMARKS.md); a call
-        # streams the layer's weights from memory, so it costs far more than a cache-hot call suggests.
+        # what one more layer call costs, in padded tokens (inference.width_groups): on the CPU the fastest
+        # value measured for the serving core (benchmarks/bench_refill_groups.py, docs/BENCHMARKS.md).
         # On an accelerator a call costs about the same for few or many tokens (not measured here).
         self.call_tokens = 64 if self.device.type == "cpu" else 1024
 
