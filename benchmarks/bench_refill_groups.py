@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from deebert_cli.core.inference import ExitRule, load_for_inference, predict_stream
+from deebert_cli.core.inference import ExitRule, backend_for, load_for_inference, predict_stream
 from deebert_cli.core.serving import BatchingServer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "movie_snippets" / "test.jsonl"
@@ -87,7 +87,7 @@ def main():
     texts = [json.loads(line)["text"] for line in src.read_text().splitlines() if line.strip()][: args.n]
     opts = {"precision": args.onnx_precision} if args.runtime == "onnx" else {}
     ckpt = load_for_inference(args.checkpoint, args.runtime, **opts)
-    default = BatchingServer(ckpt, ExitRule([0.0] * ckpt.model.num_layers), "cpu").engine.backend.call_tokens
+    default = backend_for(ckpt, "cpu").call_tokens
     rule = ExitRule([args.threshold] * ckpt.model.num_layers)
     values = [int(v) for v in args.values.split(",")]
     best: dict = {}

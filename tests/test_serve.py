@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from typer.testing import CliRunner
 
-from conftest import mixed_lines
+from conftest import RUNTIMES, load_runtime, mixed_lines
 from test_predict import all_exit_entropies, spread_threshold
 
 from deebert_cli.cli.app import app
@@ -32,6 +32,29 @@ pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'deebe
 pytest.importorskip("prometheus_client", reason="needs the serve extra: pip install 'deebert-cli[serve]'")
 
 runner = CliRunner()
+
+
+# ------------------------------------------------------------------------------------------------
+# the serving core without HTTP
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("batching", [True, False])
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_server_core_equals_predict_on_every_runtime(trained_ckpt, runtime, batching, request):
+    """BatchingServer answers as predict does, batching across requests or each request alone."""
+    from deebert_cli.core.serving import BatchingServer
+
+    ckpt = load_runtime(runtime, request)
+    lines = mixed_lines(60, seed=5)
+    rule = ExitRule([spread_threshold(all_exit_entropies(load_checkpoint(trained_ckpt), lines))] * ckpt.model.num_layers)
+    want = list(predict_stream(ckpt, iter(lines), rule, "cpu", batch_size=1, window=1))
+    srv = BatchingServer(ckpt, rule, "cpu", batch_size=4, batching=batching).start()
+    try:
+        reqs = [srv.submit(lines[k : k + 3]) for k in range(0, len(lines), 3)]
+        got = [s.prediction for r in reqs for s in r.future.result(timeout=60)]
+    finally:
+        assert srv.drain(30)
+    assert [(g.label, g.exit_layer) for g in got] == [(w.label, w.exit_layer) for w in want]
+    assert max(abs(g.confidence - w.confidence) for g, w in zip(got, want)) < 1e-4
 
 
 # ------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ Two engines run the same exit rule and give the same answers (test-enforced):
 Both are written once against a small backend interface (:class:`Backend`) and the array operations numpy
 and torch share (the Python array API, through ``array_api_compat``): the torch runtime
 (:class:`~.torch_backend.TorchBackend`, the :class:`~.modeling.HighwayModel`) and the ONNX runtime
-(:class:`~.onnx_runtime.OnnxModel`, one onnxruntime session per layer) plug in underneath. Padding,
+(:class:`~.onnx_runtime.OnnxModel`, one onnxruntime session) plug in underneath. Padding,
 bookkeeping and results are numpy on the host; this module imports neither torch nor transformers.
 
 Results always come back in input order, one per input line, empty lines included.
@@ -390,6 +390,14 @@ class EarlyExitEngine:
                     hidden, attn = hidden[:, :width], attn[:, :width]
         return exit_layer, out_logits, self._entropy(out_logits)
 
+    def run_rows(self, ids: list, token_type_ids: list | None = None) -> tuple:
+        """Token id lists (one per row, unpadded) -> :meth:`run_batch` on them, right-padded."""
+        input_ids, mask, tt = pad_rows(ids, self.pad_id, token_type_ids)
+        batch = {"input_ids": input_ids, "attention_mask": mask}
+        if tt is not None:
+            batch["token_type_ids"] = tt
+        return self.run_batch(batch)
+
     # -- refill (continuous batching) ---------------------------------------------------------------
     def run_refill(self, rows: Iterator, max_lag: int = 1024) -> Iterator[tuple]:
         """rows: (key, ids, token_type_ids|None) with keys = input positions, or ``None`` meaning "no new
@@ -406,7 +414,6 @@ class EarlyExitEngine:
         exhausted = False
         newest = -1
         rows = iter(rows)
-        end = object()
         while True:
             full = [i for i in range(L) if len(queues[i]) >= B]
             oldest = min(((t[0], i) for i in range(L) for t in queues[i]), default=None)
@@ -533,12 +540,8 @@ def predict_stream(ckpt, lines: Iterable[str], rule, device=None, *, batch_size:
         for rows in windows():
             for s in range(0, len(rows), batch_size):
                 part = rows[s : s + batch_size]
-                ids, mask, tt = pad_rows([r[1] for r in part], eng.pad_id,
-                                         [r[2] for r in part] if part[0][2] is not None else None)
-                batch = {"input_ids": ids, "attention_mask": mask}
-                if tt is not None:
-                    batch["token_type_ids"] = tt
-                layer, logits, ent = eng.run_batch(batch)
+                layer, logits, ent = eng.run_rows([r[1] for r in part],
+                                                  [r[2] for r in part] if part[0][2] is not None else None)
                 yield from _results([r[0] for r in part], layer, logits, ent, all_probs, eng.regression)
             yield None  # window done: flush empties waiting in the buffer
 

@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .checkpoint import Checkpoint
-from .data import Encoded, encode, pad_batch
+from .data import Encoded, encode
 from .errors import UserError
 from .inference import EarlyExitEngine, Prediction, _result, split_pair
 
@@ -276,9 +276,8 @@ class BatchingServer:
                 continue
             for s in range(0, len(req.rows), B):
                 part = req.rows[s : s + B]
-                enc = Encoded([r[2] for r in part], [r[3] for r in part] if part[0][3] is not None else None)
-                batch = {k: v.to(self.engine.device) for k, v in pad_batch(enc, range(len(part)), self.engine.pad_id).items()}
-                layer, logits, ent = self.engine.run_batch(batch)
+                layer, logits, ent = self.engine.run_rows([r[2] for r in part],
+                                                          [r[3] for r in part] if part[0][3] is not None else None)
                 for j, r in enumerate(part):
                     self._finish_row(req, r[1], int(layer[j]), logits[j], ent[j])
 
