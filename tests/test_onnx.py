@@ -88,6 +88,20 @@ def test_stale_export_is_refused(trained_ckpt, tmp_path_factory):
         load_for_inference(ck, "onnx")
 
 
+def test_export_never_replaces_what_is_not_an_export(trained_ckpt, tmp_path):
+    """The export replaces its folder as a whole: the checkpoint, a folder holding it, or a folder of the
+    user's own are refused in one line (exit 2) and left as they were."""
+    before = sorted(os.listdir(trained_ckpt))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    for out, why in ((trained_ckpt, "is the checkpoint or holds it"), (os.path.dirname(trained_ckpt), "is the checkpoint or holds it"),
+                     (str(mine), "exists and is not a deebert export")):
+        r = runner.invoke(app, ["export", "--checkpoint", trained_ckpt, "--output", out])
+        assert r.exit_code == 2 and why in r.output and "--output" in r.output and "Traceback" not in r.output
+    assert sorted(os.listdir(trained_ckpt)) == before and (mine / "notes.txt").read_text() == "keep"
+
+
 def test_missing_extra_gives_one_line(trained_ckpt, exported_ckpt, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
     for args in (["predict", "--checkpoint", exported_ckpt, "--runtime", "onnx"], ["export", "--checkpoint", trained_ckpt]):

@@ -129,6 +129,8 @@ def export_checkpoint(cfg: ExportConfig, log=None) -> dict:
     _require_onnx()
     log = log or (lambda msg: None)
     ckdir = Path(cfg.checkpoint)
+    target = Path(cfg.output) if cfg.output else ckdir / EXPORT_DIR
+    check_export_folder(target, ckdir)
     ckpt = load_checkpoint(ckdir)
     if ckpt.tokenizer is None or not (ckdir / "tokenizer.json").is_file():
         raise UserError(f"'{ckdir}' has no tokenizer.json (a fast tokenizer): the onnx runtime tokenizes with it")
@@ -138,7 +140,7 @@ def export_checkpoint(cfg: ExportConfig, log=None) -> dict:
     enc = ckpt.tokenizer(list(SAMPLE_TEXTS), padding=True, return_tensors="pt")
     sample = (enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids") if with_tt else None)
     t0 = time.perf_counter()
-    with atomic_dir(Path(cfg.output) if cfg.output else ckdir / EXPORT_DIR) as tmp:
+    with atomic_dir(target) as tmp:
         log(f"exporting embeddings and {model.num_layers} layers with their exits (opset {cfg.opset})")
         parts = tmp / "parts"  # the per-step graphs, composed below, then removed
         names, fused = write_graphs(model, parts / "fp32", sample, learned, cfg.opset, cfg.optimize)
@@ -182,6 +184,17 @@ def export_checkpoint(cfg: ExportConfig, log=None) -> dict:
         manifest["seconds"] = round(time.perf_counter() - t0, 1)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
+
+
+def check_export_folder(target: Path, ckdir: Path) -> None:
+    """The export replaces ``target`` as a whole: only an earlier export may stand there, and never the
+    checkpoint itself or a folder holding it."""
+    t, ck = target.resolve(), ckdir.resolve()
+    if t == ck or t in ck.parents:
+        raise UserError(f"export folder '{target}' (--output) is the checkpoint or holds it: pick a folder of its own")
+    if target.exists() and not (target / MANIFEST).is_file():
+        raise UserError(f"export folder '{target}' (--output) exists and is not a deebert export: pick a new "
+                        f"folder (only an earlier export there is replaced)")
 
 
 def write_graphs(model, out: Path, sample: tuple, learned: bool, opset: int = 17, optimize: bool = True) -> tuple:
