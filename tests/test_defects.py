@@ -59,6 +59,19 @@ def test_predict_refuses_to_write_over_its_input(trained_ckpt, tmp_path):
     assert f.read_text() == text
 
 
+def test_outputs_never_replace_a_file_of_the_checkpoint(trained_ckpt, tmp_path):
+    """predict --output and analyze --json/--plot refuse a file the checkpoint holds (its weights, its
+    deebert.json), in one line naming the flag, and leave it as it was."""
+    weights, meta = f"{trained_ckpt}/model.safetensors", f"{trained_ckpt}/deebert.json"
+    before = open(weights, "rb").read(), open(meta).read()
+    one_line_error(invoke("predict", "--checkpoint", trained_ckpt, "--output", weights, "--device", "cpu", input="good\n"),
+                   "--output", "is a file of the checkpoint")
+    for flag, path in (("--json", meta), ("--plot", weights)):
+        one_line_error(invoke("analyze", "--checkpoint", trained_ckpt, flag, path, "--device", "cpu"),
+                       flag, "is a file of the checkpoint")
+    assert (open(weights, "rb").read(), open(meta).read()) == before
+
+
 def test_predict_output_is_renamed_into_place_only_when_complete(trained_ckpt, tmp_path):
     f = tmp_path / "texts.txt"
     f.write_text("\n".join(mixed_lines(30)) + "\n")

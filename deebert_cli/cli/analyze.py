@@ -64,9 +64,15 @@ def analyze(
                 from ..core.errors import UserError
 
                 raise UserError("--plot needs matplotlib: pip install 'deebert-cli[plot]' (or pip install matplotlib)")
+        from ..core.files import atomic_text_file, check_output
+
+        for flag, path in (("--json", cfg.json), ("--plot", cfg.plot)):
+            if path:
+                check_output(path, flag=flag, checkpoint=cfg.checkpoint)
         a = run(cfg)
         if cfg.json:
-            Path(cfg.json).write_text(json.dumps(a.to_dict(), indent=2) + "\n")
+            with atomic_text_file(cfg.json) as f:
+                f.write(json.dumps(a.to_dict(), indent=2) + "\n")
         if cfg.plot:
             plot_analysis(a, cfg.plot)
     render(a, layers)

@@ -65,7 +65,7 @@ def predict(
         if cfg.input and not Path(cfg.input).is_file():
             raise UserError(f"input file '{cfg.input}' does not exist")
         if cfg.output:
-            check_output(cfg.output, cfg.input)
+            check_output(cfg.output, cfg.input, checkpoint=cfg.checkpoint)
         if rt.distributed and not cfg.input:
             raise UserError("under accelerate launch every process reads the input: pass --input FILE (not stdin)")
         ckpt = load_for_inference(cfg.checkpoint, cfg.runtime, dev, **({"precision": cfg.onnx_precision} if onnx else {}))

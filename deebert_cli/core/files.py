@@ -10,9 +10,10 @@ from pathlib import Path
 from .errors import UserError
 
 
-def check_output(output: str, input: str | None = None, flag: str = "--output") -> None:
-    """UserError when ``output`` cannot be written as a file: its folder is missing, it is a folder, or it
-    is the input file itself (writing it would destroy what is being read)."""
+def check_output(output: str, input: str | None = None, flag: str = "--output", checkpoint: str | None = None) -> None:
+    """UserError when ``output`` cannot be written as a file: its folder is missing, it is a folder, it
+    is the input file itself (writing it would destroy what is being read), or it is a file of
+    ``checkpoint`` (a file already inside that folder: its weights, configs, tokenizer ...)."""
     out = Path(output).expanduser()
     if out.is_dir():
         raise UserError(f"{flag} '{output}' is a folder; give a file name")
@@ -20,6 +21,8 @@ def check_output(output: str, input: str | None = None, flag: str = "--output") 
         raise UserError(f"{flag} '{output}': folder '{out.parent}' does not exist")
     if input is not None and _same_file(Path(input).expanduser(), out):
         raise UserError(f"{flag} '{output}' is the input file; write the results to another file")
+    if checkpoint is not None and out.exists() and Path(checkpoint).expanduser().resolve() in out.resolve().parents:
+        raise UserError(f"{flag} '{output}' is a file of the checkpoint '{checkpoint}'; write the results elsewhere")
 
 
 def _same_file(a: Path, b: Path) -> bool:
