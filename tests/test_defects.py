@@ -72,6 +72,14 @@ def test_outputs_never_replace_a_file_of_the_checkpoint(trained_ckpt, tmp_path):
     assert (open(weights, "rb").read(), open(meta).read()) == before
 
 
+@pytest.mark.parametrize("damaged", ["model.safetensors", "highway.safetensors"])
+def test_a_damaged_weights_file_is_one_error_line(trained_ckpt, tmp_path, damaged):
+    ck = tmp_path / "ck"
+    shutil.copytree(trained_ckpt, ck)
+    (ck / damaged).write_bytes(b"not safetensors")
+    one_line_error(invoke("predict", "--checkpoint", ck, "--device", "cpu", input="good\n"), damaged if damaged.startswith("h") else "cannot load")
+
+
 def test_predict_output_is_renamed_into_place_only_when_complete(trained_ckpt, tmp_path):
     f = tmp_path / "texts.txt"
     f.write_text("\n".join(mixed_lines(30)) + "\n")

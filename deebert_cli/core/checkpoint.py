@@ -123,6 +123,7 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path, extra_files: dict[str, s
 
 def load_checkpoint(path: str | Path, device=None) -> Checkpoint:
     """Load a checkpoint directory written by :func:`save_checkpoint` (safetensors only, no pickles)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -151,7 +152,10 @@ def load_checkpoint(path: str | Path, device=None) -> Checkpoint:
         # as they are (assign): no initialisation that the file then overwrites, no copies
         with torch.device("meta"):
             model = HighwayModel(model_hf, ramp_cfg, init_from_pooler=False)
-        state = {k[len("ramps."):]: v for k, v in load_file(str(ramps_path)).items()}
+        try:
+            state = {k[len("ramps."):]: v for k, v in load_file(str(ramps_path)).items()}
+        except SafetensorError as e:
+            raise UserError(f"cannot read '{ramps_path}': {e}") from None
         missing, unexpected = model.ramps.load_state_dict(state, strict=False, assign=True)
         for ramp in model.ramps:  # older files: uncalibrated
             if ramp.temperature.is_meta:

@@ -455,9 +455,11 @@ def load_hf(loader, name_or_path: str, **kw):
     (not a local folder and the hub unreachable)."""
     import os
 
+    from safetensors import SafetensorError
+
     try:
         return loader.from_pretrained(name_or_path, use_safetensors=True, **kw) if _is_model(loader) else loader.from_pretrained(name_or_path, **kw)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a damaged weights file
         where = "local folder" if os.path.isdir(name_or_path) else "hub name"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = "" if os.path.isdir(name_or_path) else " (no such local folder; offline? set HF_HUB_OFFLINE=0 and check the network)"
