@@ -2,9 +2,13 @@
 concurrent clients, for several per-call costs ``call_tokens`` (see inference.width_groups).
 
     .venv/bin/python benchmarks/bench_refill_groups.py --checkpoint runs/minilm --threshold 0.7 [--runtime onnx]
+    .venv/bin/python benchmarks/bench_refill_groups.py --checkpoint runs/minilm --lags 0.25,0.5,1 [--runtime onnx]
 
 For each value: requests/s, layer calls, rows per call, padded / real tokens and layer seconds per
 padded token; beside them `deebert predict`'s refill engine on the same texts (length-sorted windows).
+With --lags, instead: requests/s and p50/p99 latency of the serving core for each refill lag (how many
+batches of newer rows may pass a waiting row before its part-full queue runs; the backend's
+``refill_lag``), at the backend's own call_tokens, and at full depth (threshold 0) for reference.
 Values are interleaved and repeated, the fastest run kept."""
 from __future__ import annotations
 
@@ -43,13 +47,16 @@ def counted(backend) -> dict:
     return st
 
 
-def serve_core(ckpt, rule, texts, clients: int, call_tokens: int) -> tuple:
-    srv = BatchingServer(ckpt, rule, "cpu")
+def serve_core(ckpt, rule, texts, clients: int, call_tokens: int | None = None, lag: float | None = None) -> tuple:
+    """-> (wall seconds, layer-call stats, sorted request latencies)."""
+    srv = BatchingServer(ckpt, rule, "cpu", max_lag=None if lag is None else max(1, round(32 * lag)))
     be = srv.engine.backend
-    be.call_tokens = call_tokens
+    default = be.call_tokens
+    if call_tokens is not None:
+        be.call_tokens = call_tokens
     st = counted(be)
     srv.start()
-    nxt, lock = [0], threading.Lock()
+    nxt, lock, lat = [0], threading.Lock(), []
 
     def client():
         while True:
@@ -58,7 +65,9 @@ def serve_core(ckpt, rule, texts, clients: int, call_tokens: int) -> tuple:
                 nxt[0] += 1
             if k >= len(texts):
                 return
+            t = time.perf_counter()
             srv.submit([texts[k]]).future.result()
+            lat.append(time.perf_counter() - t)
 
     t = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -69,7 +78,29 @@ def serve_core(ckpt, rule, texts, clients: int, call_tokens: int) -> tuple:
     wall = time.perf_counter() - t
     srv.drain(10)
     del be.layer  # the instance attribute set by counted(): back to the class's method
-    return wall, st
+    be.call_tokens = default
+    return wall, st, sorted(lat)
+
+
+def lags(ckpt, texts, args) -> None:
+    """Throughput and latency of the serving core for each refill lag (--lags)."""
+    L = ckpt.model.num_layers
+    # full depth (at the backend's own lag) for reference, then the threshold at each lag
+    configs = [("full depth", 0.0, None)] + [(f"lag {float(v):g}", args.threshold, float(v)) for v in args.lags.split(",")]
+    best: dict = {}
+    for _ in range(args.repeats):
+        for name, thr, lag in configs:
+            wall, _, lat = serve_core(ckpt, ExitRule([thr] * L), texts, args.clients, lag=lag)
+            if name not in best or wall < best[name][0]:
+                best[name] = (wall, lat)
+    print(f"{args.checkpoint}, runtime {args.runtime}{' ' + args.onnx_precision if args.runtime == 'onnx' else ''}, "
+          f"threshold {args.threshold}, {len(texts)} single-text requests, {args.clients} client threads, batch size 32, "
+          f"fastest of {args.repeats}; lag = batches of newer rows that may pass a waiting row")
+    print(f"{'configuration':>14s} {'req/s':>7s} {'p50 ms':>7s} {'p99 ms':>7s}")
+    for name, _, _ in configs:
+        wall, lat = best[name]
+        q = lambda p: 1000 * lat[min(len(lat) - 1, int(p * len(lat)))]  # noqa: E731
+        print(f"{name:>14s} {len(texts) / wall:7.1f} {q(0.5):7.1f} {q(0.99):7.1f}")
 
 
 def main():
@@ -82,18 +113,21 @@ def main():
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--values", default="8,16,32,64,128,256")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--lags", default=None, help="compare refill lags (fractions of a batch) instead of call_tokens")
     args = ap.parse_args()
     src = SHARED if SHARED.is_file() else PACKAGED
     texts = [json.loads(line)["text"] for line in src.read_text().splitlines() if line.strip()][: args.n]
     opts = {"precision": args.onnx_precision} if args.runtime == "onnx" else {}
     ckpt = load_for_inference(args.checkpoint, args.runtime, **opts)
+    if args.lags:
+        return lags(ckpt, texts, args)
     default = backend_for(ckpt, "cpu").call_tokens
     rule = ExitRule([args.threshold] * ckpt.model.num_layers)
     values = [int(v) for v in args.values.split(",")]
     best: dict = {}
     for _ in range(args.repeats):
         for v in values:
-            wall, st = serve_core(ckpt, rule, texts, args.clients, v)
+            wall, st, _ = serve_core(ckpt, rule, texts, args.clients, v)
             if v not in best or wall < best[v][0]:
                 best[v] = (wall, st)
         t = time.perf_counter()

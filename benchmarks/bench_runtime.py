@@ -135,13 +135,13 @@ def sorted_batches(tok, texts, bs, max_length=128) -> tuple:
             for s in range(0, len(order), bs)], order
 
 
-def deebert_run(ckpt, thr, bs):
+def deebert_run(ckpt, thr, bs, engine="shrink"):
     from deebert_cli.core.inference import ExitRule, PredictStats, predict_stream
 
     def run(texts):
         stats = PredictStats(ckpt.model.num_layers)
         labels = [r.label for r in predict_stream(ckpt, texts, ExitRule([thr] * ckpt.model.num_layers), "cpu",
-                                                  batch_size=bs, stats=stats)]
+                                                  batch_size=bs, stats=stats, engine=engine)]
         return labels, stats.mean_exit_layer
     return run
 
@@ -210,17 +210,21 @@ def bench(args) -> dict:
         "ORT classifier int8": ("plain", PlainOrt(plain["int8"], onnx["fp32"].tokenizer, args.threads)),
     }
     for name, c in (("torch", ref), ("onnx fp32", onnx["fp32"]), ("onnx int8", onnx["int8"])):
-        configs[f"deebert {name}, threshold 0"] = ("deebert", (c, 0.0))
-        configs[f"deebert {name}, threshold {thr:g}"] = ("deebert", (c, thr))
+        configs[f"deebert {name}, threshold 0"] = ("deebert", (c, 0.0, "shrink"))
+        configs[f"deebert {name}, threshold {thr:g}"] = ("deebert", (c, thr, "shrink"))
+        if name != "torch":  # --engine refill: every layer step on full batches (batch sizes above 1)
+            configs[f"deebert {name}, threshold {thr:g}, refill"] = ("deebert", (c, thr, "refill"))
     results = {}
     for bs in args.batch_sizes:
         best = {k: math.inf for k in configs}
         got = {}
         for rep in range(args.repeats):
             for name, (kind, obj) in configs.items():
+                if kind == "deebert" and obj[2] == "refill" and bs == 1:
+                    continue  # at batch 1 the engines coincide (one row per step)
                 t0 = time.perf_counter()
                 if kind == "deebert":
-                    pred, mean = deebert_run(obj[0], obj[1], bs)(texts)
+                    pred, mean = deebert_run(*obj[:2], bs, obj[2])(texts)
                 else:  # tokenizing and sorting are timed too, as they are inside deebert's runs
                     batches, order = sorted_batches(onnx["fp32"].tokenizer, texts, bs)
                     sorted_pred, mean = obj(batches), float(L)
@@ -231,7 +235,7 @@ def bench(args) -> dict:
                 got[name] = (sum(int(p == t) for p, t in zip(pred, y)) / len(y), mean)
             print(f"batch {bs}: repeat {rep + 1}/{args.repeats} done", file=sys.stderr)
         results[bs] = {k: {"seconds": best[k], "ex_per_s": len(texts) / best[k], "accuracy": got[k][0],
-                           "mean_exit_layer": got[k][1]} for k in configs}
+                           "mean_exit_layer": got[k][1]} for k in configs if k in got}
     return {"checkpoint": str(ck), "split": args.split, "n": len(texts), "layers": L, "threshold": thr,
             "max_drop": args.max_drop, "threads": args.threads, "repeats": args.repeats, "results": results,
             "correctness": correctness(ref, onnx["fp32"], texts, thr)}
@@ -249,6 +253,11 @@ def ratios(r: dict) -> dict:
             out[f"batch {bs}, {p}"] = {"speedup": base["seconds"] / at["seconds"], "ideal": ideal,
                                        "ideal_fraction": base["seconds"] / at["seconds"] / ideal,
                                        "threshold0_vs_classifier": base["seconds"] / zero["seconds"]}
+            refill = res.get(f"deebert onnx {p}, threshold {thr:g}, refill")
+            if refill is not None:
+                out[f"batch {bs}, {p}, refill"] = {"speedup": base["seconds"] / refill["seconds"], "ideal": ideal,
+                                                   "ideal_fraction": base["seconds"] / refill["seconds"] / ideal,
+                                                   "threshold0_vs_classifier": base["seconds"] / zero["seconds"]}
     return out
 
 

@@ -37,17 +37,18 @@ runner = CliRunner()
 # ------------------------------------------------------------------------------------------------
 # the serving core without HTTP
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("batching", [True, False])
+@pytest.mark.parametrize("batching, max_lag", [(True, None), (True, 1), (False, None)])
 @pytest.mark.parametrize("runtime", RUNTIMES)
-def test_server_core_equals_predict_on_every_runtime(trained_ckpt, runtime, batching, request):
-    """BatchingServer answers as predict does, batching across requests or each request alone."""
+def test_server_core_equals_predict_on_every_runtime(trained_ckpt, runtime, batching, max_lag, request):
+    """BatchingServer answers as predict does, batching across requests (rows waiting their default
+    lag, or moved on as soon as one newer row passes them) or each request alone."""
     from deebert_cli.core.serving import BatchingServer
 
     ckpt = load_runtime(runtime, request)
     lines = mixed_lines(60, seed=5)
     rule = ExitRule([spread_threshold(all_exit_entropies(load_checkpoint(trained_ckpt), lines))] * ckpt.model.num_layers)
     want = list(predict_stream(ckpt, iter(lines), rule, "cpu", batch_size=1, window=1))
-    srv = BatchingServer(ckpt, rule, "cpu", batch_size=4, batching=batching).start()
+    srv = BatchingServer(ckpt, rule, "cpu", batch_size=4, batching=batching, max_lag=max_lag).start()
     try:
         reqs = [srv.submit(lines[k : k + 3]) for k in range(0, len(lines), 3)]
         got = [s.prediction for r in reqs for s in r.future.result(timeout=60)]

@@ -108,7 +108,8 @@ class BatchingServer:
 
     def __init__(self, ckpt: Checkpoint, rule, device, *, batch_size: int = 32, max_batch_tokens: int = 16384,
                  max_concurrent_requests: int = 512, max_wait_ms: float = 0.0, batching: bool = True,
-                 max_length: int | None = None, precision: str = "fp32", observer: Observer | None = None):
+                 max_length: int | None = None, precision: str = "fp32", observer: Observer | None = None,
+                 max_lag: int | None = None):
         if ckpt.tokenizer is None:
             raise UserError(f"'{ckpt.path}' has no tokenizer files")
         self.ckpt, self.rule = ckpt, rule
@@ -120,6 +121,13 @@ class BatchingServer:
         self.observer = observer or Observer()
         self.engine.policy = _ObservedPolicy(self.engine.policy, self.observer)
         self.batching, self.max_wait = batching, max_wait_ms / 1000.0
+        # a row waiting in a part-full queue moves on once max_lag newer rows have passed it (default: one
+        # batch). Under steady load new rows keep the shallow queues full; a longer lag (B x L was tried)
+        # left the deep rows waiting, p99 above full depth's (benchmarks/bench_serve.py); a shorter one
+        # trades throughput for p99 (benchmarks/bench_refill_groups.py --lags, docs/BENCHMARKS.md)
+        self.max_lag = max_lag if max_lag is not None else self.engine.batch_size
+        if self.max_lag < 1:
+            raise UserError(f"max_lag must be at least 1 row, got {self.max_lag}")
         self.max_requests = max_concurrent_requests
         self._inbox: queue.Queue = queue.Queue()
         self._keys = itertools.count()
@@ -223,11 +231,7 @@ class BatchingServer:
             self._fail_all(e)
 
     def _work_batched(self) -> None:
-        # a row waiting in a part-full queue moves on once a batch of newer rows has passed it: under
-        # steady load new rows keep the shallow queues full, and a larger lag (B x L was tried) left the
-        # deep rows waiting (p99 above full depth's in benchmarks/bench_serve.py)
-        lag = self.engine.batch_size
-        for key, layer, logits, ent in self.engine.run_refill(self._row_source(), max_lag=lag):
+        for key, layer, logits, ent in self.engine.run_refill(self._row_source(), max_lag=self.max_lag):
             self._in_engine -= 1
             req, pos = self._by_key.pop(key)
             self._finish_row(req, pos, layer, logits, ent)

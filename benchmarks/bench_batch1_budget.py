@@ -1,0 +1,176 @@
+"""Where batch-1 time goes on the onnx runtime, against the plain ONNX Runtime classifier.
+
+    .venv/bin/python benchmarks/bench_batch1_budget.py --checkpoint /work/runs/i11-minilm [--precision int8]
+
+The ideal layer speedup (L / mean exit layer) counts transformer layers only. At batch 1 the early-exit
+model also pays, per layer it runs, for a session call and its off-ramp, and per text for the engine.
+Rows (the movie-review test split, one text per call, length-sorted as predict sorts them; interleaved,
+fastest of --repeats; microseconds per text):
+
+  * the plain classifier (bench_runtime.py's graph: torch.onnx.export + ORT fusions [+ int8]);
+  * the exported steps at full depth, called in a bare loop (embeddings, then every layer);
+  * the same steps with the off-ramps cut out of layers 1..L-1 (onnx.utils.Extractor; the logits output
+    becomes a 1-element stand-in), composed the way `deebert export` composes them;
+  * `predict_stream` at full depth (threshold 0) and at --threshold, batch 1 (the engine);
+  * a bare loop at --threshold: the same exit decisions (exits.exit_entropy) with no engine around them;
+  * the engine's batch call alone (`EarlyExitEngine.run_rows` on the pre-tokenised rows) at --threshold:
+    between it and predict_stream lie tokenising, the reorder buffer and the result objects.
+
+The differences are the off-ramps' cost, the per-step call cost (session call, the If tree, the
+embeddings' own call) and the engine's cost per text."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_runtime import DATA, plain_onnx, rows_of  # noqa: E402
+
+
+def cut_ramps(parts: Path, out: Path, num_layers: int) -> list:
+    """Layer graphs 1..L-1 without their off-ramps -> the step files (embeddings, layers) to compose."""
+    import onnx
+    from onnx import TensorProto, helper
+    from onnx.utils import Extractor
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = [parts / "embed.onnx"]
+    for k in range(1, num_layers):
+        sub = Extractor(onnx.load(str(parts / f"layer_{k:02d}.onnx"))).extract_model(["hidden", "attention_mask"], ["hidden_out"])
+        g = sub.graph
+        g.node.extend([helper.make_node("Cast", ["attention_mask"], ["stand_in_f"], to=TensorProto.FLOAT, name="stand_in_cast"),
+                       helper.make_node("ReduceSum", ["stand_in_f"], ["logits"], keepdims=1, name="stand_in_sum")])
+        g.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, None))
+        onnx.save(sub, str(out / f"layer_{k:02d}.onnx"))
+        files.append(out / f"layer_{k:02d}.onnx")
+    return files + [parts / f"layer_{num_layers:02d}.onnx"]
+
+
+def build(ckpt_dir: Path, work: Path, precision: str) -> dict:
+    """The per-step graphs (as `deebert export` writes them), composed with and without off-ramps."""
+    from deebert_cli.core.checkpoint import load_checkpoint
+    from deebert_cli.core.export import SAMPLE_TEXTS, _quantize, compose_steps, write_graphs
+
+    ck = load_checkpoint(ckpt_dir)
+    enc = ck.tokenizer(list(SAMPLE_TEXTS), padding=True, return_tensors="pt")
+    sample = (enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"))
+    L = ck.model.num_layers
+    parts = work / "fp32"
+    write_graphs(ck.model.cpu().eval(), parts, sample, False)
+    if precision == "int8":
+        (work / "int8").mkdir()
+        for f in parts.glob("*.onnx"):
+            _quantize(f, work / "int8" / f.name)
+        parts = work / "int8"
+    steps = [parts / "embed.onnx"] + [parts / f"layer_{k:02d}.onnx" for k in range(1, L + 1)]
+    compose_steps(steps, work / "with_ramps" / "model.onnx")
+    compose_steps(cut_ramps(parts, work / "cut", L), work / "without_ramps" / "model.onnx")
+    return {"with": work / "with_ramps" / "model.onnx", "without": work / "without_ramps" / "model.onnx"}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkpoint", required=True, help="a checkpoint with trained off-ramps and an ONNX export")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
+    ap.add_argument("--threshold", type=float, default=0.7)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", default="/tmp/bench_runtime", help="where the plain classifier graphs go")
+    args = ap.parse_args()
+
+    import onnxruntime as ort
+
+    from deebert_cli.core.data import encode
+    from deebert_cli.core.exits import exit_entropy
+    from deebert_cli.core.inference import EarlyExitEngine, ExitRule, load_for_inference, pad_rows, predict_stream
+    from deebert_cli.core.onnx_runtime import session_options
+
+    ck = Path(args.checkpoint)
+    texts, _ = rows_of(DATA / "test.jsonl")
+    onnx_ck = load_for_inference(ck, "onnx", precision=args.precision, threads=args.threads)
+    tok, L = onnx_ck.tokenizer, onnx_ck.model.num_layers
+    enc = encode(tok, texts, None, onnx_ck.meta.get("max_length", 128))
+    order = sorted(range(len(texts)), key=lambda i: (len(enc.input_ids[i]), i))
+    rows = [pad_rows([enc.input_ids[i]], tok.pad_token_id, [enc.token_type_ids[i]]) for i in order]
+    plain = ort.InferenceSession(str(plain_onnx(ck, Path(args.work) / "plain")[args.precision]),
+                                 session_options(ort, args.threads), providers=["CPUExecutionProvider"])
+    tmp = tempfile.TemporaryDirectory()
+    graphs = build(ck, Path(tmp.name), args.precision)
+    sessions = {k: ort.InferenceSession(str(p), session_options(ort, args.threads), providers=["CPUExecutionProvider"])
+                for k, p in graphs.items()}
+    steps = [np.array(k, dtype=np.int64) for k in range(L + 1)]
+    one_id, one_h = np.zeros((1, 1), np.int64), np.zeros((1, 1, 1), np.float32)
+    thr = args.threshold
+
+    def classifier():
+        for a, m, t in rows:
+            plain.run(None, {"input_ids": a, "attention_mask": m, "token_type_ids": t})
+
+    def bare(sess, threshold=0.0):
+        def run():
+            for a, m, t in rows:
+                h = sess.run(["hidden_out"], {"step": steps[0], "input_ids": a, "token_type_ids": t,
+                                              "hidden": one_h, "attention_mask": one_id})[0]
+                for k in range(1, L + 1):
+                    feeds = {"step": steps[k], "input_ids": one_id, "token_type_ids": one_id, "hidden": h, "attention_mask": m}
+                    if k == L:
+                        sess.run(["logits"], feeds)
+                        break
+                    h, logits = sess.run(["hidden_out", "logits"], feeds)
+                    if threshold > 0 and float(exit_entropy(logits)[0]) < threshold:
+                        break
+        return run
+
+    def batch_calls(threshold):
+        eng = EarlyExitEngine(onnx_ck, ExitRule([threshold] * L), "cpu", batch_size=1)
+        ids = [([enc.input_ids[i]], [enc.token_type_ids[i]]) for i in order]
+
+        def run():
+            for a, t in ids:
+                eng.run_rows(a, t)
+        return run
+
+    def engine(threshold):
+        def run():
+            list(predict_stream(onnx_ck, texts, ExitRule([threshold] * L), "cpu", batch_size=1))
+        return run
+
+    configs = {
+        "ORT classifier (plain)": classifier,
+        "steps, full depth, bare loop": bare(sessions["with"]),
+        "steps without off-ramps, full depth, bare loop": bare(sessions["without"]),
+        "predict_stream, full depth": engine(0.0),
+        f"steps, threshold {thr:g}, bare loop": bare(sessions["with"], thr),
+        f"EarlyExitEngine.run_rows, threshold {thr:g}": batch_calls(thr),
+        f"predict_stream, threshold {thr:g}": engine(thr),
+    }
+    best = {k: math.inf for k in configs}
+    for _ in range(args.repeats):
+        for name, fn in configs.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    us = {k: 1e6 * v / len(texts) for k, v in best.items()}
+    base = us["ORT classifier (plain)"]
+    print(f"{ck}, {args.precision}, {len(texts)} test texts at batch 1, {args.threads} threads, fastest of {args.repeats}")
+    print("| configuration | us per text | classifier time / this |\n|---|---:|---:|")
+    for k, v in us.items():
+        print(f"| {k} | {v:.0f} | {base / v:.2f} |")
+    full, cut = us["steps, full depth, bare loop"], us["steps without off-ramps, full depth, bare loop"]
+    print(json.dumps({
+        "off_ramps_share_of_full_depth": round((full - cut) / full, 3),
+        "steps_without_ramps_vs_classifier": round(base / cut, 3),
+        "engine_share_at_full_depth": round((us["predict_stream, full depth"] - full) / us["predict_stream, full depth"], 3),
+        "engine_share_at_threshold": round((us[f"predict_stream, threshold {thr:g}"] - us[f"steps, threshold {thr:g}, bare loop"])
+                                           / us[f"predict_stream, threshold {thr:g}"], 3)}))
+
+
+if __name__ == "__main__":
+    main()
