@@ -357,6 +357,8 @@ def test_port_in_use_and_bad_options_are_user_errors(trained_ckpt):
         assert r.exit_code == 2 and "--port" in r.output
     r = runner.invoke(app, ["serve", "--checkpoint", trained_ckpt, "--max-concurrent-requests", "0"])
     assert r.exit_code == 2 and "--max-concurrent-requests" in r.output
+    r = runner.invoke(app, ["serve", "--checkpoint", trained_ckpt, "--max-lag", "0"])
+    assert r.exit_code == 2 and "--max-lag" in r.output and len(r.output.strip().splitlines()) == 1
     # --runtime onnx reaches the onnx loader: a checkpoint without an export names `deebert export`
     pytest.importorskip("onnxruntime", reason="the onnx runtime needs pip install 'deebert-cli[onnx]'")
     r = runner.invoke(app, ["serve", "--checkpoint", trained_ckpt, "--runtime", "onnx", "--port", "0"])

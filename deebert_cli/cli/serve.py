@@ -28,6 +28,7 @@ def serve(
     max_batch_tokens: int = typer.Option(16384, help="Token budget per layer step: rows per step are capped at this / --max-length."),
     max_concurrent_requests: int = typer.Option(512, help="Requests admitted at once (queued or running); more get 429 with Retry-After."),
     max_wait_ms: float = typer.Option(0.0, help="After new rows arrive, wait up to this long for more before running a part-full step."),
+    max_lag: Optional[int] = typer.Option(None, help="A row waiting in a part-full layer queue runs once this many newer rows have passed it (default: --batch-size). Lower: lower p99, a little less throughput."),
     max_client_batch_size: int = typer.Option(32, help="Inputs per request; more get 413."),
     max_input_bytes: int = typer.Option(16384, help="UTF-8 bytes per input text; more get 413."),
     auto_truncate: bool = typer.Option(True, "--auto-truncate/--no-auto-truncate", help="Truncate over-long inputs as predict does when a request does not say (`truncate`); otherwise they get 413."),

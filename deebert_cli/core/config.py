@@ -328,6 +328,7 @@ class ServeConfig:
     max_batch_tokens: int = 16384  # rows per step are capped at max_batch_tokens // max_length
     max_concurrent_requests: int = 512  # admitted (queued or running) requests; more get 429
     max_wait_ms: float = 0.0  # how long new rows may wait for company before a part-full step
+    max_lag: int | None = None  # newer rows that may pass a waiting row before its part-full step runs (None: batch_size)
     max_client_batch_size: int = 32  # inputs per request; more get 413
     max_input_bytes: int = 16384  # UTF-8 bytes per input text; more get 413
     auto_truncate: bool = True  # over-long inputs are truncated as predict does (False: 413)
@@ -344,6 +345,7 @@ class ServeConfig:
         _check(self.max_batch_tokens > 0, f"max_batch_tokens must be > 0, got {self.max_batch_tokens}")
         _check(self.max_concurrent_requests > 0, f"max_concurrent_requests must be > 0, got {self.max_concurrent_requests}")
         _check(math.isfinite(self.max_wait_ms) and self.max_wait_ms >= 0, f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        _check(self.max_lag is None or self.max_lag >= 1, f"max_lag must be >= 1, got {self.max_lag}")
         _check(self.max_client_batch_size > 0, f"max_client_batch_size must be > 0, got {self.max_client_batch_size}")
         _check(self.max_input_bytes > 0, f"max_input_bytes must be > 0, got {self.max_input_bytes}")
 

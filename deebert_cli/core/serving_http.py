@@ -249,14 +249,14 @@ def serve(cfg: ServeConfig, announce=lambda message: None) -> None:
     server = BatchingServer(ckpt, rule, device, batch_size=cfg.batch_size, max_batch_tokens=cfg.max_batch_tokens,
                             max_concurrent_requests=cfg.max_concurrent_requests, max_wait_ms=cfg.max_wait_ms,
                             batching=cfg.batching, max_length=cfg.max_length, precision=cfg.precision,
-                            observer=metrics).start()
+                            observer=metrics, max_lag=cfg.max_lag).start()
     info = {
         "model_id": str(cfg.checkpoint), "model_type": {"classifier": {"id2label": dict(enumerate(ckpt.label_names))}},
         "max_concurrent_requests": cfg.max_concurrent_requests, "max_input_length": server.max_length,
         "max_batch_tokens": cfg.max_batch_tokens, "max_client_batch_size": cfg.max_client_batch_size,
         "auto_truncate": cfg.auto_truncate, "num_layers": server.num_layers, "task": ckpt.task,
         "exit_rule": rule.describe(), "exit_rule_source": source, "batching": cfg.batching,
-        "rows_per_step": server.engine.batch_size, "device": str(device), "runtime": cfg.runtime, "config": vars(cfg),
+        "rows_per_step": server.engine.batch_size, "max_lag": server.max_lag, "device": str(device), "runtime": cfg.runtime, "config": vars(cfg),
     }
     announce(f"deebert serve: {rule.describe()} ({source}); {server.num_layers} layers; device {device}; "
              f"{'batching across requests' if cfg.batching else 'each request alone'}, up to "
