@@ -148,6 +148,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--runtime", default="torch", help="the servers' --runtime (torch or onnx)")
     ap.add_argument("--onnx-precision", default="fp32", help="with --runtime onnx: fp32 or int8")
+    ap.add_argument("--max-lag", type=int, default=None, help="the batching servers' --max-lag (default: theirs)")
     args = ap.parse_args()
     src = SHARED if SHARED.is_file() else PACKAGED
     texts = load_texts(src, args.n)
@@ -155,9 +156,10 @@ def main():
     bs = ["--batch-size", str(args.batch_size), "--runtime", args.runtime]
     if args.runtime == "onnx":
         bs += ["--onnx-precision", args.onnx_precision]
+    lag = ["--max-lag", str(args.max_lag)] if args.max_lag is not None else []
     servers = {
-        "(a) full depth, batching": Server(args.checkpoint, "--threshold", "0", *bs),
-        "(b) threshold, batching": Server(args.checkpoint, "--threshold", str(thr), *bs),
+        "(a) full depth, batching": Server(args.checkpoint, "--threshold", "0", *bs, *lag),
+        "(b) threshold, batching": Server(args.checkpoint, "--threshold", str(thr), *bs, *lag),
         "(c) threshold, each alone": Server(args.checkpoint, "--threshold", str(thr), "--no-batching", *bs),
     }
     clients = [int(c) for c in args.clients.split(",")]
@@ -181,7 +183,8 @@ def main():
 
     print(f"checkpoint {args.checkpoint}, {len(texts)} single-text requests from {src.parent.name}/{src.name}, "
           f"threshold {thr:g} (normalized entropy), batch size {args.batch_size}, runtime {args.runtime}"
-          f"{' ' + args.onnx_precision if args.runtime == 'onnx' else ''}, {os.cpu_count()} CPUs, "
+          f"{' ' + args.onnx_precision if args.runtime == 'onnx' else ''}"
+          f"{f', max lag {args.max_lag}' if args.max_lag is not None else ''}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}, fastest of {args.repeats} interleaved runs")
     print(f"{'configuration':28s} {'clients':>7s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'mean exit':>9s}")
     for c in clients:
