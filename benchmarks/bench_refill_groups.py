@@ -7,8 +7,9 @@ concurrent clients, for several per-call costs ``call_tokens`` (see inference.wi
 For each value: requests/s, layer calls, rows per call, padded / real tokens and layer seconds per
 padded token; beside them `deebert predict`'s refill engine on the same texts (length-sorted windows).
 With --lags, instead: requests/s and p50/p99 latency of the serving core for each refill lag (how many
-batches of newer rows may pass a waiting row before its part-full queue runs; the backend's
-``refill_lag``), at the backend's own call_tokens, and at full depth (threshold 0) for reference.
+batches of newer rows may pass a waiting row before its part-full queue runs: BatchingServer's
+``max_lag`` over its batch size), at the backend's own call_tokens, and at full depth (threshold 0) for
+reference.
 Values are interleaved and repeated, the fastest run kept."""
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from deebert_cli.core.serving import BatchingServer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "movie_snippets" / "test.jsonl"
 PACKAGED = Path(__file__).resolve().parents[1] / "deebert_cli" / "data" / "movie_snippets" / "test.jsonl"
+BATCH = 32  # rows per layer step, for the serving core and predict's refill engine alike
 
 
 def counted(backend) -> dict:
@@ -49,7 +51,7 @@ def counted(backend) -> dict:
 
 def serve_core(ckpt, rule, texts, clients: int, call_tokens: int | None = None, lag: float | None = None) -> tuple:
     """-> (wall seconds, layer-call stats, sorted request latencies)."""
-    srv = BatchingServer(ckpt, rule, "cpu", max_lag=None if lag is None else max(1, round(32 * lag)))
+    srv = BatchingServer(ckpt, rule, "cpu", batch_size=BATCH, max_lag=None if lag is None else max(1, round(BATCH * lag)))
     be = srv.engine.backend
     default = be.call_tokens
     if call_tokens is not None:
@@ -94,7 +96,7 @@ def lags(ckpt, texts, args) -> None:
             if name not in best or wall < best[name][0]:
                 best[name] = (wall, lat)
     print(f"{args.checkpoint}, runtime {args.runtime}{' ' + args.onnx_precision if args.runtime == 'onnx' else ''}, "
-          f"threshold {args.threshold}, {len(texts)} single-text requests, {args.clients} client threads, batch size 32, "
+          f"threshold {args.threshold}, {len(texts)} single-text requests, {args.clients} client threads, batch size {BATCH}, "
           f"fastest of {args.repeats}; lag = batches of newer rows that may pass a waiting row")
     print(f"{'configuration':>14s} {'req/s':>7s} {'p50 ms':>7s} {'p99 ms':>7s}")
     for name, _, _ in configs:
@@ -131,7 +133,7 @@ def main():
             if v not in best or wall < best[v][0]:
                 best[v] = (wall, st)
         t = time.perf_counter()
-        list(predict_stream(ckpt, texts, rule, "cpu", batch_size=32, engine="refill"))
+        list(predict_stream(ckpt, texts, rule, "cpu", batch_size=BATCH, engine="refill"))
         best["predict"] = min(best.get("predict", (1e9,)), (time.perf_counter() - t,), key=lambda x: x[0])
     print(f"{args.checkpoint}, runtime {args.runtime}{' ' + args.onnx_precision if args.runtime == 'onnx' else ''}, "
           f"threshold {args.threshold}, {len(texts)} single-text requests, {args.clients} client threads, "

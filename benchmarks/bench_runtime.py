@@ -246,18 +246,15 @@ def ratios(r: dict) -> dict:
     out = {}
     for bs, res in r["results"].items():
         for p in ("fp32", "int8"):
-            at = res[f"deebert onnx {p}, threshold {thr:g}"]
             base = res[f"ORT classifier {p}"]
             zero = res[f"deebert onnx {p}, threshold 0"]
-            ideal = L / at["mean_exit_layer"]
-            out[f"batch {bs}, {p}"] = {"speedup": base["seconds"] / at["seconds"], "ideal": ideal,
-                                       "ideal_fraction": base["seconds"] / at["seconds"] / ideal,
-                                       "threshold0_vs_classifier": base["seconds"] / zero["seconds"]}
-            refill = res.get(f"deebert onnx {p}, threshold {thr:g}, refill")
-            if refill is not None:
-                out[f"batch {bs}, {p}, refill"] = {"speedup": base["seconds"] / refill["seconds"], "ideal": ideal,
-                                                   "ideal_fraction": base["seconds"] / refill["seconds"] / ideal,
-                                                   "threshold0_vs_classifier": base["seconds"] / zero["seconds"]}
+            ideal = L / res[f"deebert onnx {p}, threshold {thr:g}"]["mean_exit_layer"]
+            for engine in ("", ", refill"):  # the default engine, and --engine refill where it ran
+                at = res.get(f"deebert onnx {p}, threshold {thr:g}{engine}")
+                if at is not None:
+                    out[f"batch {bs}, {p}{engine}"] = {"speedup": base["seconds"] / at["seconds"], "ideal": ideal,
+                                                       "ideal_fraction": base["seconds"] / at["seconds"] / ideal,
+                                                       "threshold0_vs_classifier": base["seconds"] / zero["seconds"]}
     return out
 
 
