@@ -7,7 +7,11 @@ that drift on a shared machine hits them alike. Prints:
   (a) wall-clock speedup of early exit over full depth, divided by the ideal layer-count speedup
       (L / mean exit layer), at batch 1 and at batch 32;
   (b) batched early-exit throughput divided by batch-1 early-exit throughput;
-  (c) the refill engine's throughput divided by the shrinking batch's.
+  (c) the refill engine's throughput divided by the shrinking batch's;
+  (d) (b) again with the refill engine reading --server-window lines at a time (default 64) instead of
+      1,024: predict sorts each window by length, and a server whose N clients each send one text holds
+      at most N texts to sort, so this is the batch-32 / batch-1 ratio such a server can reach before any
+      HTTP cost (benchmarks/bench_serve.py's (b)/(c) at N clients).
 """
 from __future__ import annotations
 
@@ -29,11 +33,12 @@ def load_texts(path: Path, n: int) -> list:
     return [r["text"] for r in rows[:n]]
 
 
-def timed(ckpt, texts, thr, batch_size, engine="shrink"):
+def timed(ckpt, texts, thr, batch_size, engine="shrink", window=1024):
     L = ckpt.model.num_layers
     stats = PredictStats(L)
     t = time.perf_counter()
-    for _ in predict_stream(ckpt, texts, ExitRule([thr] * L), "cpu", batch_size=batch_size, engine=engine, stats=stats):
+    for _ in predict_stream(ckpt, texts, ExitRule([thr] * L), "cpu", batch_size=batch_size, engine=engine,
+                            window=max(window, batch_size), stats=stats):
         pass
     return time.perf_counter() - t, stats
 
@@ -46,6 +51,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="interleaved runs per configuration; the fastest is kept")
     ap.add_argument("--runtime", default="torch", help="torch or onnx (the checkpoint's `deebert export`)")
     ap.add_argument("--onnx-precision", default="fp32", help="with --runtime onnx: fp32 or int8")
+    ap.add_argument("--server-window", type=int, default=64, help="lines a server with this many clients can sort, for (d)")
     args = ap.parse_args()
     src = SHARED if SHARED.is_file() else PACKAGED
     texts = load_texts(src, args.n)
@@ -58,13 +64,14 @@ def main():
         "full depth, batch 32": (0.0, 32, "shrink"),
         "early exit, batch 32 (shrink)": (args.threshold, 32, "shrink"),
         "early exit, batch 32 (refill)": (args.threshold, 32, "refill"),
+        f"early exit, batch 32 (refill), window {args.server_window}": (args.threshold, 32, "refill", args.server_window),
     }
     timed(ckpt, texts[:64], args.threshold, 32)  # warm-up
     times = {k: [] for k in configs}
     stats = {}
     for _ in range(args.repeats):
-        for name, (thr, bs, eng) in configs.items():
-            sec, st = timed(ckpt, texts, thr, bs, eng)
+        for name, config in configs.items():
+            sec, st = timed(ckpt, texts, *config)
             times[name].append(sec)
             stats[name] = st
     med = {k: min(v) for k, v in times.items()}  # fastest run: least disturbed by other load
@@ -72,9 +79,9 @@ def main():
           f"threshold {args.threshold} (normalized entropy), runtime {args.runtime}"
           f"{' ' + args.onnx_precision if args.runtime == 'onnx' else ''}, torch threads {torch.get_num_threads()}, "
           f"fastest of {args.repeats} interleaved runs")
-    print(f"{'configuration':32s} {'seconds':>8s} {'ex/s':>8s} {'mean exit':>10s}")
+    print(f"{'configuration':44s} {'seconds':>8s} {'ex/s':>8s} {'mean exit':>10s}")
     for k in configs:
-        print(f"{k:32s} {med[k]:8.2f} {len(texts) / med[k]:8.1f} {stats[k].mean_exit_layer:10.2f}")
+        print(f"{k:44s} {med[k]:8.2f} {len(texts) / med[k]:8.1f} {stats[k].mean_exit_layer:10.2f}")
     mean_exit = stats["early exit, batch 1"].mean_exit_layer
     ideal = L / mean_exit
     s1 = med["full depth, batch 1"] / med["early exit, batch 1"]
@@ -86,6 +93,8 @@ def main():
           f"refill {s32r:.2f}x, measured / ideal = {s32r / ideal:.2f}")
     print(f"(b) early-exit throughput, batch 32 / batch 1 = {med['early exit, batch 1'] / med['early exit, batch 32 (shrink)']:.2f}x")
     print(f"(c) refill / shrink throughput at batch 32 = {med['early exit, batch 32 (shrink)'] / med['early exit, batch 32 (refill)']:.2f}x")
+    print(f"(d) early-exit throughput, batch 32 (refill) with a {args.server_window}-line window / batch 1 = "
+          f"{med['early exit, batch 1'] / med[f'early exit, batch 32 (refill), window {args.server_window}']:.2f}x")
 
 
 if __name__ == "__main__":
