@@ -149,13 +149,16 @@ def deebert_run(ckpt, thr, bs, engine="shrink"):
     return run
 
 
-def token_weighted_exit(tok, texts, exits: list, max_length: int = 128) -> float:
-    """Mean exit layer weighted by each text's token count: the layers' share of the work that early exit
-    skips when a layer costs in proportion to its tokens (long texts tend to exit later)."""
+def token_counts(tok, texts, max_length: int = 128) -> list:
     from deebert_cli.core.data import encode
 
-    n = [len(ids) for ids in encode(tok, texts, None, max_length).input_ids]
-    return sum(k * e for k, e in zip(n, exits)) / sum(n)
+    return [len(ids) for ids in encode(tok, texts, None, max_length).input_ids]
+
+
+def token_weighted_exit(tokens: list, exits: list) -> float:
+    """Mean exit layer weighted by each text's token count: the layers' share of the work that early exit
+    skips when a layer costs in proportion to its tokens (long texts tend to exit later)."""
+    return sum(k * e for k, e in zip(tokens, exits)) / sum(tokens)
 
 
 def correctness(ref, onnx, texts, thr) -> dict:
@@ -216,6 +219,7 @@ def bench(args) -> dict:
     onnx = {p: load_for_inference(ck, "onnx", precision=p, threads=args.threads) for p in ("fp32", "int8")}
     plain = plain_onnx(ck, Path(args.work) / "plain")
     y = [ref.label_names.index(l) for l in labels]
+    tokens = token_counts(onnx["fp32"].tokenizer, texts)
     configs = {
         "transformers eager (torch)": ("eager", Eager(ck)),
         "ORT classifier fp32": ("plain", PlainOrt(plain["fp32"], onnx["fp32"].tokenizer, args.threads)),
@@ -245,7 +249,7 @@ def bench(args) -> dict:
                         pred[row] = p
                 best[name] = min(best[name], time.perf_counter() - t0)
                 if name not in got:  # outside the timing
-                    weighted = float(L) if kind != "deebert" else token_weighted_exit(onnx["fp32"].tokenizer, texts, exits)
+                    weighted = float(L) if kind != "deebert" else token_weighted_exit(tokens, exits)
                     got[name] = (sum(int(p == t) for p, t in zip(pred, y)) / len(y), mean, weighted)
             print(f"batch {bs}: repeat {rep + 1}/{args.repeats} done", file=sys.stderr)
         results[bs] = {k: {"seconds": best[k], "ex_per_s": len(texts) / best[k], "accuracy": got[k][0],
