@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_onnx_sessions import per_step_graphs  # noqa: E402
 from bench_runtime import DATA, plain_onnx, rows_of  # noqa: E402
 
 
@@ -55,23 +56,11 @@ def cut_ramps(parts: Path, out: Path, num_layers: int) -> list:
 
 def build(ckpt_dir: Path, work: Path, precision: str) -> dict:
     """The per-step graphs (as `deebert export` writes them), composed with and without off-ramps."""
-    from deebert_cli.core.checkpoint import load_checkpoint
-    from deebert_cli.core.export import SAMPLE_TEXTS, _quantize, compose_steps, write_graphs
+    from deebert_cli.core.export import compose_steps
 
-    ck = load_checkpoint(ckpt_dir)
-    enc = ck.tokenizer(list(SAMPLE_TEXTS), padding=True, return_tensors="pt")
-    sample = (enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"))
-    L = ck.model.num_layers
-    parts = work / "fp32"
-    write_graphs(ck.model.cpu().eval(), parts, sample, False)
-    if precision == "int8":
-        (work / "int8").mkdir()
-        for f in parts.glob("*.onnx"):
-            _quantize(f, work / "int8" / f.name)
-        parts = work / "int8"
-    steps = [parts / "embed.onnx"] + [parts / f"layer_{k:02d}.onnx" for k in range(1, L + 1)]
+    steps = per_step_graphs(ckpt_dir, work, precision)  # embeddings, layers 1..L
     compose_steps(steps, work / "with_ramps" / "model.onnx")
-    compose_steps(cut_ramps(parts, work / "cut", L), work / "without_ramps" / "model.onnx")
+    compose_steps(cut_ramps(steps[0].parent, work / "cut", len(steps) - 1), work / "without_ramps" / "model.onnx")
     return {"with": work / "with_ramps" / "model.onnx", "without": work / "without_ramps" / "model.onnx"}
 
 
