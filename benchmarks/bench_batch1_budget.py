@@ -14,7 +14,12 @@ fastest of --repeats; microseconds per text):
   * `predict_stream` at full depth (threshold 0) and at --threshold, batch 1 (the engine);
   * a bare loop at --threshold: the same exit decisions (exits.exit_entropy) with no engine around them;
   * the engine's batch call alone (`EarlyExitEngine.run_rows` on the pre-tokenised rows) at --threshold:
-    between it and predict_stream lie tokenising, the reorder buffer and the result objects.
+    between it and predict_stream lie tokenising, the reorder buffer and the result objects;
+  * the same steps chained into one graph per depth k (embeddings, then layers 1..k with the off-ramps
+    the exit decisions read; onnx.compose): each text in one call to the layer where it exits at
+    --threshold (texts grouped by depth, so one session runs at a time), and every text to full depth.
+    No call between layers and no exit logic: what an engine that ran a text in one call (exit
+    decisions inside the graph) could at best gain over the bare loop.
 
 The differences are the off-ramps' cost, the per-step call cost (session call, the If tree, the
 embeddings' own call) and the engine's cost per text."""
@@ -54,14 +59,44 @@ def cut_ramps(parts: Path, out: Path, num_layers: int) -> list:
     return files + [parts / f"layer_{num_layers:02d}.onnx"]
 
 
+def chain(steps: list, depth: int, out: Path) -> Path:
+    """Embeddings and layers 1..depth of ``steps`` as one graph: inputs input_ids[, token_type_ids],
+    attention_mask; outputs every layer's logits (so no off-ramp on the way is pruned)."""
+    import onnx
+    from onnx import compose
+
+    model = compose.add_prefix(onnx.load(str(steps[0])), "e_")
+    for k in range(1, depth + 1):
+        layer = compose.add_prefix(onnx.load(str(steps[k])), f"l{k}_")
+        model = compose.merge_models(model, layer, io_map=[("e_hidden" if k == 1 else f"l{k - 1}_hidden_out", f"l{k}_hidden")])
+    g = model.graph
+    masks = {f"l{k}_attention_mask" for k in range(1, depth + 1)}
+    for node in g.node:
+        node.input[:] = ["attention_mask" if x in masks else x for x in node.input]
+    inputs = [i for i in g.input if i.name not in masks]
+    mask = next(i for i in g.input if i.name in masks)
+    mask.name = "attention_mask"
+    del g.input[:]
+    g.input.extend(inputs + [mask])
+    logits = [o for o in g.output if o.name.endswith("_logits")]
+    del g.output[:]
+    g.output.extend(logits)
+    onnx.save(model, str(out))
+    return out
+
+
 def build(ckpt_dir: Path, work: Path, precision: str) -> dict:
-    """The per-step graphs (as `deebert export` writes them), composed with and without off-ramps."""
+    """The per-step graphs (as `deebert export` writes them), composed with and without off-ramps, and
+    chained into one graph per depth."""
     from deebert_cli.core.export import compose_steps
 
     steps = per_step_graphs(ckpt_dir, work, precision)  # embeddings, layers 1..L
     compose_steps(steps, work / "with_ramps" / "model.onnx")
     compose_steps(cut_ramps(steps[0].parent, work / "cut", len(steps) - 1), work / "without_ramps" / "model.onnx")
-    return {"with": work / "with_ramps" / "model.onnx", "without": work / "without_ramps" / "model.onnx"}
+    graphs = {"with": work / "with_ramps" / "model.onnx", "without": work / "without_ramps" / "model.onnx"}
+    for k in range(1, len(steps)):
+        graphs[f"chain{k}"] = chain(steps, k, work / f"chain_{k}.onnx")
+    return graphs
 
 
 def main():
@@ -102,19 +137,34 @@ def main():
         for a, m, t in rows:
             plain.run(None, {"input_ids": a, "attention_mask": m, "token_type_ids": t})
 
+    def walk(sess, a, m, t, threshold: float) -> int:
+        """One text through the steps in a bare loop, stopping where the entropy falls below
+        ``threshold`` (0: full depth) -> its exit layer (1-based)."""
+        h = sess.run(["hidden_out"], {"step": steps[0], "input_ids": a, "token_type_ids": t,
+                                      "hidden": one_h, "attention_mask": one_id})[0]
+        for k in range(1, L + 1):
+            feeds = {"step": steps[k], "input_ids": one_id, "token_type_ids": one_id, "hidden": h, "attention_mask": m}
+            if k == L:
+                sess.run(["logits"], feeds)
+                return k
+            h, logits = sess.run(["hidden_out", "logits"], feeds)
+            if threshold > 0 and float(exit_entropy(logits)[0]) < threshold:
+                return k
+
     def bare(sess, threshold=0.0):
         def run():
             for a, m, t in rows:
-                h = sess.run(["hidden_out"], {"step": steps[0], "input_ids": a, "token_type_ids": t,
-                                              "hidden": one_h, "attention_mask": one_id})[0]
-                for k in range(1, L + 1):
-                    feeds = {"step": steps[k], "input_ids": one_id, "token_type_ids": one_id, "hidden": h, "attention_mask": m}
-                    if k == L:
-                        sess.run(["logits"], feeds)
-                        break
-                    h, logits = sess.run(["hidden_out", "logits"], feeds)
-                    if threshold > 0 and float(exit_entropy(logits)[0]) < threshold:
-                        break
+                walk(sess, a, m, t, threshold)
+        return run
+
+    def chained(depths):
+        by_depth = [(k, [r for r, d in zip(rows, depths) if d == k]) for k in range(1, L + 1)]
+
+        def run():  # depth by depth: one session at a time, as the other rows run one (hot) session
+            for k, part in by_depth:
+                sess = sessions[f"chain{k}"]
+                for a, m, t in part:
+                    sess.run(None, {"e_input_ids": a, "e_token_type_ids": t, "attention_mask": m})
         return run
 
     def batch_calls(threshold):
@@ -131,6 +181,8 @@ def main():
             list(predict_stream(onnx_ck, texts, ExitRule([threshold] * L), "cpu", batch_size=1))
         return run
 
+    exits = [walk(sessions["with"], a, m, t, thr) for a, m, t in rows]  # the chained rows' depths
+    mean_exit = sum(exits) / len(exits)
     configs = {
         "ORT classifier (plain)": classifier,
         "steps, full depth, bare loop": bare(sessions["with"]),
@@ -139,6 +191,8 @@ def main():
         f"steps, threshold {thr:g}, bare loop": bare(sessions["with"], thr),
         f"EarlyExitEngine.run_rows, threshold {thr:g}": batch_calls(thr),
         f"predict_stream, threshold {thr:g}": engine(thr),
+        "chained: one call per text, full depth": chained([L] * len(rows)),
+        f"chained: one call per text, to its exit at {thr:g}": chained(exits),
     }
     best = {k: math.inf for k in configs}
     for _ in range(args.repeats):
@@ -153,7 +207,12 @@ def main():
     for k, v in us.items():
         print(f"| {k} | {v:.0f} | {base / v:.2f} |")
     full, cut = us["steps, full depth, bare loop"], us["steps without off-ramps, full depth, bare loop"]
+    ideal = L / mean_exit
     print(json.dumps({
+        "mean_exit_layer": round(mean_exit, 4), "ideal_speedup": round(ideal, 4),
+        "bare_loop_fraction_of_ideal": round(base / us[f"steps, threshold {thr:g}, bare loop"] / ideal, 3),
+        "chained_fraction_of_ideal": round(base / us[f"chained: one call per text, to its exit at {thr:g}"] / ideal, 3),
+        "predict_stream_fraction_of_ideal": round(base / us[f"predict_stream, threshold {thr:g}"] / ideal, 3),
         "off_ramps_share_of_full_depth": round((full - cut) / full, 3),
         "steps_without_ramps_vs_classifier": round(base / cut, 3),
         "engine_share_at_full_depth": round((us["predict_stream, full depth"] - full) / us["predict_stream, full depth"], 3),
