@@ -64,3 +64,26 @@ def test_help_lists_commands_fast_and_without_torch():
     for cmd in ("finetune", "train-exits", "predict", "analyze"):
         assert cmd in r.stdout
     assert elapsed < 5  # a loose bound for a shared machine; lazy imports keep it ~0.2 s
+
+
+def test_help_shows_install_hints_with_their_extra():
+    """Help is plain text, not rich markup: `[onnx]` in `pip install 'deebert-cli[onnx]'` is not a tag to
+    drop. Each command's help names the extra it needs, and the command list has one line per command."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from deebert_cli.cli.app import app
+
+    runner = CliRunner()
+    hints = {}
+    for cmd in ("finetune", "train-exits", "predict", "analyze", "export", "serve", "predict-dataset"):
+        r = runner.invoke(app, [cmd, "--help"], terminal_width=100)
+        assert r.exit_code == 0, r.output
+        text = " ".join(r.output.split())
+        assert "pip install 'deebert-cli'" not in text, cmd
+        hints[cmd] = set(re.findall(r"deebert-cli\[(\w+)\]", text))
+    assert "onnx" in hints["export"] and "onnx" in hints["predict"] and "onnx" in hints["serve"]
+    top = runner.invoke(app, ["--help"], terminal_width=100).output
+    listed = [line.split()[0] for line in top.split("Commands:")[1].splitlines() if line.startswith("  ") and line.split()]
+    assert listed == ["finetune", "train-exits", "predict", "analyze", "export", "serve", "predict-dataset"]

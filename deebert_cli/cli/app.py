@@ -11,15 +11,17 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help text as written: "[onnx]" in a pip command is not a markup tag
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.command("finetune")(finetune.finetune)
-app.command("train-exits")(train_exits.train_exits)
-app.command("predict")(predict.predict)
-app.command("analyze")(analyze.analyze)
-app.command("export")(export.export)
-app.command("serve")(serve.serve)
-app.command("predict-dataset")(predict_dataset.predict_dataset)
+# the command list shows one line each; `deebert COMMAND --help` shows the command's whole docstring
+app.command("finetune", short_help="Stage 1: fine-tune the backbone and the final classifier.")(finetune.finetune)
+app.command("train-exits", short_help="Stage 2: train the off-ramps on the frozen stage-1 model.")(train_exits.train_exits)
+app.command("predict", short_help="Classify one text per line with early exit, in input order.")(predict.predict)
+app.command("analyze", short_help="Per-layer accuracy, threshold sweep, recommended threshold.")(analyze.analyze)
+app.command("export", short_help="Export ONNX graphs for --runtime onnx (fp32, int8).")(export.export)
+app.command("serve", short_help="HTTP server (TEI-compatible) batching across requests.")(serve.serve)
+app.command("predict-dataset", short_help="Predict many files on Ray Data, a row per input row.")(predict_dataset.predict_dataset)
 
 
 def main() -> None:
