@@ -92,6 +92,25 @@ def test_threshold_extremes(runtime, request):
     assert s0.layer_saving == 0 and s1.layer_saving == pytest.approx(1 - 1 / L)
 
 
+def test_layers_nobody_may_leave_skip_their_off_ramp_and_a_batch_builds_its_mask_once(trained_ckpt, monkeypatch):
+    """At threshold 0 (and at the zero entries of --thresholds) the off-ramp's output is never read: the
+    engine must not compute it. The prepared attention mask is built once per batch, not per layer."""
+    ckpt = load_checkpoint(trained_ckpt)
+    m, L = ckpt.model, ckpt.model.num_layers
+    calls = {"exit": [], "mask": 0}
+    exit_logits, prepare_mask = m.exit_logits, m.prepare_mask
+    monkeypatch.setattr(m, "exit_logits", lambda i, *a: calls["exit"].append(i) or exit_logits(i, *a))
+    monkeypatch.setattr(m, "prepare_mask", lambda *a: calls.__setitem__("mask", calls["mask"] + 1) or prepare_mask(*a))
+    lines = mixed_lines(40)
+    want, _ = run(load_checkpoint(trained_ckpt), lines, ExitRule([0.0] * L), batch_size=8)
+    got, _ = run(ckpt, lines, ExitRule([0.0] * L), batch_size=8)
+    assert set(calls["exit"]) == {L - 1} and calls["mask"] == 40 // 8
+    assert [(a.label, a.confidence) for a in got] == [(b.label, b.confidence) for b in want]
+    calls["exit"].clear()
+    run(ckpt, lines, ExitRule([0.0, 1.0] + [0.0] * (L - 2)), batch_size=8)  # everyone leaves at layer 2
+    assert set(calls["exit"]) == {1}
+
+
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_nothing_lost_cli(runtime, request):
     trained_ckpt = request.getfixturevalue("trained_ckpt" if runtime == "torch" else "exported_ckpt")

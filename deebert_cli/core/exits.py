@@ -138,6 +138,10 @@ class EntropyPolicy:
     def init_state(self, b: int, device=None, xp=None) -> tuple:
         return ()
 
+    def can_exit(self, i: int) -> bool:
+        """Whether any row may leave at layer i (an engine skips the off-ramp where none may)."""
+        return not self._never[i]
+
     def step(self, i: int, logits, state: tuple, score=None) -> tuple:
         """logits [b, C] at layer i -> (done [b] bool, new state)."""
         if self._never[i]:  # the answer without computing the entropy (threshold 0: full depth)
@@ -167,6 +171,9 @@ class PatiencePolicy:
             return xp.astype(logits[:, 0], xp.float32)
         return xp.astype(xp.argmax(logits, axis=-1), xp.float32)
 
+    def can_exit(self, i: int) -> bool:
+        return True  # the streak needs every layer's prediction
+
     def init_state(self, b: int, device=None, xp=None) -> tuple:
         """(last prediction [b] float, streak [b] int64); torch tensors unless ``xp`` says otherwise."""
         xp = default_namespace(xp)
@@ -195,6 +202,9 @@ class LearnedPolicy:
 
     def __init__(self, threshold: float, regression: bool = False):
         self.threshold, self.regression = threshold, regression
+
+    def can_exit(self, i: int) -> bool:
+        return True
 
     def init_state(self, b: int, device=None, xp=None) -> tuple:
         return ()

@@ -260,9 +260,10 @@ class Backend(Protocol):
     def embed(self, input_ids, token_type_ids=None):
         """[b, s] ids -> hidden states [b, s, H]."""
 
-    def layer(self, i: int, hidden, attention_mask, score: bool = False) -> tuple:
+    def layer(self, i: int, hidden, attention_mask, score: bool = False, exit: bool = True) -> tuple:
         """Layer i (0-based) and its exit: -> (hidden [b, s, H], logits [b, C] float32, learned exit
-        score [b] float32 when ``score`` else None). The last layer's exit is the family's own head."""
+        score [b] float32 when ``score`` else None). The last layer's exit is the family's own head.
+        ``exit=False`` (a layer where the rule lets nobody leave) may skip the off-ramp: logits None."""
 
 
 def backend_for(ckpt, device=None, precision: str = "fp32") -> Backend:
@@ -350,9 +351,14 @@ class EarlyExitEngine:
         return np.asarray(exit_entropy(logits, self.rule.entropy))
 
     def _step(self, i: int, hidden, attn, state: tuple) -> tuple:
-        """Layer i and the policy's decision -> (hidden, logits, done [b] host bool, state)."""
+        """Layer i and the policy's decision -> (hidden, logits, done [b] host bool, state). At a layer
+        where the rule lets nobody leave (an entropy threshold of 0) the off-ramp is skipped: no logits,
+        no decision to read back from the device."""
         be = self.backend
         last = i == self.L - 1
+        if not last and not self.policy.can_exit(i):
+            hidden, _, _ = be.layer(i, hidden, attn, False, exit=False)
+            return hidden, None, np.zeros(attn.shape[0], dtype=bool), state
         hidden, logits, score = be.layer(i, hidden, attn, self.policy.needs_score and not last)
         if last:
             return hidden, logits, np.ones(logits.shape[0], dtype=bool), state
@@ -465,8 +471,9 @@ class EarlyExitEngine:
             mask[j, : lens[j]] = 1
         state = tuple(xp.stack([t[2][k] for t in take]) for k in range(len(take[0][2])))
         hidden, logits, done, state = self._step(i, hidden, be.put(mask), state)
-        logits = be.to_numpy(logits)
-        ent = self._entropy(logits)
+        if logits is not None:
+            logits = be.to_numpy(logits)
+            ent = self._entropy(logits)
         for j, t in enumerate(take):
             if done[j]:
                 yield t[0], i, logits[j], float(ent[j])

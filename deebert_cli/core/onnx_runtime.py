@@ -220,7 +220,9 @@ class OnnxModel:
             feeds["token_type_ids"] = token_type_ids if token_type_ids is not None else np.zeros_like(input_ids)
         return self._session.run(["hidden_out"], feeds)[0]
 
-    def layer(self, i: int, hidden: np.ndarray, attention_mask: np.ndarray, score: bool = False) -> tuple:
+    def layer(self, i: int, hidden: np.ndarray, attention_mask: np.ndarray, score: bool = False,
+              exit: bool = True) -> tuple:
+        """One step of the composed graph (its exit logits come with it, so ``exit`` changes nothing)."""
         feeds = {"step": self._steps[i + 1], "hidden": np.ascontiguousarray(hidden),
                  "attention_mask": np.ascontiguousarray(attention_mask), **self._idle_ids}
         if i == self.num_layers - 1:

@@ -24,6 +24,7 @@ class TorchBackend:
         # value measured for the serving core (benchmarks/bench_refill_groups.py, docs/BENCHMARKS.md).
         # On an accelerator a call costs about the same for few or many tokens (not measured here).
         self.call_tokens = 64 if self.device.type == "cpu" else 1024
+        self._mask_cache = None  # ((mask tensor, (b, s), dtype), prepared mask) of the batch in flight
 
     def put(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
@@ -38,11 +39,23 @@ class TorchBackend:
         with autocast(self.device, self.precision):
             return self.model.embed(input_ids, token_type_ids)
 
+    def _mask(self, attention_mask, hidden):
+        """The family's prepared mask for this batch, built once and reused while the batch (the same
+        mask tensor, shape and dtype of the hidden states) stays: a layer step on a GPU is a few hundred
+        microseconds, and rebuilding the mask at every layer cost a noticeable share of it."""
+        key = (attention_mask, tuple(hidden.shape[:2]), hidden.dtype)
+        cached = self._mask_cache
+        if cached is None or cached[0][0] is not key[0] or cached[0][1:] != key[1:]:
+            self._mask_cache = cached = (key, self.model.prepare_mask(attention_mask, hidden))
+        return cached[1]
+
     @torch.no_grad()
-    def layer(self, i: int, hidden, attention_mask, score: bool = False) -> tuple:
+    def layer(self, i: int, hidden, attention_mask, score: bool = False, exit: bool = True) -> tuple:
         m = self.model
         with autocast(self.device, self.precision):
-            hidden = m.run_layer(i, hidden, m.prepare_mask(attention_mask, hidden))
+            hidden = m.run_layer(i, hidden, self._mask(attention_mask, hidden))
+            if not exit:
+                return hidden, None, None
             if score:
                 logits, s = m.exit_logits_and_score(i, hidden, attention_mask)
                 return hidden, logits.float(), s.float()
