@@ -1,0 +1,161 @@
+"""Risk control (core.risk): the exact binomial tail, fixed-sequence testing against cases with a known
+answer, its validity on a synthetic population, the candidate orderings, too-small samples, both risks."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from deebert_cli.core import risk as rk
+
+
+def test_binomial_tail_and_bounds_against_brute_force():
+    for n, p in ((10, 0.3), (57, 0.02), (200, 0.5)):
+        for k in (0, 1, 3, n // 2, n):
+            want = sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
+            assert rk.binom_cdf(k, n, p) == pytest.approx(want, rel=1e-9, abs=1e-15)
+    for k, n, d in ((0, 100, 0.05), (7, 300, 0.1), (40, 1000, 0.05)):
+        ub, lb = rk.upper_bound(k, n, d), rk.lower_bound(k, n, d)
+        assert lb < k / n < ub or k == 0
+        assert rk.binom_cdf(k, n, ub) == pytest.approx(d, rel=1e-6)  # the Clopper-Pearson equation
+        if k:
+            assert 1 - rk.binom_cdf(k - 1, n, lb) == pytest.approx(d, rel=1e-6)
+    # zero losses in n texts certify epsilon once (1 - eps)^n <= delta
+    assert rk.min_calibration_size(0.005, 0.05) == 598 and 0.995**598 <= 0.05 < 0.995**597
+    assert rk.min_calibration_size(0.02, 0.05) == 149
+
+
+def test_fixed_sequence_stops_at_the_first_failure():
+    n, eps, delta = 1000, 0.02, 0.05
+    # loss counts along the sequence: certifiable while P(Bin(1000, 0.02) <= k) <= 0.05, i.e. k <= 12
+    assert max(k for k in range(40) if rk.p_value(k, n, eps) <= delta) == 12
+    counts = [0, 3, 12, 13, 5, 2]  # the 4th fails: the later, smaller counts must not be looked at
+    rejected, pvals = rk.fixed_sequence(counts, n, eps, delta)
+    assert rejected == 3 and len(pvals) == 4 and pvals[-1] > delta
+    assert rk.fixed_sequence([50], n, eps, delta)[0] == 0
+
+
+def _synthetic(n, rates, seed):
+    """All-exits logits of 2 classes and labels where the candidate entropy thresholds 0.1, 0.2, ... give
+    nested loss sets with the population loss rates ``rates`` (every text is right at the last layer)."""
+    rng = np.random.default_rng(seed)
+    u = rng.random(n)  # text i is a loss at threshold j when u_i < rates[j]
+    y = rng.integers(0, 2, n)
+    L = 3
+    logits = np.zeros((L, n, 2), dtype=np.float32)
+    logits[-1, np.arange(n), y] = 10.0  # final: right and confident
+    # layer 1: wrong for would-be losses, right otherwise; its confidence sets the threshold at which it
+    # exits: entropy e_i just below the threshold of the first candidate at which text i is a loss
+    first = np.searchsorted(np.asarray(rates), u, side="right")  # index of the first rate above u_i
+    ent_target = 0.1 * (first + 1) - 0.05  # exits from candidate first (0-based) on
+    margin = _margin_for_entropy(np.clip(ent_target, 0.01, 0.99))
+    wrong = 1 - y
+    logits[0, np.arange(n), np.where(first < len(rates), wrong, y)] = margin
+    logits[1, np.arange(n), y] = 10.0
+    return logits, y
+
+
+def _margin_for_entropy(target):
+    """The logit margin m whose 2-class normalized entropy is ``target`` (bisection, vectorized)."""
+    lo, hi = np.zeros_like(target), np.full_like(target, 30.0)
+    for _ in range(60):
+        m = (lo + hi) / 2
+        p = 1 / (1 + np.exp(-m))
+        h = -(p * np.log(p) + (1 - p) * np.log(1 - p)) / math.log(2)
+        lo, hi = np.where(h > target, m, lo), np.where(h > target, hi, m)
+    return (lo + hi) / 2
+
+
+def test_certify_returns_the_known_threshold():
+    rates = [0.0, 0.001, 0.004, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3]  # at thresholds 0.1 .. 0.9
+    logits, y = _synthetic(20000, rates, 0)
+    grid = [round(0.1 * (j + 1), 2) for j in range(len(rates))]
+    g = rk.certify(logits, y, risk="accuracy_drop", epsilon=0.02, delta=0.05, grid=grid)
+    counts = [int(rk.losses("accuracy_drop", rk.exit_layers("entropy", t, logits), logits, y).sum()) for t in grid]
+    want = rk.fixed_sequence(counts, 20000, 0.02, 0.05)[0]
+    assert g.value == grid[want - 1] and g.losses == counts[want - 1]
+    assert g.value == 0.4  # rates 0.01 pass, 0.02 = epsilon cannot (its p-value is ~0.5)
+    assert g.bound <= 0.02 and g.empirical == pytest.approx(0.01, abs=0.003)
+    # the disagreement risk needs no labels and, every loss here being a disagreement, certifies the same
+    d = rk.certify(logits, None, risk="disagreement", epsilon=0.02, delta=0.05, grid=grid)
+    assert d.value == g.value
+    with pytest.raises(ValueError, match="needs labels"):
+        rk.certify(logits, None, risk="accuracy_drop", epsilon=0.02)
+
+
+def test_guarantee_holds_on_a_synthetic_population():
+    """Many calibration samples from a population whose risk curve is known: the certified threshold's
+    true risk exceeds epsilon in at most delta of them (plus Monte Carlo slack), and the method is not
+    trivially conservative (it certifies most of the way to the boundary on average)."""
+    rng = np.random.default_rng(1)
+    rates = np.linspace(0.0, 0.06, 61)  # candidate j has true risk rates[j]; epsilon 0.02 sits at j = 20
+    eps, delta, n, draws = 0.02, 0.1, 800, 500
+    violations, chosen = 0, []
+    for _ in range(draws):
+        u = rng.random(n)
+        counts = [(u < r).sum() for r in rates]
+        k = rk.fixed_sequence(counts, n, eps, delta)[0]
+        risk = rates[k - 1] if k else 0.0
+        chosen.append(risk)
+        violations += risk > eps
+    slack = 3 * math.sqrt(delta * (1 - delta) / draws)
+    assert violations / draws <= delta + slack
+    assert np.mean(chosen) > 0.5 * eps
+
+
+def test_candidates_run_from_conservative_to_aggressive():
+    """Along each policy's sequence, no text exits later than under the setting before."""
+    rng = np.random.default_rng(2)
+    L, n, C = 5, 300, 3
+    logits = rng.normal(0, 2, (L, n, C)).astype(np.float32)
+    scores = rng.random((L - 1, n)).astype(np.float32)
+    for policy, kw in (("entropy", {}), ("patience", {}), ("learned", {"scores": scores})):
+        layers = [rk.exit_layers(policy, v, logits, **kw) for v in rk.candidates(policy, L, C)]
+        assert all((b <= a).all() for a, b in zip(layers, layers[1:])), policy
+        assert (layers[0] >= layers[-1]).all() and layers[0].mean() > layers[-1].mean()
+    reg = rng.normal(0, 1, (L, n, 1)).astype(np.float32)
+    layers = [rk.exit_layers("learned", v, reg, scores=scores, regression=True)
+              for v in rk.candidates("learned", L, 1, regression=True)]
+    assert all((b <= a).all() for a, b in zip(layers, layers[1:]))
+
+
+def test_too_small_a_sample_certifies_nothing():
+    logits, y = _synthetic(300, [0.0] * 9, 3)  # no losses at all, but 300 < 598 texts for 0.5 points at 0.05
+    g = rk.certify(logits, y, epsilon=0.005, delta=0.05)
+    assert not g.certified and g.min_n == 598 and g.layer_saving == 0.0
+    g = rk.certify(logits, y, epsilon=0.02, delta=0.05)  # 149 texts suffice for 2 points
+    assert g.certified and g.layer_saving > 0
+    # comparing 8 recipes costs a union bound: each is tested at delta / 8
+    assert rk.certify(logits, y, epsilon=0.02, delta=0.05, family=8).min_n == rk.min_calibration_size(0.02, 0.05 / 8)
+    assert rk.needed_size(0.01, 0.02, 0.05) > rk.needed_size(0.005, 0.02, 0.05) > rk.min_calibration_size(0.02, 0.05)
+    assert rk.needed_size(0.03, 0.02, 0.05) is None
+
+
+def test_regression_risks_and_the_check_of_a_stored_guarantee():
+    rng = np.random.default_rng(4)
+    L, n = 4, 2000
+    y = rng.normal(0, 1, n)
+    values = np.stack([y + rng.normal(0, s, n) for s in (0.6, 0.3, 0.1, 0.05)])[..., None].astype(np.float32)
+    g = rk.certify(values, y, risk="error_increase", epsilon=0.05, policy="patience", tolerance=0.2)
+    d = rk.certify(values, None, risk="disagreement", epsilon=0.05, policy="patience", tolerance=0.2)
+    assert g.risk == "error_increase" and d.risk == "disagreement"
+    with pytest.raises(ValueError, match="entropy needs class probabilities"):
+        rk.certify(values, y, risk="error_increase", epsilon=0.05)
+    # a classification guarantee checked on new texts of the same kind holds; on shifted ones it fails
+    logits, labels = _synthetic(4000, [0.0, 0.001, 0.004, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3], 5)
+    grid = [round(0.1 * (j + 1), 2) for j in range(9)]
+    g = rk.certify(logits[:, :2000], labels[:2000], epsilon=0.02, grid=grid)
+    assert rk.check(g, logits[:, 2000:], labels[2000:])["verdict"] == "holds"
+    drifted, dl = _synthetic(2000, [0.05] * 9, 6)
+    got = rk.check(g, drifted, dl)
+    assert got["verdict"] == "exceeded" and got["lower_bound"] > 0.02
+    assert rk.check(g, drifted, None, risk="disagreement")["verdict"] == "exceeded"
+    assert rk.Guarantee.from_dict(g.to_dict()) == g
+
+
+def test_max_losses_is_the_count_where_the_p_value_crosses_delta():
+    for n, eps, d in ((1000, 0.02, 0.05), (598, 0.005, 0.05), (100, 0.005, 0.05), (5000, 0.01, 0.1 / 8)):
+        k = rk.max_losses(n, eps, d)
+        assert (k < 0 or rk.p_value(k, n, eps) <= d) and rk.p_value(k + 1, n, eps) > d
+    assert rk.max_losses(1000, 0.02, 0.05) == 12 and rk.max_losses(100, 0.005, 0.05) == -1
