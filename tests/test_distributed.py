@@ -177,7 +177,7 @@ def test_bf16_on_cpu_trains_and_predicts(tiny_backbone, trained_ckpt, tmp_path):
 
 
 def test_single_process_never_imports_accelerate():
-    code = ("import sys; from deebert_cli.core.distributed import Runtime; rt = Runtime('cpu', 'bf16');"
+    code = ("import sys; from deebert_cli.core.launch import Runtime; rt = Runtime('cpu', 'bf16');"
             "print(rt.distributed, rt.world, 'accelerate' in sys.modules)")
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout

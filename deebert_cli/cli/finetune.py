@@ -47,7 +47,7 @@ def finetune(
     values.pop("ctx"), values.pop("config")
     values["output"] = str(output)
     quiet_libraries()
-    from ..core.distributed import is_main_process
+    from ..core.launch import is_main_process
 
     with user_errors(f"no new checkpoint was written; '{output}' is as it was"):
         from ..core.config import FinetuneConfig

@@ -120,16 +120,16 @@ def predict(
 
 
 def torch_runtime(device: str, precision: str):
-    from ..core.distributed import Runtime
+    from ..core.launch import Runtime
 
     return Runtime(device, precision)
 
 
 def onnx_process(device: str):
-    """The onnx runtime's one process on the CPU (no torch: core.distributed.Runtime resolves devices with it)."""
+    """The onnx runtime's one process on the CPU (no torch: core.launch.Runtime resolves devices with it)."""
     from types import SimpleNamespace
 
-    from ..core.distributed import is_launched
+    from ..core.launch import is_launched
     from ..core.errors import UserError
 
     if is_launched():

@@ -24,7 +24,6 @@ META_FILE = "deebert.json"
 RAMPS_FILE = "highway.safetensors"
 STAGE_FINETUNED = "finetuned"
 STAGE_EXITS = "exits_trained"
-DEFAULT_CHECKPOINT = "deebert-checkpoint"
 
 
 @dataclass

@@ -10,11 +10,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import DEFAULT_CHECKPOINT
 from .data import DEFAULT_DATASET, DataSpec
 from .errors import UserError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_CHECKPOINT = "deebert-checkpoint"  # the checkpoint folder every command reads or writes by default
 
 
 def _check(cond: bool, msg: str):

@@ -627,13 +627,13 @@ def load_for_inference(path, runtime: str = "torch", device=None, **runtime_opts
 
 def predict_sharded(ckpt: Checkpoint, lines: Iterable[str], rule: ExitRule, rt, *, stats: PredictStats,
                     window: int = 1024, **kw) -> Iterator[Prediction]:
-    """:func:`predict_stream` spread over the processes of ``rt`` (a :class:`~.distributed.Runtime` under
+    """:func:`predict_stream` spread over the processes of ``rt`` (a :class:`~.launch.Runtime` under
     ``accelerate launch``): every process reads all of ``lines`` and predicts its strided share (lines
     ``rank, rank+W, ...``, empty ones included); the main process yields every result in input order,
     one per line, the others yield nothing. Every process must consume the iterator to the end (the
     gathering is collective); ``stats`` then holds the totals over all processes (``stats.replaced``, counted
     by :func:`read_lines` over the whole input, is left as it is)."""
-    from .distributed import ordered_shards
+    from .launch import ordered_shards
 
     mine = PredictStats(ckpt.model.num_layers)
 

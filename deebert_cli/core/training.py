@@ -25,7 +25,7 @@ from .checkpoint import STAGE_EXITS, STAGE_FINETUNED, Checkpoint, load_checkpoin
 from .config import DEFAULT_MODEL, FinetuneConfig, TrainExitsConfig, to_yaml
 from .data import DataSpec, Encoded, encode, length_sorted_batches, pad_batch, prepare_data
 from .device import autocast
-from .distributed import Runtime
+from .launch import Runtime
 from .errors import UserError
 from .exits import OffRamp, RampConfig
 from .metrics import accuracy, macro_f1, regression_report
