@@ -19,7 +19,9 @@ from pathlib import Path
 from deebert_cli.core.analysis import outcome, recommend, search_per_layer, sweep_from_logits
 from deebert_cli.core.checkpoint import load_checkpoint
 from deebert_cli.core.config import TrainExitsConfig
-from deebert_cli.core.data import DataSpec, encode, load_splits, prepare_data, to_examples
+from deebert_cli.core.data.examples import DataSpec, prepare_data, to_examples
+from deebert_cli.core.data.encoding import encode
+from deebert_cli.core.data.readers import load_splits
 from deebert_cli.core.inference import ExitRule, predict_stream
 from deebert_cli.core.training import collect, train_exits
 

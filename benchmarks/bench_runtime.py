@@ -52,7 +52,7 @@ def rows_of(path: Path) -> tuple:
 def recommended_threshold(ckpt, texts, labels, max_drop: float) -> tuple:
     """analyze's recommendation on these texts (its sweep over its default grid) -> (threshold, SweepRow)."""
     from deebert_cli.core.analysis import DEFAULT_GRID, recommend, sweep_from_logits
-    from deebert_cli.core.data import encode
+    from deebert_cli.core.data.encoding import encode
     from deebert_cli.core.training import collect
 
     names = ckpt.label_names
@@ -130,7 +130,7 @@ class Eager:
 
 def sorted_batches(tok, texts, bs, max_length=128) -> tuple:
     """Length-sorted batches of token ids (what deebert's engine does within its window) + the order."""
-    from deebert_cli.core.data import encode
+    from deebert_cli.core.data.encoding import encode
 
     enc = encode(tok, texts, None, max_length)
     order = sorted(range(len(texts)), key=lambda i: (len(enc.input_ids[i]), i))
@@ -150,7 +150,7 @@ def deebert_run(ckpt, thr, bs, engine="shrink"):
 
 
 def token_counts(tok, texts, max_length: int = 128) -> list:
-    from deebert_cli.core.data import encode
+    from deebert_cli.core.data.encoding import encode
 
     return [len(ids) for ids in encode(tok, texts, None, max_length).input_ids]
 

@@ -204,7 +204,7 @@ def _write(path, rows):
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".tsv", ".parquet"])
 def test_texts_with_line_break_characters_are_read_whole(trained_ckpt, tmp_path, suffix):
-    from deebert_cli.core.data import read_table
+    from deebert_cli.core.data.readers import read_table
 
     rows = _rows()
     path = tmp_path / f"data{suffix}"
@@ -232,7 +232,7 @@ def test_a_broken_jsonl_line_is_named_in_one_error_line(trained_ckpt, tmp_path):
 
 
 def test_csv_cells_stay_strings(tmp_path):
-    from deebert_cli.core.data import read_table
+    from deebert_cli.core.data.readers import read_table
 
     path = tmp_path / "d.csv"
     path.write_text("text,label\nNA,007\n,1\n")

@@ -14,7 +14,7 @@ from conftest import RUNTIMES, load_runtime, mixed_lines
 from conftest import FAMILIES
 from deebert_cli.cli.app import app
 from deebert_cli.core.checkpoint import load_checkpoint
-from deebert_cli.core.data import encode
+from deebert_cli.core.data.encoding import encode
 from deebert_cli.core.errors import UserError
 from deebert_cli.core.inference import ExitRule, EarlyExitEngine, load_for_inference, predict_stream
 

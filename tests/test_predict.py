@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from conftest import RUNTIMES, load_runtime, mixed_lines
 from deebert_cli.cli.app import app
 from deebert_cli.core.checkpoint import load_checkpoint
-from deebert_cli.core.data import encode
+from deebert_cli.core.data.encoding import encode
 from deebert_cli.core.exits import normalized_entropy
 from deebert_cli.core.inference import ExitRule, PredictStats, predict_stream, width_groups
 from deebert_cli.core.training import collect

@@ -13,7 +13,9 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .config import AnalyzeConfig
-from .data import DataSpec, eval_examples, encode, load_splits, to_examples
+from .data.examples import DataSpec, eval_examples, to_examples
+from .data.encoding import encode
+from .data.readers import load_splits
 from .device import resolve_device
 from .errors import UserError
 from .exits import LearnedPolicy, exit_entropy, first_exit, max_entropy, patience_exit, policy_exit

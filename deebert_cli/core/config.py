@@ -10,7 +10,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import DEFAULT_DATASET, DataSpec
+from .data.readers import DEFAULT_DATASET
+from .data.examples import DataSpec
 from .errors import UserError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"

@@ -32,7 +32,7 @@ from typing import Iterable, Iterator, Protocol
 import numpy as np
 
 from .checkpoint import Checkpoint  # noqa: F401  (type of the torch runtime's checkpoints)
-from .data import encode
+from .data.encoding import encode
 from .errors import UserError
 from .exits import EntropyPolicy, LearnedPolicy, PatiencePolicy, exit_entropy, max_entropy
 

@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .checkpoint import Checkpoint
-from .data import Encoded, encode
+from .data.encoding import Encoded, encode
 from .errors import UserError
 from .inference import EarlyExitEngine, Prediction, _result, split_pair
 

@@ -23,7 +23,8 @@ from torch import nn
 
 from .checkpoint import STAGE_EXITS, STAGE_FINETUNED, Checkpoint, load_checkpoint, save_checkpoint
 from .config import DEFAULT_MODEL, FinetuneConfig, TrainExitsConfig, to_yaml
-from .data import DataSpec, Encoded, encode, length_sorted_batches, pad_batch, prepare_data
+from .data.examples import DataSpec, prepare_data
+from .data.encoding import Encoded, encode, length_sorted_batches, pad_batch
 from .device import autocast
 from .launch import Runtime
 from .errors import UserError
@@ -788,7 +789,8 @@ def calibrate_ramps(model: HighwayModel, pooled: torch.Tensor, y: torch.Tensor) 
 def read_unlabeled(path: str, spec: DataSpec) -> tuple:
     """Texts for distillation: a .txt file (one text per line; a tab separates a pair) or a data file /
     folder read like --dataset (its text column(s); every split). Returns (texts, pairs | None)."""
-    from .data import _texts, load_splits
+    from .data.examples import _texts
+    from .data.readers import load_splits
 
     p = Path(path)
     if not p.exists():
