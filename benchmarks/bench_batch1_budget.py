@@ -112,7 +112,7 @@ def main():
     import onnxruntime as ort
 
     from deebert_cli.core.data.encoding import encode
-    from deebert_cli.core.exits import exit_entropy
+    from deebert_cli.core.model.policies import exit_entropy
     from deebert_cli.core.inference import EarlyExitEngine, ExitRule, load_for_inference, pad_rows, predict_stream
     from deebert_cli.core.onnx_runtime import session_options
 

@@ -29,7 +29,7 @@ def main() -> None:
     from deebert_cli.core.config import DEFAULT_MODEL
     from deebert_cli.core.data.examples import DataSpec, prepare_data
     from deebert_cli.core.data.encoding import encode, pad_batch
-    from deebert_cli.core.modeling import HighwayModel
+    from deebert_cli.core.model.highway import HighwayModel
     from deebert_cli.core.training import _final_logits, resolve_model_path
 
     path = resolve_model_path(DEFAULT_MODEL)

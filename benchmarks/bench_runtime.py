@@ -163,7 +163,7 @@ def token_weighted_exit(tokens: list, exits: list) -> float:
 
 def correctness(ref, onnx, texts, thr) -> dict:
     """Every exit's logits onnx fp32 vs torch over ``texts``; labels and exit layers of predict at ``thr``."""
-    from deebert_cli.core.exits import normalized_entropy
+    from deebert_cli.core.model.policies import normalized_entropy
     from deebert_cli.core.inference import ExitRule, pad_rows, predict_stream
 
     batches, order = sorted_batches(onnx.tokenizer, texts, 32)
@@ -195,7 +195,7 @@ def correctness(ref, onnx, texts, thr) -> dict:
 
 
 def bench(args) -> dict:
-    from deebert_cli.core.checkpoint import load_checkpoint
+    from deebert_cli.core.model.checkpoint import load_checkpoint
     from deebert_cli.core.config import ExportConfig
     from deebert_cli.core.errors import UserError
     from deebert_cli.core.export import export_checkpoint
@@ -323,7 +323,10 @@ def load_times(args) -> dict:
         for k in [k for k in sys.modules if k == "deebert_cli" or k.startswith("deebert_cli.")]:
             del sys.modules[k]
         sys.path.insert(0, root)
-        mods[name] = importlib.import_module("deebert_cli.core.checkpoint")
+        try:  # this layout, or a checkout from before core/ became packages
+            mods[name] = importlib.import_module("deebert_cli.core.model.checkpoint")
+        except ModuleNotFoundError:
+            mods[name] = importlib.import_module("deebert_cli.core.checkpoint")
         sys.path.pop(0)
     mods["before"].load_checkpoint(args.checkpoint)  # warm the imports
     best = {k: math.inf for k in mods}

@@ -9,14 +9,14 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _API = {
-    "HighwayModel": "deebert_cli.core.modeling",
-    "OffRamp": "deebert_cli.core.exits",
-    "RampConfig": "deebert_cli.core.exits",
-    "entropy": "deebert_cli.core.exits",
-    "normalized_entropy": "deebert_cli.core.exits",
-    "Checkpoint": "deebert_cli.core.checkpoint",
-    "load_checkpoint": "deebert_cli.core.checkpoint",
-    "save_checkpoint": "deebert_cli.core.checkpoint",
+    "HighwayModel": "deebert_cli.core.model.highway",
+    "OffRamp": "deebert_cli.core.model.ramps",
+    "RampConfig": "deebert_cli.core.model.policies",
+    "entropy": "deebert_cli.core.model.policies",
+    "normalized_entropy": "deebert_cli.core.model.policies",
+    "Checkpoint": "deebert_cli.core.model.checkpoint",
+    "load_checkpoint": "deebert_cli.core.model.checkpoint",
+    "save_checkpoint": "deebert_cli.core.model.checkpoint",
     "ExitRule": "deebert_cli.core.inference",
     "PatienceRule": "deebert_cli.core.inference",
     "LearnedRule": "deebert_cli.core.inference",

@@ -43,7 +43,7 @@ def launch(tmp_path, *args, processes: int = 2, timeout: int = 240) -> subproces
 
 def single_process_eval(ckpt_dir: str, all_logits: bool = False) -> tuple:
     """Evaluate a checkpoint in this process on its own evaluation split, with the core's one-pass collect."""
-    from deebert_cli.core.checkpoint import load_checkpoint
+    from deebert_cli.core.model.checkpoint import load_checkpoint
     from deebert_cli.core.data.examples import DataSpec, prepare_data
     from deebert_cli.core.data.encoding import encode
     from deebert_cli.core.metrics import accuracy

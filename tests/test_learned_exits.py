@@ -8,9 +8,9 @@ from typer.testing import CliRunner
 from conftest import RUNTIMES, export_copy, load_runtime, mixed_lines
 from deebert_cli.cli.app import app
 from deebert_cli.core.analysis import exit_scores
-from deebert_cli.core.checkpoint import load_checkpoint
+from deebert_cli.core.model.checkpoint import load_checkpoint
 from deebert_cli.core.data.encoding import encode
-from deebert_cli.core.exits import LearnedPolicy, policy_exit
+from deebert_cli.core.model.policies import LearnedPolicy, policy_exit
 from deebert_cli.core.inference import LearnedRule, PredictStats, predict_stream
 from deebert_cli.core.training import collect
 

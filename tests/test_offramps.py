@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from conftest import make_data_dir, make_tiny_backbone, mixed_lines, train_tiny_checkpoint
 from deebert_cli.cli.app import app
-from deebert_cli.core.checkpoint import load_checkpoint
+from deebert_cli.core.model.checkpoint import load_checkpoint
 from deebert_cli.core.config import TrainExitsConfig
 from deebert_cli.core.data.examples import DataSpec, prepare_data
 from deebert_cli.core.data.encoding import encode

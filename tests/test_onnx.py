@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from conftest import RUNTIMES, load_runtime, mixed_lines
 from conftest import FAMILIES
 from deebert_cli.cli.app import app
-from deebert_cli.core.checkpoint import load_checkpoint
+from deebert_cli.core.model.checkpoint import load_checkpoint
 from deebert_cli.core.data.encoding import encode
 from deebert_cli.core.errors import UserError
 from deebert_cli.core.inference import ExitRule, EarlyExitEngine, load_for_inference, predict_stream
@@ -200,9 +200,9 @@ def test_every_family_exports_layer_by_layer(family, tmp_path):
     import onnxruntime as ort
 
     from conftest import tiny_classifier
-    from deebert_cli.core.exits import RampConfig
+    from deebert_cli.core.model.policies import RampConfig
     from deebert_cli.core.export import compose_steps, write_graphs
-    from deebert_cli.core.modeling import HighwayModel
+    from deebert_cli.core.model.highway import HighwayModel
 
     torch.manual_seed(0)
     model = HighwayModel(tiny_classifier(family), RampConfig(pooling="mean", norm=True, learned_exit=True)).eval()

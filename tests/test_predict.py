@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 
 from conftest import RUNTIMES, load_runtime, mixed_lines
 from deebert_cli.cli.app import app
-from deebert_cli.core.checkpoint import load_checkpoint
+from deebert_cli.core.model.checkpoint import load_checkpoint
 from deebert_cli.core.data.encoding import encode
-from deebert_cli.core.exits import normalized_entropy
+from deebert_cli.core.model.policies import normalized_entropy
 from deebert_cli.core.inference import ExitRule, PredictStats, predict_stream, width_groups
 from deebert_cli.core.training import collect
 
@@ -206,7 +206,7 @@ def test_per_layer_thresholds(trained_ckpt):
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_patience_batched_equals_one_at_a_time(trained_ckpt, runtime, request):
-    from deebert_cli.core.exits import patience_exit
+    from deebert_cli.core.model.policies import patience_exit
     from deebert_cli.core.inference import PatienceRule
 
     ref = load_checkpoint(trained_ckpt)

@@ -37,7 +37,7 @@ def local_ray():
 def threshold_for(ckpt_path, lines):
     """A threshold that sends rows out at several layers, far from every entropy (see test_predict)."""
     from test_predict import all_exit_entropies, spread_threshold
-    from deebert_cli.core.checkpoint import load_checkpoint
+    from deebert_cli.core.model.checkpoint import load_checkpoint
 
     return spread_threshold(all_exit_entropies(load_checkpoint(ckpt_path), [l for l in lines if l.strip()]))
 
@@ -146,7 +146,7 @@ def test_a_dying_worker_is_restarted_and_no_row_is_lost(local_ray, trained_ckpt,
 def test_predictor_maps_pandas_batches_like_predict(trained_ckpt):
     import pandas as pd
 
-    from deebert_cli.core.checkpoint import load_checkpoint
+    from deebert_cli.core.model.checkpoint import load_checkpoint
     from deebert_cli.core.inference import ExitRule, predict_stream
     from deebert_cli.core.ray_data import DeeBertPredictor
 
@@ -214,7 +214,7 @@ def test_predictor_reads_sentence_pairs_from_two_columns(tmp_path):
     import pyarrow as pa
 
     from conftest import make_tiny_backbone, write_jsonl
-    from deebert_cli.core.checkpoint import load_checkpoint
+    from deebert_cli.core.model.checkpoint import load_checkpoint
     from deebert_cli.core.config import FinetuneConfig
     from deebert_cli.core.inference import ExitRule, predict_stream
     from deebert_cli.core.ray_data import DeeBertPredictor

@@ -24,7 +24,7 @@ from conftest import RUNTIMES, load_runtime, mixed_lines
 from test_predict import all_exit_entropies, spread_threshold
 
 from deebert_cli.cli.app import app
-from deebert_cli.core.checkpoint import load_checkpoint
+from deebert_cli.core.model.checkpoint import load_checkpoint
 from deebert_cli.core.inference import EarlyExitEngine, ExitRule, PredictStats, predict_stream
 
 pytest.importorskip("starlette", reason="needs the serve extra: pip install 'deebert-cli[serve]'")

@@ -215,7 +215,7 @@ def test_sentence_pairs_train_and_predict_with_a_tab(tmp_path):
     lines = [json.loads(l) for l in r.stdout.splitlines()]
     assert [x["empty"] for x in lines] == [False, False, True]
     # the second text really reaches the model: a pair differs from its first text alone
-    from deebert_cli.core.checkpoint import load_checkpoint
+    from deebert_cli.core.model.checkpoint import load_checkpoint
     from deebert_cli.core.inference import ExitRule, predict_stream
 
     ck = load_checkpoint(out)

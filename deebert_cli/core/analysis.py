@@ -11,14 +11,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint
+from .model.checkpoint import load_checkpoint
 from .config import AnalyzeConfig
 from .data.examples import DataSpec, eval_examples, to_examples
 from .data.encoding import encode
 from .data.readers import load_splits
 from .device import resolve_device
 from .errors import UserError
-from .exits import LearnedPolicy, exit_entropy, first_exit, max_entropy, patience_exit, policy_exit
+from .model.policies import LearnedPolicy, exit_entropy, first_exit, max_entropy, patience_exit, policy_exit
 from .inference import ExitRule, PredictStats, predict_stream
 from .metrics import accuracy, macro_f1, regression_report
 
@@ -545,7 +545,7 @@ def store_thresholds(path, thresholds: dict) -> None:
     import json
     from pathlib import Path
 
-    from .checkpoint import META_FILE
+    from .model.checkpoint import META_FILE
     from .files import atomic_text_file
 
     meta_path = Path(path) / META_FILE

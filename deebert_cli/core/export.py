@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import META_FILE, atomic_dir, load_checkpoint
+from .model.checkpoint import META_FILE, atomic_dir, load_checkpoint
 from .config import ExportConfig
 from .errors import UserError
 from .onnx_runtime import EXPORT_DIR, EXPORT_FORMAT, INSTALL_HINT, MANIFEST, MODEL_GRAPH, STEP_OUTPUTS, source_fingerprint

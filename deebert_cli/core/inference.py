@@ -31,10 +31,10 @@ from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 
-from .checkpoint import Checkpoint  # noqa: F401  (type of the torch runtime's checkpoints)
+from .model.checkpoint import Checkpoint  # noqa: F401  (type of the torch runtime's checkpoints)
 from .data.encoding import encode
 from .errors import UserError
-from .exits import EntropyPolicy, LearnedPolicy, PatiencePolicy, exit_entropy, max_entropy
+from .model.policies import EntropyPolicy, LearnedPolicy, PatiencePolicy, exit_entropy, max_entropy
 
 RUNTIMES = ("torch", "onnx")
 
@@ -63,7 +63,7 @@ class ExitRule:
 
     def policy(self, num_labels: int, device=None, xp=None) -> EntropyPolicy:
         """The policy over arrays of namespace ``xp`` (default: torch tensors on ``device``)."""
-        from .exits import default_namespace
+        from .model.policies import default_namespace
 
         xp = default_namespace(xp)
         return EntropyPolicy(xp.asarray(self.values(num_labels), dtype=xp.float32, device=device), self.entropy)
@@ -616,7 +616,7 @@ def load_for_inference(path, runtime: str = "torch", device=None, **runtime_opts
         raise UserError(f"unknown runtime '{runtime}': use {' or '.join(RUNTIMES)}")
     if runtime_opts:
         raise UserError(f"options {sorted(runtime_opts)} apply to --runtime onnx only")
-    from .checkpoint import load_checkpoint
+    from .model.checkpoint import load_checkpoint
 
     if isinstance(device, str):
         from .device import resolve_device

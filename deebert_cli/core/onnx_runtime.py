@@ -26,9 +26,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .checkpoint import META_FILE, RAMPS_FILE, Checkpoint
+from .model.checkpoint import META_FILE, RAMPS_FILE, Checkpoint
 from .errors import UserError
-from .exits import RampConfig
+from .model.policies import RampConfig
 
 EXPORT_DIR = "onnx"
 MANIFEST = "manifest.json"

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from .checkpoint import Checkpoint
+from .model.checkpoint import Checkpoint
 from .data.encoding import Encoded, encode
 from .errors import UserError
 from .inference import EarlyExitEngine, Prediction, _result, split_pair

@@ -21,16 +21,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import STAGE_EXITS, STAGE_FINETUNED, Checkpoint, load_checkpoint, save_checkpoint
+from .model.checkpoint import STAGE_EXITS, STAGE_FINETUNED, Checkpoint, load_checkpoint, save_checkpoint
 from .config import DEFAULT_MODEL, FinetuneConfig, TrainExitsConfig, to_yaml
 from .data.examples import DataSpec, prepare_data
 from .data.encoding import Encoded, encode, length_sorted_batches, pad_batch
 from .device import autocast
 from .launch import Runtime
 from .errors import UserError
-from .exits import OffRamp, RampConfig
+from .model.policies import RampConfig
+from .model.ramps import OffRamp
 from .metrics import accuracy, macro_f1, regression_report
-from .modeling import HighwayModel
+from .model.highway import HighwayModel
 from .train_state import TrainState, config_mismatch, latest_state, load_state, read_state_meta, save_state, state_dir_for
 
 
@@ -118,7 +119,7 @@ class _Stage1:
     def __init__(self, cfg: FinetuneConfig, progress: Progress | None):
         from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
-        from .modeling import load_hf
+        from .model.highway import load_hf
         from .tracking import check_available
 
         check_available(cfg.report_to)  # fail before any work
@@ -404,7 +405,7 @@ def collect(model: HighwayModel, enc: Encoded, pad_id: int, batch_size: int, dev
 def _collect_batch(model: HighwayModel, b: dict, L: int, ways: tuple, all_logits: bool, cls: bool = False) -> tuple:
     """One batch of :func:`collect`: per way of pooling (``ramps``: each off-ramp's own) the pooled states
     of layers 1..L-1, the logits of the exits asked for, the first-token states."""
-    from .exits import pool
+    from .model.ramps import pool
 
     hidden = model.embed(b["input_ids"], b.get("token_type_ids"))
     mask = model.prepare_mask(b["attention_mask"], hidden)
