@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-from deebert_cli.core.inference import ExitRule, backend_for, load_for_inference, predict_stream
+from deebert_cli.core.runtime.engine import backend_for
+from deebert_cli.core.runtime.rules import ExitRule
+from deebert_cli.core.runtime.stream import load_for_inference, predict_stream
 from deebert_cli.core.serving import BatchingServer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "movie_snippets" / "test.jsonl"

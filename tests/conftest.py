@@ -223,7 +223,7 @@ def export_copy(src: str, tmp_path_factory, name: str, quantize: str | None = "i
     pytest.importorskip("onnxruntime", reason="the onnx runtime needs pip install 'deebert-cli[onnx]'")
     pytest.importorskip("onnx", reason="deebert export needs pip install 'deebert-cli[onnx]'")
     from deebert_cli.core.config import ExportConfig
-    from deebert_cli.core.export import export_checkpoint
+    from deebert_cli.core.runtime.export import export_checkpoint
 
     dst = tmp_path_factory.mktemp(name) / "ckpt"
     shutil.copytree(src, dst)
@@ -242,7 +242,7 @@ RUNTIMES = ("torch", "onnx")
 
 def load_runtime(runtime: str, request, torch_fixture: str = "trained_ckpt", onnx_fixture: str = "exported_ckpt"):
     """The checkpoint of ``torch_fixture`` on the torch runtime, or its export (``onnx_fixture``) on onnx."""
-    from deebert_cli.core.inference import load_for_inference
+    from deebert_cli.core.runtime.stream import load_for_inference
 
     if runtime == "torch":
         return load_for_inference(request.getfixturevalue(torch_fixture), "torch")

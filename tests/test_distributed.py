@@ -47,7 +47,7 @@ def single_process_eval(ckpt_dir: str, all_logits: bool = False) -> tuple:
     from deebert_cli.core.data.examples import DataSpec, prepare_data
     from deebert_cli.core.data.encoding import encode
     from deebert_cli.core.metrics import accuracy
-    from deebert_cli.core.training import collect
+    from deebert_cli.core.runtime.passes import collect
 
     ckpt = load_checkpoint(ckpt_dir)
     data = prepare_data(DataSpec(**ckpt.meta["data"]))

@@ -12,8 +12,10 @@ from deebert_cli.core.model.checkpoint import load_checkpoint
 from deebert_cli.core.config import TrainExitsConfig
 from deebert_cli.core.data.examples import DataSpec, prepare_data
 from deebert_cli.core.data.encoding import encode
-from deebert_cli.core.inference import ExitRule, predict_stream
-from deebert_cli.core.training import collect, train_exits
+from deebert_cli.core.runtime.rules import ExitRule
+from deebert_cli.core.runtime.stream import predict_stream
+from deebert_cli.core.runtime.passes import collect
+from deebert_cli.core.training import train_exits
 
 runner = CliRunner()
 

@@ -147,7 +147,8 @@ def test_predictor_maps_pandas_batches_like_predict(trained_ckpt):
     import pandas as pd
 
     from deebert_cli.core.model.checkpoint import load_checkpoint
-    from deebert_cli.core.inference import ExitRule, predict_stream
+    from deebert_cli.core.runtime.rules import ExitRule
+    from deebert_cli.core.runtime.stream import predict_stream
     from deebert_cli.core.ray_data import DeeBertPredictor
 
     texts = mixed_lines(30, seed=8) + ["", None, "   "]
@@ -216,7 +217,8 @@ def test_predictor_reads_sentence_pairs_from_two_columns(tmp_path):
     from conftest import make_tiny_backbone, write_jsonl
     from deebert_cli.core.model.checkpoint import load_checkpoint
     from deebert_cli.core.config import FinetuneConfig
-    from deebert_cli.core.inference import ExitRule, predict_stream
+    from deebert_cli.core.runtime.rules import ExitRule
+    from deebert_cli.core.runtime.stream import predict_stream
     from deebert_cli.core.ray_data import DeeBertPredictor
     from deebert_cli.core.training import finetune
 
@@ -242,7 +244,7 @@ def test_predictor_reads_sentence_pairs_from_two_columns(tmp_path):
 def test_text_files_are_read_by_predicts_line_rules(tmp_path):
     import io
 
-    from deebert_cli.core.inference import read_lines
+    from deebert_cli.core.runtime.stream import read_lines
     from deebert_cli.core.ray_data import _text_chunks
 
     raw = b"one\r\ntwo\n\n\xff bad \xfe\r\n  \nlast without newline"

@@ -10,9 +10,10 @@ from deebert_cli.cli.app import app
 from deebert_cli.core.model.checkpoint import load_checkpoint
 from deebert_cli.core.data.encoding import encode
 from deebert_cli.core.model.policies import patience_exit
-from deebert_cli.core.inference import PatienceRule, PredictStats, predict_stream
+from deebert_cli.core.runtime.rules import PatienceRule
+from deebert_cli.core.runtime.stream import PredictStats, predict_stream
 from deebert_cli.core.metrics import pearson, ranks, spearman
-from deebert_cli.core.training import collect
+from deebert_cli.core.runtime.passes import collect
 
 runner = CliRunner()
 

@@ -25,7 +25,9 @@ from test_predict import all_exit_entropies, spread_threshold
 
 from deebert_cli.cli.app import app
 from deebert_cli.core.model.checkpoint import load_checkpoint
-from deebert_cli.core.inference import EarlyExitEngine, ExitRule, PredictStats, predict_stream
+from deebert_cli.core.runtime.engine import EarlyExitEngine
+from deebert_cli.core.runtime.rules import ExitRule
+from deebert_cli.core.runtime.stream import PredictStats, predict_stream
 
 pytest.importorskip("starlette", reason="needs the serve extra: pip install 'deebert-cli[serve]'")
 pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'deebert-cli[serve]'")

@@ -216,7 +216,8 @@ def test_sentence_pairs_train_and_predict_with_a_tab(tmp_path):
     assert [x["empty"] for x in lines] == [False, False, True]
     # the second text really reaches the model: a pair differs from its first text alone
     from deebert_cli.core.model.checkpoint import load_checkpoint
-    from deebert_cli.core.inference import ExitRule, predict_stream
+    from deebert_cli.core.runtime.rules import ExitRule
+    from deebert_cli.core.runtime.stream import predict_stream
 
     ck = load_checkpoint(out)
     a, b = predict_stream(ck, ["good film\tbad awful dull boring", "good film\t"], ExitRule([0.0] * 4), "cpu")

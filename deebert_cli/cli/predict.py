@@ -53,7 +53,8 @@ def predict(
         "output so far is complete up to the last line written"
     with user_errors(note):
         from ..core.config import PredictConfig
-        from ..core.inference import PredictStats, load_for_inference, predict_sharded, predict_stream, read_lines, resolve_rule
+        from ..core.runtime.rules import resolve_rule
+        from ..core.runtime.stream import PredictStats, load_for_inference, predict_sharded, predict_stream, read_lines
         from ..core.errors import UserError
         from ..core.files import atomic_text_file, check_output
 

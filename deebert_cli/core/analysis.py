@@ -19,7 +19,8 @@ from .data.readers import load_splits
 from .device import resolve_device
 from .errors import UserError
 from .model.policies import LearnedPolicy, exit_entropy, first_exit, max_entropy, patience_exit, policy_exit
-from .inference import ExitRule, PredictStats, predict_stream
+from .runtime.rules import ExitRule
+from .runtime.stream import PredictStats, predict_stream
 from .metrics import accuracy, macro_f1, regression_report
 
 DEFAULT_GRID = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -172,12 +173,6 @@ def regression_patience_sweep(values_all: torch.Tensor, targets: list, patience:
     return rows
 
 
-@torch.no_grad()
-def exit_scores(model, pooled: torch.Tensor) -> torch.Tensor:
-    """Learned exit scores of off-ramps 1..L-1 from their cached inputs pooled [L-1, n, H] -> [L-1, n]."""
-    return torch.stack([r.exit_score(pooled[i]) for i, r in enumerate(model.ramps)]).float().cpu()
-
-
 def learned_sweep(logits: torch.Tensor, labels: list, scores: torch.Tensor, grid: list, regression: bool = False) -> list:
     """Exact outcome of the learned-exit policy at every threshold of ``grid`` from all-exits logits
     [L, n, C] and exit scores [L-1, n] (the engines' decision steps): SweepRow per threshold, or
@@ -302,7 +297,7 @@ def wanted_policies(cfg: AnalyzeConfig, ckpt) -> set:
 
 def analyze(cfg: AnalyzeConfig, progress=None) -> Analysis:
     """Run every analysis of ``deebert analyze`` on the checkpoint's evaluation split (or ``cfg.split``)."""
-    from .training import collect
+    from .runtime.passes import collect, exit_scores
 
     device = resolve_device(cfg.device)
     ckpt = load_checkpoint(cfg.checkpoint)
@@ -448,7 +443,7 @@ def time_runs(cfg: AnalyzeConfig, ckpt, device, timed: dict, lines: list, labels
     -> (seconds per key, accuracy per key of the runtime's own predictions)."""
     run_ckpt, run_device = ckpt, device
     if cfg.runtime == "onnx":
-        from .inference import load_for_inference
+        from .runtime.stream import load_for_inference
 
         run_ckpt, run_device = load_for_inference(cfg.checkpoint, "onnx", precision=cfg.onnx_precision), None
     L = ckpt.model.num_layers

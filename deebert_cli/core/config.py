@@ -183,7 +183,7 @@ def parse_ints(text, what: str) -> list | None:
 
 
 EXIT_POLICIES = ("entropy", "patience", "learned")
-RUNTIMES = ("torch", "onnx")  # same as core.inference.RUNTIMES
+RUNTIMES = ("torch", "onnx")  # same as core.runtime.stream.RUNTIMES
 ONNX_PRECISIONS = ("fp32", "int8")
 
 

@@ -56,7 +56,7 @@ def require_ray():
 
 def load_model(path, runtime: str = "torch", device=None, onnx_precision: str = "fp32", threads: int | None = None):
     """The checkpoint an actor predicts with, on the torch or the onnx runtime (``deebert export``)."""
-    from .inference import load_for_inference
+    from .runtime.stream import load_for_inference
 
     opts = {"precision": onnx_precision, "threads": threads} if runtime == "onnx" else {}
     return load_for_inference(path, runtime, device, **opts)
@@ -81,7 +81,8 @@ class DeeBertPredictor:
         unknown = sorted(set(options) - set(PREDICT_OPTIONS))
         if unknown:
             raise TypeError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(PREDICT_OPTIONS)}")
-        from .inference import PredictStats, resolve_rule
+        from .runtime.rules import resolve_rule
+        from .runtime.stream import PredictStats
 
         cfg = PredictConfig(checkpoint=str(checkpoint), window=max(1024, options.get("batch_size", 32)), **options)
         self.cfg, self.text_column, self.pair_column = cfg, text_column, text_pair_column
@@ -132,7 +133,7 @@ class DeeBertPredictor:
 
     def predict_lines(self, lines: list) -> list:
         """Texts in ``deebert predict``'s line format (a tab separates a pair) -> one Prediction each."""
-        from .inference import predict_stream
+        from .runtime.stream import predict_stream
 
         cfg = self.cfg
         return list(predict_stream(self.ckpt, lines, self.rule, self.device, batch_size=cfg.batch_size,
@@ -306,7 +307,7 @@ def _text_chunks(path: str, text_column: str):
     """One row per line, read by ``deebert predict``'s own line reader; empty lines kept as rows."""
     import pyarrow as pa
 
-    from .inference import read_lines  # torch-free: cheap in a read worker
+    from .runtime.stream import read_lines  # torch-free: cheap in a read worker
 
     with open(path, "rb") as f:
         buf = []
@@ -546,7 +547,7 @@ def summarise(folder: Path, fmt: str, num_layers: int, seconds: float):
     import pyarrow.compute as pc
     import pyarrow.dataset as pds
 
-    from .inference import PredictStats
+    from .runtime.stream import PredictStats
 
     stats = PredictStats(num_layers)
     stats.seconds = seconds

@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from .model.checkpoint import Checkpoint
 from .data.encoding import Encoded, encode
 from .errors import UserError
-from .inference import EarlyExitEngine, Prediction, _result, split_pair
+from .runtime.engine import EarlyExitEngine
+from .runtime.stream import Prediction, _result, split_pair
 
 
 def load_model(path: str, device=None, runtime: str = "torch", onnx_precision: str = "fp32"):
     """The checkpoint the server runs, on the torch or the onnx runtime (:func:`~.inference.load_for_inference`)."""
-    from .inference import load_for_inference
+    from .runtime.stream import load_for_inference
 
     return load_for_inference(path, runtime, device, **({"precision": onnx_precision} if runtime == "onnx" else {}))
 

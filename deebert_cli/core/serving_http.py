@@ -26,7 +26,7 @@ from starlette.routing import Route
 from .config import ServeConfig
 from .device import check_precision, resolve_device
 from .errors import UserError
-from .inference import resolve_rule
+from .runtime.rules import resolve_rule
 from .serving import BatchingServer, Draining, InputError, Observer, Overloaded, load_model
 
 RULE_FIELDS = ("threshold", "thresholds", "exit_policy", "patience", "entropy")
