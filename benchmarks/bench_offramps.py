@@ -16,7 +16,7 @@ import math
 import time
 from pathlib import Path
 
-from deebert_cli.core.analysis import outcome, recommend, search_per_layer, sweep_from_logits
+from deebert_cli.core.analysis.sweep import outcome, recommend, search_per_layer, sweep_from_logits
 from deebert_cli.core.model.checkpoint import load_checkpoint
 from deebert_cli.core.config import TrainExitsConfig
 from deebert_cli.core.data.examples import DataSpec, prepare_data, to_examples

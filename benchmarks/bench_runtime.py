@@ -51,7 +51,7 @@ def rows_of(path: Path) -> tuple:
 
 def recommended_threshold(ckpt, texts, labels, max_drop: float) -> tuple:
     """analyze's recommendation on these texts (its sweep over its default grid) -> (threshold, SweepRow)."""
-    from deebert_cli.core.analysis import DEFAULT_GRID, recommend, sweep_from_logits
+    from deebert_cli.core.analysis.sweep import DEFAULT_GRID, recommend, sweep_from_logits
     from deebert_cli.core.data.encoding import encode
     from deebert_cli.core.runtime.passes import collect
 

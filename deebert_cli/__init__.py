@@ -24,7 +24,7 @@ _API = {
     "resolve_device": "deebert_cli.core.device",
     "finetune": "deebert_cli.core.training",
     "train_exits": "deebert_cli.core.training",
-    "analyze": "deebert_cli.core.analysis",
+    "analyze": "deebert_cli.core.analysis.report",
     "FinetuneConfig": "deebert_cli.core.config",
     "TrainExitsConfig": "deebert_cli.core.config",
     "PredictConfig": "deebert_cli.core.config",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .analysis import DEFAULT_GRID, recommend, sweep_from_logits
+from .analysis.sweep import DEFAULT_GRID, recommend, sweep_from_logits
 from .metrics import regression_report
 
 MEASURE = {

@@ -31,6 +31,7 @@ from .errors import UserError
 from .model.policies import RampConfig
 from .model.ramps import OffRamp
 from .metrics import accuracy, macro_f1, regression_report
+from .analysis.sweep import layer_metrics
 from .model.highway import HighwayModel
 from .runtime.passes import collect_sharded
 from .train_state import TrainState, config_mismatch, latest_state, load_state, read_state_meta, save_state, state_dir_for
@@ -335,15 +336,6 @@ def eval_report(final: torch.Tensor, labels: list, source: str, task: str, num_l
         return EvalReport(len(labels), source, float("nan"), float("nan"), layers or [], reg)
     preds = final.argmax(-1).tolist()
     return EvalReport(len(labels), source, accuracy(preds, labels), macro_f1(preds, labels, num_labels), layers or [])
-
-
-def layer_metrics(i: int, logits: torch.Tensor, labels: list, task: str, num_labels: int) -> dict:
-    """One exit's figures from its logits [n, C]: {"layer", "accuracy", "macro_f1"} or, for regression,
-    {"layer", "mse", "pearson", "spearman"}."""
-    if task == "regression":
-        return {"layer": i + 1, **regression_report(logits[:, 0].tolist(), labels)}
-    p = logits.argmax(-1).tolist()
-    return {"layer": i + 1, "accuracy": accuracy(p, labels), "macro_f1": macro_f1(p, labels, num_labels)}
 
 
 def _final_logits(net: nn.Module, batch: dict) -> torch.Tensor:
