@@ -30,7 +30,8 @@ def main() -> None:
     from deebert_cli.core.data.examples import DataSpec, prepare_data
     from deebert_cli.core.data.encoding import encode, pad_batch
     from deebert_cli.core.model.highway import HighwayModel
-    from deebert_cli.core.training import _final_logits, resolve_model_path
+    from deebert_cli.core.train.common import resolve_model_path
+    from deebert_cli.core.train.stage1 import _final_logits
 
     path = resolve_model_path(DEFAULT_MODEL)
     tok = AutoTokenizer.from_pretrained(path)

@@ -25,7 +25,7 @@ from deebert_cli.core.data.readers import load_splits
 from deebert_cli.core.runtime.rules import ExitRule
 from deebert_cli.core.runtime.stream import predict_stream
 from deebert_cli.core.runtime.passes import collect
-from deebert_cli.core.training import train_exits
+from deebert_cli.core.train.stage2 import train_exits
 
 GRID = [round(0.025 * k, 3) for k in range(41)]
 VARIANTS = {

@@ -193,7 +193,8 @@ def make_data_dir(tmp_path, n_train: int = 200, n_val: int = 60, name: str = "da
 def train_tiny_checkpoint(tmp_path, exits: bool = True, name: str = "ckpt", **ft) -> str:
     """Stage 1 (+ stage 2) on synthetic sentiment data with a tiny BERT: a few seconds."""
     from deebert_cli.core.config import FinetuneConfig, TrainExitsConfig
-    from deebert_cli.core.training import finetune, train_exits
+    from deebert_cli.core.train.stage1 import finetune
+    from deebert_cli.core.train.stage2 import train_exits
 
     backbone = make_tiny_backbone(tmp_path, name=f"{name}-backbone")
     data = make_data_dir(tmp_path, name=f"{name}-data")

@@ -15,7 +15,7 @@ from deebert_cli.core.data.encoding import encode
 from deebert_cli.core.runtime.rules import ExitRule
 from deebert_cli.core.runtime.stream import predict_stream
 from deebert_cli.core.runtime.passes import collect
-from deebert_cli.core.training import train_exits
+from deebert_cli.core.train.stage2 import train_exits
 
 runner = CliRunner()
 

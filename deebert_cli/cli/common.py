@@ -109,7 +109,7 @@ def make_config(ctx: typer.Context, cls, config_file, values: dict[str, Any], pa
 
 
 class RichProgress:
-    """rich progress bar with loss, examples/s and ETA, implementing core.training.Progress."""
+    """rich progress bar with loss, examples/s and ETA, implementing core.train.common.Progress."""
 
     def __init__(self):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn

@@ -51,7 +51,7 @@ def finetune(
 
     with user_errors(f"no new checkpoint was written; '{output}' is as it was"):
         from ..core.config import FinetuneConfig
-        from ..core.training import finetune as run
+        from ..core.train.stage1 import finetune as run
 
         cfg = make_config(ctx, FinetuneConfig, config, values)
         result = run(cfg, RichProgress())

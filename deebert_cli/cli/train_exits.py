@@ -48,7 +48,7 @@ def train_exits(
 
     with user_errors(f"no new checkpoint was written; '{output or checkpoint}' is as it was"):
         from ..core.config import TrainExitsConfig
-        from ..core.training import train_exits as run
+        from ..core.train.stage2 import train_exits as run
 
         cfg = make_config(ctx, TrainExitsConfig, config, values)
         result = run(cfg, RichProgress())
