@@ -24,7 +24,7 @@ import torch
 from deebert_cli.core.runtime.engine import backend_for
 from deebert_cli.core.runtime.rules import ExitRule
 from deebert_cli.core.runtime.stream import load_for_inference, predict_stream
-from deebert_cli.core.serving import BatchingServer
+from deebert_cli.core.serve.batching import BatchingServer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "movie_snippets" / "test.jsonl"
 PACKAGED = Path(__file__).resolve().parents[1] / "deebert_cli" / "data" / "movie_snippets" / "test.jsonl"
