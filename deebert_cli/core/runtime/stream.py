@@ -111,55 +111,67 @@ def predict_stream(ckpt, lines: Iterable[str], rule, device=None, *, batch_size:
     max_length = min(max_length, ckpt.model.max_tokens or max_length)  # never past the position embeddings
     eng = EarlyExitEngine(ckpt, rule, device, batch_size, all_probs, precision)
     stats = stats if stats is not None else PredictStats(eng.L)
-    tok = ckpt.tokenizer
     ready: dict = {}  # index -> Prediction, waiting for earlier lines
+    windows = _windows(lines, window, ckpt.tokenizer, pairs, max_length, stats, ready)
+    yield from _in_order(_predicted(eng, windows, engine, batch_size, window, all_probs), ready, stats)
 
-    def windows() -> Iterator[list]:
-        """Length-sorted (index, ids, token_type_ids) of each window's non-empty lines."""
-        it, base = iter(lines), 0
-        while True:
-            chunk = [line for _, line in zip(range(window), it)]
-            if not chunk:
-                return
-            live = []
-            for k, line in enumerate(chunk):
-                if line.strip():
-                    live.append(k)
-                else:
-                    ready[base + k] = Prediction(index=base + k, empty=True)
-            if live:
-                texts = [chunk[k] for k in live]
-                if pairs:
-                    a, b = zip(*(split_pair(t) for t in texts))
-                    enc = encode(tok, list(a), list(b), max_length)
-                else:
-                    enc = encode(tok, texts, None, max_length)
-                stats.truncated += enc.truncated
-                tt = enc.token_type_ids
-                rows = [(base + k, enc.input_ids[j], tt[j] if tt is not None else None) for j, k in enumerate(live)]
-                rows.sort(key=lambda r: (len(r[1]), r[0]))
-                yield rows
-            else:
-                yield []
-            base += len(chunk)
 
-    def produce() -> Iterator[Prediction]:
-        if engine == "refill":
-            stream = (r for rows in windows() for r in rows)
-            for key, layer, logits, ent in eng.run_refill(stream, max_lag=window):
-                yield _result(key, layer, logits, ent, all_probs, eng.regression)
+def _windows(lines: Iterable[str], window: int, tok, pairs: bool, max_length: int, stats: PredictStats,
+             ready: dict) -> Iterator[list]:
+    """Length-sorted (index, ids, token_type_ids) of each window's non-empty lines; the empty ones go
+    straight into ``ready`` as results."""
+    it, base = iter(lines), 0
+    while True:
+        chunk = [line for _, line in zip(range(window), it)]
+        if not chunk:
             return
-        for rows in windows():
-            for s in range(0, len(rows), batch_size):
-                part = rows[s : s + batch_size]
-                layer, logits, ent = eng.run_rows([r[1] for r in part],
-                                                  [r[2] for r in part] if part[0][2] is not None else None)
-                yield from _results([r[0] for r in part], layer, logits, ent, all_probs, eng.regression)
-            yield None  # window done: flush empties waiting in the buffer
+        live = []
+        for k, line in enumerate(chunk):
+            if line.strip():
+                live.append(k)
+            else:
+                ready[base + k] = Prediction(index=base + k, empty=True)
+        if live:
+            texts = [chunk[k] for k in live]
+            if pairs:
+                a, b = zip(*(split_pair(t) for t in texts))
+                enc = encode(tok, list(a), list(b), max_length)
+            else:
+                enc = encode(tok, texts, None, max_length)
+            stats.truncated += enc.truncated
+            tt = enc.token_type_ids
+            rows = [(base + k, enc.input_ids[j], tt[j] if tt is not None else None) for j, k in enumerate(live)]
+            rows.sort(key=lambda r: (len(r[1]), r[0]))
+            yield rows
+        else:
+            yield []
+        base += len(chunk)
 
+
+def _predicted(eng: EarlyExitEngine, windows: Iterator[list], engine: str, batch_size: int, window: int,
+               all_probs: bool) -> Iterator[Prediction | None]:
+    """The rows of ``windows`` through ``eng`` -> Predictions as they finish (``None`` after each window of
+    the shrink engine: a point to flush the empty lines waiting in the reorder buffer)."""
+    if engine == "refill":
+        stream = (r for rows in windows for r in rows)
+        for key, layer, logits, ent in eng.run_refill(stream, max_lag=window):
+            yield _result(key, layer, logits, ent, all_probs, eng.regression)
+        return
+    for rows in windows:
+        for s in range(0, len(rows), batch_size):
+            part = rows[s : s + batch_size]
+            layer, logits, ent = eng.run_rows([r[1] for r in part],
+                                              [r[2] for r in part] if part[0][2] is not None else None)
+            yield from _results([r[0] for r in part], layer, logits, ent, all_probs, eng.regression)
+        yield None  # window done: flush empties waiting in the buffer
+
+
+def _in_order(results: Iterator[Prediction | None], ready: dict, stats: PredictStats) -> Iterator[Prediction]:
+    """The reorder buffer: each result waits in ``ready`` until every earlier line has left, then leaves,
+    counted into ``stats``; trailing empty lines leave at the end."""
     t0 = time.perf_counter()
     nxt = 0
-    for res in produce():
+    for res in results:
         if res is not None:
             ready[res.index] = res
         while nxt in ready:
