@@ -1,5 +1,5 @@
 """How a refill step is split into width groups: the serving core (no HTTP) under a closed loop of
-concurrent clients, for several per-call costs ``call_tokens`` (see inference.width_groups).
+concurrent clients, for several per-call costs ``call_tokens`` (see core.runtime.engine.width_groups).
 
     .venv/bin/python benchmarks/bench_refill_groups.py --checkpoint runs/minilm --threshold 0.7 [--runtime onnx]
     .venv/bin/python benchmarks/bench_refill_groups.py --checkpoint runs/minilm --lags 0.25,0.5,1 [--runtime onnx]
