@@ -88,7 +88,7 @@ def chain(steps: list, depth: int, out: Path) -> Path:
 def build(ckpt_dir: Path, work: Path, precision: str) -> dict:
     """The per-step graphs (as `deebert export` writes them), composed with and without off-ramps, and
     chained into one graph per depth."""
-    from deebert_cli.core.export import compose_steps
+    from deebert_cli.core.runtime.export import compose_steps
 
     steps = per_step_graphs(ckpt_dir, work, precision)  # embeddings, layers 1..L
     compose_steps(steps, work / "with_ramps" / "model.onnx")
@@ -111,10 +111,12 @@ def main():
 
     import onnxruntime as ort
 
-    from deebert_cli.core.data import encode
-    from deebert_cli.core.exits import exit_entropy
-    from deebert_cli.core.inference import EarlyExitEngine, ExitRule, load_for_inference, pad_rows, predict_stream
-    from deebert_cli.core.onnx_runtime import session_options
+    from deebert_cli.core.data.encoding import encode
+    from deebert_cli.core.model.policies import exit_entropy
+    from deebert_cli.core.runtime.engine import EarlyExitEngine, pad_rows
+    from deebert_cli.core.runtime.rules import ExitRule
+    from deebert_cli.core.runtime.stream import load_for_inference, predict_stream
+    from deebert_cli.core.runtime.onnx_backend import session_options
 
     ck = Path(args.checkpoint)
     texts, _ = rows_of(DATA / "test.jsonl")

@@ -27,9 +27,11 @@ def main() -> None:
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
     from deebert_cli.core.config import DEFAULT_MODEL
-    from deebert_cli.core.data import DataSpec, encode, pad_batch, prepare_data
-    from deebert_cli.core.modeling import HighwayModel
-    from deebert_cli.core.training import _final_logits, resolve_model_path
+    from deebert_cli.core.data.examples import DataSpec, prepare_data
+    from deebert_cli.core.data.encoding import encode, pad_batch
+    from deebert_cli.core.model.highway import HighwayModel
+    from deebert_cli.core.train.common import resolve_model_path
+    from deebert_cli.core.train.stage1 import _final_logits
 
     path = resolve_model_path(DEFAULT_MODEL)
     tok = AutoTokenizer.from_pretrained(path)

@@ -63,9 +63,9 @@ class Eager:
 
     @torch.no_grad()
     def __call__(self, texts, bs) -> tuple:
-        from deebert_cli.core.data import encode
+        from deebert_cli.core.data.encoding import encode
         from deebert_cli.core.device import autocast
-        from deebert_cli.core.inference import pad_rows
+        from deebert_cli.core.runtime.engine import pad_rows
 
         enc = encode(self.tok, texts, None, 128)
         order = sorted(range(len(texts)), key=lambda i: (len(enc.input_ids[i]), i))
@@ -84,7 +84,8 @@ class Eager:
 
 
 def deebert(ckpt, device, precision, thr, engine="shrink", every=1):
-    from deebert_cli.core.inference import EarlyExitEngine, ExitRule, PredictStats, predict_stream
+    from deebert_cli.core.runtime.rules import ExitRule
+    from deebert_cli.core.runtime.stream import PredictStats, predict_stream
 
     rule = ExitRule([thr] * ckpt.model.num_layers)
 
@@ -102,13 +103,14 @@ def deebert(ckpt, device, precision, thr, engine="shrink", every=1):
 
 def _deferred(ckpt, rule, device, precision, texts, bs, every):
     """predict_stream's shrink engine with exits read every ``every`` layers (see the module docstring)."""
-    from deebert_cli.core.inference import EarlyExitEngine, predict_stream
+    from deebert_cli.core.runtime.engine import EarlyExitEngine
+    from deebert_cli.core.runtime.stream import predict_stream
 
     class Deferred(EarlyExitEngine):
         def run_batch(self, batch):
             return deferred_run_batch(self, batch, every)
 
-    import deebert_cli.core.inference as inf
+    import deebert_cli.core.runtime.stream as inf
 
     orig = inf.EarlyExitEngine
     inf.EarlyExitEngine = Deferred
@@ -171,7 +173,7 @@ def bert_base():
     """A randomly initialised BERT-base-sized highway model (768 wide, 12 layers): timing only."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    from deebert_cli.core.modeling import HighwayModel
+    from deebert_cli.core.model.highway import HighwayModel
 
     return HighwayModel(BertForSequenceClassification(BertConfig(num_labels=2)))
 
@@ -205,7 +207,7 @@ def layer_costs(m, device, precision, rows=(1, 8, 32, 64, 128, 256, 512, 1024), 
 # the benchmark
 # ------------------------------------------------------------------------------------------------
 def bench(args) -> dict:
-    from deebert_cli.core.checkpoint import load_checkpoint
+    from deebert_cli.core.model.checkpoint import load_checkpoint
     from deebert_cli.core.device import resolve_device
 
     device = resolve_device(args.device)

@@ -16,12 +16,16 @@ import math
 import time
 from pathlib import Path
 
-from deebert_cli.core.analysis import outcome, recommend, search_per_layer, sweep_from_logits
-from deebert_cli.core.checkpoint import load_checkpoint
+from deebert_cli.core.analysis.sweep import outcome, recommend, search_per_layer, sweep_from_logits
+from deebert_cli.core.model.checkpoint import load_checkpoint
 from deebert_cli.core.config import TrainExitsConfig
-from deebert_cli.core.data import DataSpec, encode, load_splits, prepare_data, to_examples
-from deebert_cli.core.inference import ExitRule, predict_stream
-from deebert_cli.core.training import collect, train_exits
+from deebert_cli.core.data.examples import DataSpec, prepare_data, to_examples
+from deebert_cli.core.data.encoding import encode
+from deebert_cli.core.data.readers import load_splits
+from deebert_cli.core.runtime.rules import ExitRule
+from deebert_cli.core.runtime.stream import predict_stream
+from deebert_cli.core.runtime.passes import collect
+from deebert_cli.core.train.stage2 import train_exits
 
 GRID = [round(0.025 * k, 3) for k in range(41)]
 VARIANTS = {

@@ -25,10 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_runtime import DATA, plain_onnx, sorted_batches  # noqa: E402
 
-from deebert_cli.core.checkpoint import load_checkpoint  # noqa: E402
-from deebert_cli.core.export import SAMPLE_TEXTS, _quantize, compose_steps, write_graphs  # noqa: E402
-from deebert_cli.core.inference import load_for_inference, pad_rows  # noqa: E402
-from deebert_cli.core.onnx_runtime import session_options  # noqa: E402
+from deebert_cli.core.model.checkpoint import load_checkpoint  # noqa: E402
+from deebert_cli.core.runtime.export import SAMPLE_TEXTS, _quantize, compose_steps, write_graphs  # noqa: E402
+from deebert_cli.core.runtime.engine import pad_rows  # noqa: E402
+from deebert_cli.core.runtime.stream import load_for_inference  # noqa: E402
+from deebert_cli.core.runtime.onnx_backend import session_options  # noqa: E402
 
 
 def per_step_graphs(ckdir: Path, out: Path, precision: str) -> list:

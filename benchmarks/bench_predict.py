@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from deebert_cli.core.inference import ExitRule, PredictStats, load_for_inference, predict_stream
+from deebert_cli.core.runtime.rules import ExitRule
+from deebert_cli.core.runtime.stream import PredictStats, load_for_inference, predict_stream
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "movie_snippets" / "test.jsonl"
 PACKAGED = Path(__file__).resolve().parents[1] / "deebert_cli" / "data" / "movie_snippets" / "test.jsonl"

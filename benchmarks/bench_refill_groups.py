@@ -1,5 +1,5 @@
 """How a refill step is split into width groups: the serving core (no HTTP) under a closed loop of
-concurrent clients, for several per-call costs ``call_tokens`` (see inference.width_groups).
+concurrent clients, for several per-call costs ``call_tokens`` (see core.runtime.engine.width_groups).
 
     .venv/bin/python benchmarks/bench_refill_groups.py --checkpoint runs/minilm --threshold 0.7 [--runtime onnx]
     .venv/bin/python benchmarks/bench_refill_groups.py --checkpoint runs/minilm --lags 0.25,0.5,1 [--runtime onnx]
@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
-from deebert_cli.core.inference import ExitRule, backend_for, load_for_inference, predict_stream
-from deebert_cli.core.serving import BatchingServer
+from deebert_cli.core.runtime.engine import backend_for
+from deebert_cli.core.runtime.rules import ExitRule
+from deebert_cli.core.runtime.stream import load_for_inference, predict_stream
+from deebert_cli.core.serve.batching import BatchingServer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "movie_snippets" / "test.jsonl"
 PACKAGED = Path(__file__).resolve().parents[1] / "deebert_cli" / "data" / "movie_snippets" / "test.jsonl"

@@ -51,9 +51,9 @@ def rows_of(path: Path) -> tuple:
 
 def recommended_threshold(ckpt, texts, labels, max_drop: float) -> tuple:
     """analyze's recommendation on these texts (its sweep over its default grid) -> (threshold, SweepRow)."""
-    from deebert_cli.core.analysis import DEFAULT_GRID, recommend, sweep_from_logits
-    from deebert_cli.core.data import encode
-    from deebert_cli.core.training import collect
+    from deebert_cli.core.analysis.sweep import DEFAULT_GRID, recommend, sweep_from_logits
+    from deebert_cli.core.data.encoding import encode
+    from deebert_cli.core.runtime.passes import collect
 
     names = ckpt.label_names
     y = [names.index(l) for l in labels]
@@ -68,7 +68,7 @@ def plain_onnx(ckpt_dir: Path, out: Path) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from onnxruntime.transformers.optimizer import optimize_model
 
-    from deebert_cli.core.export import _quantize
+    from deebert_cli.core.runtime.export import _quantize
 
     out.mkdir(parents=True, exist_ok=True)
     fp32, int8 = out / "classifier.onnx", out / "classifier.int8.onnx"
@@ -93,7 +93,7 @@ class PlainOrt:
     def __init__(self, path: Path, tok, threads: int):
         import onnxruntime as ort
 
-        from deebert_cli.core.onnx_runtime import session_options
+        from deebert_cli.core.runtime.onnx_backend import session_options
 
         # the same session options as deebert's own model (ORT's default thread spinning)
         so = session_options(ort, threads)
@@ -101,7 +101,7 @@ class PlainOrt:
         self.tok = tok
 
     def __call__(self, batches) -> list:
-        from deebert_cli.core.inference import pad_rows
+        from deebert_cli.core.runtime.engine import pad_rows
 
         out = []
         for ids, tt in batches:
@@ -118,7 +118,7 @@ class Eager:
 
     @torch.no_grad()
     def __call__(self, batches) -> list:
-        from deebert_cli.core.inference import pad_rows
+        from deebert_cli.core.runtime.engine import pad_rows
 
         out = []
         for ids, tt in batches:
@@ -130,7 +130,7 @@ class Eager:
 
 def sorted_batches(tok, texts, bs, max_length=128) -> tuple:
     """Length-sorted batches of token ids (what deebert's engine does within its window) + the order."""
-    from deebert_cli.core.data import encode
+    from deebert_cli.core.data.encoding import encode
 
     enc = encode(tok, texts, None, max_length)
     order = sorted(range(len(texts)), key=lambda i: (len(enc.input_ids[i]), i))
@@ -139,7 +139,8 @@ def sorted_batches(tok, texts, bs, max_length=128) -> tuple:
 
 
 def deebert_run(ckpt, thr, bs, engine="shrink"):
-    from deebert_cli.core.inference import ExitRule, PredictStats, predict_stream
+    from deebert_cli.core.runtime.rules import ExitRule
+    from deebert_cli.core.runtime.stream import PredictStats, predict_stream
 
     def run(texts):
         stats = PredictStats(ckpt.model.num_layers)
@@ -150,7 +151,7 @@ def deebert_run(ckpt, thr, bs, engine="shrink"):
 
 
 def token_counts(tok, texts, max_length: int = 128) -> list:
-    from deebert_cli.core.data import encode
+    from deebert_cli.core.data.encoding import encode
 
     return [len(ids) for ids in encode(tok, texts, None, max_length).input_ids]
 
@@ -163,8 +164,10 @@ def token_weighted_exit(tokens: list, exits: list) -> float:
 
 def correctness(ref, onnx, texts, thr) -> dict:
     """Every exit's logits onnx fp32 vs torch over ``texts``; labels and exit layers of predict at ``thr``."""
-    from deebert_cli.core.exits import normalized_entropy
-    from deebert_cli.core.inference import ExitRule, pad_rows, predict_stream
+    from deebert_cli.core.model.policies import normalized_entropy
+    from deebert_cli.core.runtime.engine import pad_rows
+    from deebert_cli.core.runtime.rules import ExitRule
+    from deebert_cli.core.runtime.stream import predict_stream
 
     batches, order = sorted_batches(onnx.tokenizer, texts, 32)
     worst, ents = 0.0, []
@@ -195,11 +198,11 @@ def correctness(ref, onnx, texts, thr) -> dict:
 
 
 def bench(args) -> dict:
-    from deebert_cli.core.checkpoint import load_checkpoint
+    from deebert_cli.core.model.checkpoint import load_checkpoint
     from deebert_cli.core.config import ExportConfig
     from deebert_cli.core.errors import UserError
-    from deebert_cli.core.export import export_checkpoint
-    from deebert_cli.core.inference import load_for_inference
+    from deebert_cli.core.runtime.export import export_checkpoint
+    from deebert_cli.core.runtime.stream import load_for_inference
 
     torch.set_num_threads(args.threads)
     ck = Path(args.checkpoint)
@@ -323,7 +326,10 @@ def load_times(args) -> dict:
         for k in [k for k in sys.modules if k == "deebert_cli" or k.startswith("deebert_cli.")]:
             del sys.modules[k]
         sys.path.insert(0, root)
-        mods[name] = importlib.import_module("deebert_cli.core.checkpoint")
+        try:  # this layout, or a checkout from before core/ became packages
+            mods[name] = importlib.import_module("deebert_cli.core.model.checkpoint")
+        except ModuleNotFoundError:
+            mods[name] = importlib.import_module("deebert_cli.core.checkpoint")
         sys.path.pop(0)
     mods["before"].load_checkpoint(args.checkpoint)  # warm the imports
     best = {k: math.inf for k in mods}

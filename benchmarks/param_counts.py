@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from deebert_cli.core.modeling import HighwayModel
+from deebert_cli.core.model.highway import HighwayModel
 
 BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 CONFIGS = {  # name: (model_type, shapes of the released config)

@@ -193,7 +193,8 @@ def make_data_dir(tmp_path, n_train: int = 200, n_val: int = 60, name: str = "da
 def train_tiny_checkpoint(tmp_path, exits: bool = True, name: str = "ckpt", **ft) -> str:
     """Stage 1 (+ stage 2) on synthetic sentiment data with a tiny BERT: a few seconds."""
     from deebert_cli.core.config import FinetuneConfig, TrainExitsConfig
-    from deebert_cli.core.training import finetune, train_exits
+    from deebert_cli.core.train.stage1 import finetune
+    from deebert_cli.core.train.stage2 import train_exits
 
     backbone = make_tiny_backbone(tmp_path, name=f"{name}-backbone")
     data = make_data_dir(tmp_path, name=f"{name}-data")
@@ -223,7 +224,7 @@ def export_copy(src: str, tmp_path_factory, name: str, quantize: str | None = "i
     pytest.importorskip("onnxruntime", reason="the onnx runtime needs pip install 'deebert-cli[onnx]'")
     pytest.importorskip("onnx", reason="deebert export needs pip install 'deebert-cli[onnx]'")
     from deebert_cli.core.config import ExportConfig
-    from deebert_cli.core.export import export_checkpoint
+    from deebert_cli.core.runtime.export import export_checkpoint
 
     dst = tmp_path_factory.mktemp(name) / "ckpt"
     shutil.copytree(src, dst)
@@ -242,7 +243,7 @@ RUNTIMES = ("torch", "onnx")
 
 def load_runtime(runtime: str, request, torch_fixture: str = "trained_ckpt", onnx_fixture: str = "exported_ckpt"):
     """The checkpoint of ``torch_fixture`` on the torch runtime, or its export (``onnx_fixture``) on onnx."""
-    from deebert_cli.core.inference import load_for_inference
+    from deebert_cli.core.runtime.stream import load_for_inference
 
     if runtime == "torch":
         return load_for_inference(request.getfixturevalue(torch_fixture), "torch")

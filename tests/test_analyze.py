@@ -5,7 +5,7 @@ import pytest
 from typer.testing import CliRunner
 
 from deebert_cli.cli.app import app
-from deebert_cli.core.analysis import SweepRow, recommend
+from deebert_cli.core.analysis.sweep import SweepRow, recommend
 
 runner = CliRunner()
 

@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FAMILIES, pad_id, tiny_classifier
-from deebert_cli.core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from deebert_cli.core.modeling import HighwayModel
+from deebert_cli.core.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from deebert_cli.core.model.highway import HighwayModel
 
 
 def _ids(family="bert"):

@@ -22,8 +22,9 @@ from conftest import FAMILIES, make_data_dir, mixed_lines, tiny_classifier
 from test_predict import all_exit_entropies, spread_threshold
 
 from deebert_cli.cli.app import app
-from deebert_cli.core.checkpoint import load_checkpoint
-from deebert_cli.core.inference import ExitRule, LearnedRule, PatienceRule, PredictStats, predict_stream
+from deebert_cli.core.model.checkpoint import load_checkpoint
+from deebert_cli.core.runtime.rules import ExitRule, LearnedRule, PatienceRule
+from deebert_cli.core.runtime.stream import PredictStats, predict_stream
 
 # the accelerator under test: cuda, or another torch device (DEEBERT_TEST_DEVICE=mps; =cpu checks the
 # tests themselves on a machine without one)
@@ -50,7 +51,7 @@ def _all_exit_logits(model, ids, mask, device, precision):
 @pytest.mark.parametrize("precision", ["fp32"] + HALF)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_exit_matches_the_cpu(family, precision):
-    from deebert_cli.core.modeling import HighwayModel
+    from deebert_cli.core.model.highway import HighwayModel
 
     torch.manual_seed(0)
     model = HighwayModel(tiny_classifier(family, layers=4))
@@ -82,9 +83,9 @@ def learned_cuda_ckpt(trained_ckpt, tmp_path_factory):
 
 def _rules(ckpt, lines):
     """One rule of each policy, set so that exits fire at several layers."""
-    from deebert_cli.core.data import encode
-    from deebert_cli.core.exits import patience_exit
-    from deebert_cli.core.training import collect
+    from deebert_cli.core.data.encoding import encode
+    from deebert_cli.core.model.policies import patience_exit
+    from deebert_cli.core.runtime.passes import collect
 
     ent = all_exit_entropies(ckpt, lines)
     enc = encode(ckpt.tokenizer, lines, None, 128)
@@ -127,7 +128,7 @@ def test_low_precision_predicts_on_the_gpu(trained_ckpt, precision):
 
 def test_serving_core_equals_predict_on_the_gpu(trained_ckpt):
     pytest.importorskip("starlette", reason="needs the serve extra: pip install 'deebert-cli[serve]'")
-    from deebert_cli.core.serving import BatchingServer
+    from deebert_cli.core.serve.batching import BatchingServer
 
     ckpt = load_checkpoint(trained_ckpt)
     lines = mixed_lines(60, seed=5)

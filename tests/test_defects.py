@@ -121,7 +121,7 @@ def test_predict_output_in_a_missing_folder_is_one_error_line(trained_ckpt, tmp_
 
 # 4. predict --max-length above the model's maximum --------------------------------------------------
 def test_max_length_above_the_position_embeddings_is_capped_with_one_warning(trained_ckpt):
-    from deebert_cli.core.checkpoint import load_checkpoint
+    from deebert_cli.core.model.checkpoint import load_checkpoint
 
     limit = load_checkpoint(trained_ckpt).model.max_tokens
     long_line = " ".join(["good"] * (3 * limit))
@@ -139,7 +139,7 @@ def test_max_tokens_is_the_longest_input_the_model_takes(family):
     import torch
 
     from conftest import tiny_classifier
-    from deebert_cli.core.modeling import HighwayModel
+    from deebert_cli.core.model.highway import HighwayModel
 
     model = HighwayModel(tiny_classifier(family))
     n = model.max_tokens
@@ -204,7 +204,7 @@ def _write(path, rows):
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".tsv", ".parquet"])
 def test_texts_with_line_break_characters_are_read_whole(trained_ckpt, tmp_path, suffix):
-    from deebert_cli.core.data import read_table
+    from deebert_cli.core.data.readers import read_table
 
     rows = _rows()
     path = tmp_path / f"data{suffix}"
@@ -232,7 +232,7 @@ def test_a_broken_jsonl_line_is_named_in_one_error_line(trained_ckpt, tmp_path):
 
 
 def test_csv_cells_stay_strings(tmp_path):
-    from deebert_cli.core.data import read_table
+    from deebert_cli.core.data.readers import read_table
 
     path = tmp_path / "d.csv"
     path.write_text("text,label\nNA,007\n,1\n")

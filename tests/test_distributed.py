@@ -43,10 +43,11 @@ def launch(tmp_path, *args, processes: int = 2, timeout: int = 240) -> subproces
 
 def single_process_eval(ckpt_dir: str, all_logits: bool = False) -> tuple:
     """Evaluate a checkpoint in this process on its own evaluation split, with the core's one-pass collect."""
-    from deebert_cli.core.checkpoint import load_checkpoint
-    from deebert_cli.core.data import DataSpec, encode, prepare_data
+    from deebert_cli.core.model.checkpoint import load_checkpoint
+    from deebert_cli.core.data.examples import DataSpec, prepare_data
+    from deebert_cli.core.data.encoding import encode
     from deebert_cli.core.metrics import accuracy
-    from deebert_cli.core.training import collect
+    from deebert_cli.core.runtime.passes import collect
 
     ckpt = load_checkpoint(ckpt_dir)
     data = prepare_data(DataSpec(**ckpt.meta["data"]))
@@ -177,7 +178,7 @@ def test_bf16_on_cpu_trains_and_predicts(tiny_backbone, trained_ckpt, tmp_path):
 
 
 def test_single_process_never_imports_accelerate():
-    code = ("import sys; from deebert_cli.core.distributed import Runtime; rt = Runtime('cpu', 'bf16');"
+    code = ("import sys; from deebert_cli.core.launch import Runtime; rt = Runtime('cpu', 'bf16');"
             "print(rt.distributed, rt.world, 'accelerate' in sys.modules)")
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout

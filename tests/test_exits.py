@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from deebert_cli.core.exits import OffRamp, RampConfig, entropy, first_exit, normalized_entropy, pool
+from deebert_cli.core.model.policies import RampConfig, entropy, first_exit, normalized_entropy
+from deebert_cli.core.model.ramps import OffRamp, pool
 
 
 def test_entropy_hand_computed_values():
@@ -57,7 +58,7 @@ def test_mean_pooling_ignores_padding():
 def test_patience_and_entropy_disagree_on_hand_made_logits():
     import math
 
-    from deebert_cli.core.exits import PatiencePolicy, first_exit, normalized_entropy, patience_exit, policy_exit
+    from deebert_cli.core.model.policies import PatiencePolicy, first_exit, normalized_entropy, patience_exit, policy_exit
 
     # 4 layers x 2 samples x 2 classes
     # sample 0: confidently wrong at layer 1, then flips and stays  -> entropy exits at 1, patience 1 at layer 3

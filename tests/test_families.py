@@ -8,9 +8,10 @@ from typer.testing import CliRunner
 
 from conftest import make_data_dir, make_family_backbone, mixed_lines
 from deebert_cli.cli.app import app
-from deebert_cli.core.checkpoint import load_checkpoint
-from deebert_cli.core.inference import ExitRule
-from deebert_cli.core.modeling import ADAPTERS, HighwayModel
+from deebert_cli.core.model.checkpoint import load_checkpoint
+from deebert_cli.core.runtime.rules import ExitRule
+from deebert_cli.core.model.families import ADAPTERS
+from deebert_cli.core.model.highway import HighwayModel
 from test_predict import all_exit_entropies, run, spread_threshold
 
 runner = CliRunner()

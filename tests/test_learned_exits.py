@@ -7,12 +7,13 @@ from typer.testing import CliRunner
 
 from conftest import RUNTIMES, export_copy, load_runtime, mixed_lines
 from deebert_cli.cli.app import app
-from deebert_cli.core.analysis import exit_scores
-from deebert_cli.core.checkpoint import load_checkpoint
-from deebert_cli.core.data import encode
-from deebert_cli.core.exits import LearnedPolicy, policy_exit
-from deebert_cli.core.inference import LearnedRule, PredictStats, predict_stream
-from deebert_cli.core.training import collect
+from deebert_cli.core.runtime.passes import exit_scores
+from deebert_cli.core.model.checkpoint import load_checkpoint
+from deebert_cli.core.data.encoding import encode
+from deebert_cli.core.model.policies import LearnedPolicy, policy_exit
+from deebert_cli.core.runtime.rules import LearnedRule
+from deebert_cli.core.runtime.stream import PredictStats, predict_stream
+from deebert_cli.core.runtime.passes import collect
 
 runner = CliRunner()
 
@@ -113,7 +114,7 @@ def test_learned_sweep_agrees_with_predict(learned_ckpt, learned_export, trained
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_every_policy_streams_and_loses_nothing(runtime, request):
-    from deebert_cli.core.inference import ExitRule, PatienceRule
+    from deebert_cli.core.runtime.rules import ExitRule, PatienceRule
 
     ckpt = load_runtime(runtime, request, "learned_ckpt", "learned_export")
     L = ckpt.model.num_layers

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import FAMILIES, pad_id, tiny_classifier
-from deebert_cli.core.modeling import HighwayModel
+from deebert_cli.core.model.highway import HighwayModel
 
 
 def _inputs(family, seed=0):
@@ -158,7 +158,7 @@ def test_each_layer_step_traces_and_the_trace_generalises(family):
 
 
 def test_off_ramp_pooling_follows_the_family_head_unless_given():
-    from deebert_cli.core.exits import RampConfig
+    from deebert_cli.core.model.policies import RampConfig
 
     assert HighwayModel(tiny_classifier("modernbert")).ramp_cfg.pooling == "mean"  # classifier_pooling=mean
     assert HighwayModel(tiny_classifier("modernbert-cls")).ramp_cfg.pooling == "cls"

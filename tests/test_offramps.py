@@ -8,11 +8,14 @@ from typer.testing import CliRunner
 
 from conftest import make_data_dir, make_tiny_backbone, mixed_lines, train_tiny_checkpoint
 from deebert_cli.cli.app import app
-from deebert_cli.core.checkpoint import load_checkpoint
+from deebert_cli.core.model.checkpoint import load_checkpoint
 from deebert_cli.core.config import TrainExitsConfig
-from deebert_cli.core.data import DataSpec, encode, prepare_data
-from deebert_cli.core.inference import ExitRule, predict_stream
-from deebert_cli.core.training import collect, train_exits
+from deebert_cli.core.data.examples import DataSpec, prepare_data
+from deebert_cli.core.data.encoding import encode
+from deebert_cli.core.runtime.rules import ExitRule
+from deebert_cli.core.runtime.stream import predict_stream
+from deebert_cli.core.runtime.passes import collect
+from deebert_cli.core.train.stage2 import train_exits
 
 runner = CliRunner()
 

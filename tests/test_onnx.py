@@ -13,10 +13,12 @@ from typer.testing import CliRunner
 from conftest import RUNTIMES, load_runtime, mixed_lines
 from conftest import FAMILIES
 from deebert_cli.cli.app import app
-from deebert_cli.core.checkpoint import load_checkpoint
-from deebert_cli.core.data import encode
+from deebert_cli.core.model.checkpoint import load_checkpoint
+from deebert_cli.core.data.encoding import encode
 from deebert_cli.core.errors import UserError
-from deebert_cli.core.inference import ExitRule, EarlyExitEngine, load_for_inference, predict_stream
+from deebert_cli.core.runtime.engine import EarlyExitEngine
+from deebert_cli.core.runtime.rules import ExitRule
+from deebert_cli.core.runtime.stream import load_for_inference, predict_stream
 
 runner = CliRunner()
 
@@ -27,7 +29,7 @@ def test_every_exit_equals_torch(trained_ckpt, exported_ckpt):
     int8 = load_for_inference(exported_ckpt, "onnx", precision="int8")
     lines = mixed_lines(40, seed=2)
     enc = encode(ref.tokenizer, lines, None, 128)
-    from deebert_cli.core.inference import pad_rows
+    from deebert_cli.core.runtime.engine import pad_rows
 
     ids, mask, tt = pad_rows(enc.input_ids, ref.tokenizer.pad_token_id, enc.token_type_ids)
     assert (mask == 0).any(), "the batch must hold padding"
@@ -200,9 +202,9 @@ def test_every_family_exports_layer_by_layer(family, tmp_path):
     import onnxruntime as ort
 
     from conftest import tiny_classifier
-    from deebert_cli.core.exits import RampConfig
-    from deebert_cli.core.export import compose_steps, write_graphs
-    from deebert_cli.core.modeling import HighwayModel
+    from deebert_cli.core.model.policies import RampConfig
+    from deebert_cli.core.runtime.export import compose_steps, write_graphs
+    from deebert_cli.core.model.highway import HighwayModel
 
     torch.manual_seed(0)
     model = HighwayModel(tiny_classifier(family), RampConfig(pooling="mean", norm=True, learned_exit=True)).eval()

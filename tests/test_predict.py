@@ -9,11 +9,13 @@ from typer.testing import CliRunner
 
 from conftest import RUNTIMES, load_runtime, mixed_lines
 from deebert_cli.cli.app import app
-from deebert_cli.core.checkpoint import load_checkpoint
-from deebert_cli.core.data import encode
-from deebert_cli.core.exits import normalized_entropy
-from deebert_cli.core.inference import ExitRule, PredictStats, predict_stream, width_groups
-from deebert_cli.core.training import collect
+from deebert_cli.core.model.checkpoint import load_checkpoint
+from deebert_cli.core.data.encoding import encode
+from deebert_cli.core.model.policies import normalized_entropy
+from deebert_cli.core.runtime.engine import width_groups
+from deebert_cli.core.runtime.rules import ExitRule
+from deebert_cli.core.runtime.stream import PredictStats, predict_stream
+from deebert_cli.core.runtime.passes import collect
 
 runner = CliRunner()
 
@@ -225,8 +227,8 @@ def test_per_layer_thresholds(trained_ckpt):
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_patience_batched_equals_one_at_a_time(trained_ckpt, runtime, request):
-    from deebert_cli.core.exits import patience_exit
-    from deebert_cli.core.inference import PatienceRule
+    from deebert_cli.core.model.policies import patience_exit
+    from deebert_cli.core.runtime.rules import PatienceRule
 
     ref = load_checkpoint(trained_ckpt)
     ckpt = load_runtime(runtime, request)

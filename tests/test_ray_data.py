@@ -37,7 +37,7 @@ def local_ray():
 def threshold_for(ckpt_path, lines):
     """A threshold that sends rows out at several layers, far from every entropy (see test_predict)."""
     from test_predict import all_exit_entropies, spread_threshold
-    from deebert_cli.core.checkpoint import load_checkpoint
+    from deebert_cli.core.model.checkpoint import load_checkpoint
 
     return spread_threshold(all_exit_entropies(load_checkpoint(ckpt_path), [l for l in lines if l.strip()]))
 
@@ -121,7 +121,7 @@ class CrashOnce:
     """A predictor whose process dies on its first batch (once per marker file): Ray must restart it."""
 
     def __init__(self, marker, **kw):
-        from deebert_cli.core.ray_data import DeeBertPredictor
+        from deebert_cli.core.ray_data.predictor import DeeBertPredictor
 
         self.marker, self.inner = Path(marker), DeeBertPredictor(**kw)
 
@@ -146,9 +146,10 @@ def test_a_dying_worker_is_restarted_and_no_row_is_lost(local_ray, trained_ckpt,
 def test_predictor_maps_pandas_batches_like_predict(trained_ckpt):
     import pandas as pd
 
-    from deebert_cli.core.checkpoint import load_checkpoint
-    from deebert_cli.core.inference import ExitRule, predict_stream
-    from deebert_cli.core.ray_data import DeeBertPredictor
+    from deebert_cli.core.model.checkpoint import load_checkpoint
+    from deebert_cli.core.runtime.rules import ExitRule
+    from deebert_cli.core.runtime.stream import predict_stream
+    from deebert_cli.core.ray_data.predictor import DeeBertPredictor
 
     texts = mixed_lines(30, seed=8) + ["", None, "   "]
     thr = threshold_for(trained_ckpt, [t for t in texts if t])
@@ -214,11 +215,12 @@ def test_predictor_reads_sentence_pairs_from_two_columns(tmp_path):
     import pyarrow as pa
 
     from conftest import make_tiny_backbone, write_jsonl
-    from deebert_cli.core.checkpoint import load_checkpoint
+    from deebert_cli.core.model.checkpoint import load_checkpoint
     from deebert_cli.core.config import FinetuneConfig
-    from deebert_cli.core.inference import ExitRule, predict_stream
-    from deebert_cli.core.ray_data import DeeBertPredictor
-    from deebert_cli.core.training import finetune
+    from deebert_cli.core.runtime.rules import ExitRule
+    from deebert_cli.core.runtime.stream import predict_stream
+    from deebert_cli.core.ray_data.predictor import DeeBertPredictor
+    from deebert_cli.core.train.stage1 import finetune
 
     rows = make_sentiment_rows(40, 3, with_score=False)
     pairs = [{"premise": r["text"], "hypothesis": rows[(i + 1) % 40]["text"], "label": r["label"]} for i, r in enumerate(rows)]
@@ -242,8 +244,8 @@ def test_predictor_reads_sentence_pairs_from_two_columns(tmp_path):
 def test_text_files_are_read_by_predicts_line_rules(tmp_path):
     import io
 
-    from deebert_cli.core.inference import read_lines
-    from deebert_cli.core.ray_data import _text_chunks
+    from deebert_cli.core.runtime.stream import read_lines
+    from deebert_cli.core.ray_data.readers import _text_chunks
 
     raw = b"one\r\ntwo\n\n\xff bad \xfe\r\n  \nlast without newline"
     (tmp_path / "t.txt").write_bytes(raw)
@@ -255,7 +257,7 @@ def test_predictor_on_the_onnx_runtime_equals_torch(trained_ckpt, exported_ckpt)
     """The same exit rule on the export (runtime onnx, no torch in the actor) gives predict's torch answers."""
     import pandas as pd
 
-    from deebert_cli.core.ray_data import DeeBertPredictor
+    from deebert_cli.core.ray_data.predictor import DeeBertPredictor
 
     texts = mixed_lines(30, seed=9)
     thr = threshold_for(trained_ckpt, texts)

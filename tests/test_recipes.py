@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from conftest import mixed_lines, train_tiny_checkpoint
 from deebert_cli.cli.app import app
-from deebert_cli.core.recipes import candidates
+from deebert_cli.core.train.recipes import candidates
 
 runner = CliRunner()
 

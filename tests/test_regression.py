@@ -7,12 +7,13 @@ from typer.testing import CliRunner
 
 from conftest import make_data_dir, make_tiny_backbone, mixed_lines
 from deebert_cli.cli.app import app
-from deebert_cli.core.checkpoint import load_checkpoint
-from deebert_cli.core.data import encode
-from deebert_cli.core.exits import patience_exit
-from deebert_cli.core.inference import PatienceRule, PredictStats, predict_stream
+from deebert_cli.core.model.checkpoint import load_checkpoint
+from deebert_cli.core.data.encoding import encode
+from deebert_cli.core.model.policies import patience_exit
+from deebert_cli.core.runtime.rules import PatienceRule
+from deebert_cli.core.runtime.stream import PredictStats, predict_stream
 from deebert_cli.core.metrics import pearson, ranks, spearman
-from deebert_cli.core.training import collect
+from deebert_cli.core.runtime.passes import collect
 
 runner = CliRunner()
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from deebert_cli.core import risk as rk
+from deebert_cli.core.analysis import risk as rk
 
 
 def test_binomial_tail_and_bounds_against_brute_force():

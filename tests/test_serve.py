@@ -24,8 +24,10 @@ from conftest import RUNTIMES, load_runtime, mixed_lines
 from test_predict import all_exit_entropies, spread_threshold
 
 from deebert_cli.cli.app import app
-from deebert_cli.core.checkpoint import load_checkpoint
-from deebert_cli.core.inference import EarlyExitEngine, ExitRule, PredictStats, predict_stream
+from deebert_cli.core.model.checkpoint import load_checkpoint
+from deebert_cli.core.runtime.engine import EarlyExitEngine
+from deebert_cli.core.runtime.rules import ExitRule
+from deebert_cli.core.runtime.stream import PredictStats, predict_stream
 
 pytest.importorskip("starlette", reason="needs the serve extra: pip install 'deebert-cli[serve]'")
 pytest.importorskip("uvicorn", reason="needs the serve extra: pip install 'deebert-cli[serve]'")
@@ -42,7 +44,7 @@ runner = CliRunner()
 def test_server_core_equals_predict_on_every_runtime(trained_ckpt, runtime, batching, max_lag, request):
     """BatchingServer answers as predict does, batching across requests (rows waiting their default
     lag, or moved on as soon as one newer row passes them) or each request alone."""
-    from deebert_cli.core.serving import BatchingServer
+    from deebert_cli.core.serve.batching import BatchingServer
 
     ckpt = load_runtime(runtime, request)
     lines = mixed_lines(60, seed=5)
@@ -307,6 +309,12 @@ def find_browser() -> str | None:
         if path:
             return path
     return None
+
+
+def test_the_page_is_served_at_the_root(server):
+    """GET / answers the page shipped beside the HTTP app (package data: core/serve/page.html)."""
+    status, html = get(server.url + "/")
+    assert status == 200 and 'id="text"' in html and 'id="submit"' in html
 
 
 def test_page_in_a_real_browser(server):

@@ -22,11 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # (KILL_IN_SAVE: in the middle of writing that state instead, after its model file).
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    import deebert_cli.core.training as training
-    import deebert_cli.core.train_state as train_state
+    import deebert_cli.core.train.stage1 as stage1
+    import deebert_cli.core.train.state as train_state
 
     limit, in_save, count = int(os.environ["KILL_AFTER_SAVES"]), bool(os.environ.get("KILL_IN_SAVE")), [0]
-    save_state, save_file = training.save_state, train_state.save_file
+    save_state, save_file = stage1.save_state, train_state.save_file
 
     def counting(*args, **kwargs):
         count[0] += 1
@@ -40,7 +40,7 @@ KILLER = textwrap.dedent("""
         if count[0] >= limit and path.endswith("model.safetensors"):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    training.save_state = counting
+    stage1.save_state = counting
     if in_save:
         train_state.save_file = half_written
     from deebert_cli.cli.app import main
@@ -231,12 +231,12 @@ def test_every_epoch_is_evaluated_and_the_best_kept(setup, uninterrupted):
 def test_the_best_epochs_weights_are_the_ones_saved(setup, monkeypatch, task, scores, best):
     """Scripted evaluation figures (accuracy, or MSE: lower is better; ties keep the earlier epoch): the
     checkpoint holds the weights the model had after the best epoch, not after the last."""
-    from deebert_cli.core import training
     from deebert_cli.core.config import FinetuneConfig
+    from deebert_cli.core.train import stage1
 
     tmp, bb, data = setup
     snapshots, calls = [], iter(scores)
-    real = training._Stage1.evaluate
+    real = stage1._Stage1.evaluate
 
     def scripted(self):
         report = real(self)
@@ -248,11 +248,11 @@ def test_the_best_epochs_weights_are_the_ones_saved(setup, monkeypatch, task, sc
             report.accuracy = x
         return report
 
-    monkeypatch.setattr(training._Stage1, "evaluate", scripted)
+    monkeypatch.setattr(stage1._Stage1, "evaluate", scripted)
     out = tmp / f"best-{task}"
     kw = dict(label_column="score") if task == "regression" else {}
-    training.finetune(FinetuneConfig(model=bb, dataset=data, output=str(out), epochs=4, lr=3e-3, batch_size=16,
-                                     device="cpu", task=task, **kw))
+    stage1.finetune(FinetuneConfig(model=bb, dataset=data, output=str(out), epochs=4, lr=3e-3, batch_size=16,
+                                   device="cpu", task=task, **kw))
     saved = weights(out)
     assert all(torch.equal(saved[k], snapshots[best - 1][k]) for k in saved)
     assert not all(torch.equal(saved[k], snapshots[-1][k]) for k in saved)

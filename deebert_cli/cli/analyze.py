@@ -53,7 +53,8 @@ def analyze(
     values["plot"] = str(plot) if plot else None
     quiet_libraries()
     with user_errors():
-        from ..core.analysis import analyze as run, plot_analysis
+        from ..core.analysis.plots import plot_analysis
+        from ..core.analysis.report import analyze as run
         from ..core.config import AnalyzeConfig
 
         cfg = make_config(ctx, AnalyzeConfig, config, values, params={"json": "json_path"})

@@ -45,7 +45,7 @@ def quiet_libraries(transformers: bool = True) -> None:
 
 
 def fail(message: str, code: int = 2):
-    from ..core.distributed import is_launched, process_index
+    from ..core.launch import is_launched, process_index
 
     from rich.markup import escape
 
@@ -61,7 +61,7 @@ def finish_distributed(code: int = 0) -> None:
     ``destroy_process_group``, and at interpreter teardown they can abort the process ("terminate called
     without an active exception", SIGABRT) after all the work is done; everything is written and flushed
     by now, so skipping that teardown loses nothing. A plain run returns and exits normally."""
-    from ..core.distributed import is_launched, shutdown
+    from ..core.launch import is_launched, shutdown
 
     if not is_launched():
         return
@@ -109,7 +109,7 @@ def make_config(ctx: typer.Context, cls, config_file, values: dict[str, Any], pa
 
 
 class RichProgress:
-    """rich progress bar with loss, examples/s and ETA, implementing core.training.Progress."""
+    """rich progress bar with loss, examples/s and ETA, implementing core.train.common.Progress."""
 
     def __init__(self):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn

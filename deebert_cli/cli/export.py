@@ -30,7 +30,7 @@ def export(
     quiet_libraries()
     with user_errors("nothing was written"):
         from ..core.config import ExportConfig
-        from ..core.export import export_checkpoint
+        from ..core.runtime.export import export_checkpoint
 
         cfg = make_config(ctx, ExportConfig, config, values)
         m = export_checkpoint(cfg, log=lambda msg: err.print(f"[dim]{msg}[/]"))

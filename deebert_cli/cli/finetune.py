@@ -47,11 +47,11 @@ def finetune(
     values.pop("ctx"), values.pop("config")
     values["output"] = str(output)
     quiet_libraries()
-    from ..core.distributed import is_main_process
+    from ..core.launch import is_main_process
 
     with user_errors(f"no new checkpoint was written; '{output}' is as it was"):
         from ..core.config import FinetuneConfig
-        from ..core.training import finetune as run
+        from ..core.train.stage1 import finetune as run
 
         cfg = make_config(ctx, FinetuneConfig, config, values)
         result = run(cfg, RichProgress())

@@ -52,84 +52,108 @@ def predict(
     note = f"'{output}' was not written (a file there before is as it was)" if output else \
         "output so far is complete up to the last line written"
     with user_errors(note):
-        from ..core.config import PredictConfig
-        from ..core.inference import PredictStats, load_for_inference, predict_sharded, predict_stream, read_lines, resolve_rule
-        from ..core.errors import UserError
-        from ..core.files import atomic_text_file, check_output
-
-        cfg = make_config(ctx, PredictConfig, config, values)
-        onnx = cfg.runtime == "onnx"
-        quiet_libraries(transformers=not onnx)
-        rt = onnx_process(cfg.device) if onnx else torch_runtime(cfg.device, cfg.precision)
-        dev = rt.device
-        if cfg.input and not Path(cfg.input).is_file():
-            raise UserError(f"input file '{cfg.input}' does not exist")
-        if cfg.output:
-            check_output(cfg.output, cfg.input, checkpoint=cfg.checkpoint)
-        if rt.distributed and not cfg.input:
-            raise UserError("under accelerate launch every process reads the input: pass --input FILE (not stdin)")
-        ckpt = load_for_inference(cfg.checkpoint, cfg.runtime, dev, **({"precision": cfg.onnx_precision} if onnx else {}))
-        limit = ckpt.model.max_tokens
-        if cfg.max_length and limit and cfg.max_length > limit and rt.is_main:
-            err.print(f"[yellow]warning:[/] --max-length {cfg.max_length} is more than this model takes "
-                      f"({limit} tokens, its position embeddings); using {limit}")
-        cfg.max_length = min(cfg.max_length, limit) if cfg.max_length and limit else cfg.max_length
-        rule, source = resolve_rule(ckpt, cfg.threshold, cfg.thresholds, cfg.entropy, policy=cfg.exit_policy,
-                                    patience=cfg.patience, tolerance=cfg.tolerance)
-        L, names = ckpt.model.num_layers, ckpt.label_names
-        stats = PredictStats(L)
-        interactive = cfg.input is None and sys.stdin.isatty()
-        bs, win = (1, 1) if interactive else (cfg.batch_size, cfg.window)
-        main = rt.is_main  # under accelerate launch only the main process writes and reports
-        if main:
-            where = f"{rt.world} processes" if rt.distributed else (
-                f"onnx runtime ({cfg.onnx_precision}, CPU)" if onnx else f"device {dev}")
-            err.print(f"[dim]deebert predict: {rule.describe()} ({source}); {L} layers; {where}; engine {cfg.engine}[/]")
-        src = open(cfg.input, "rb") if cfg.input else sys.stdin.buffer
-        # --output is written to a temporary sibling and renamed when complete: a file there is never half
-        sink = atomic_text_file(cfg.output) if cfg.output and main else contextlib.nullcontext(sys.stdout)
-        try:
-            with sink as dst:
-                if ckpt.task == "regression" and cfg.all_probs:
-                    raise UserError("--all-probs needs class probabilities; a regression checkpoint predicts a value")
-                fmt = Formatter(cfg.format, names, L, rule.entropy, cfg.all_probs, ckpt.task == "regression")
-                if fmt.header and main:
-                    dst.write(fmt.header + "\n")
-                kw = dict(batch_size=bs, window=win, max_length=cfg.max_length, engine=cfg.engine,
-                          all_probs=cfg.all_probs, stats=stats, precision=cfg.precision)
-                if rt.distributed:
-                    results = predict_sharded(ckpt, read_lines(src, stats), rule, rt, **kw)
-                else:
-                    results = predict_stream(ckpt, read_lines(src, stats), rule, dev, **kw)
-                for k, r in enumerate(results, 1):
-                    dst.write(fmt(r) + "\n")
-                    if interactive or k % bs == 0:
-                        dst.flush()
-                dst.flush()
-        finally:
-            if cfg.input:
-                src.close()
-    if main:
-        if stats.replaced:
-            err.print(f"[yellow]warning:[/] {stats.replaced} line(s) had bytes that are not UTF-8; they were replaced with U+FFFD")
-        if stats.truncated:
-            err.print(f"[yellow]warning:[/] {stats.truncated} line(s) were longer than {cfg.max_length or ckpt.meta.get('max_length', 128)} tokens and were truncated")
-        if cfg.summary:
-            render_summary(stats)
+        cfg, rt, ckpt, rule = load_run(ctx, config, values)
+        stats = write_results(cfg, rt, ckpt, rule)
+    if rt.is_main:  # under accelerate launch only the main process writes and reports
+        report(cfg, ckpt, stats)
     finish_distributed()
 
 
+def load_run(ctx: typer.Context, config: Optional[Path], values: dict) -> tuple:
+    """The resolved config, the process (torch or onnx), the checkpoint for inference and its exit rule;
+    the main process announces them. -> (cfg, runtime, checkpoint, rule)."""
+    from ..core.config import PredictConfig
+    from ..core.errors import UserError
+    from ..core.files import check_output
+    from ..core.runtime.rules import resolve_rule
+    from ..core.runtime.stream import load_for_inference
+
+    cfg = make_config(ctx, PredictConfig, config, values)
+    onnx = cfg.runtime == "onnx"
+    quiet_libraries(transformers=not onnx)
+    rt = onnx_process(cfg.device) if onnx else torch_runtime(cfg.device, cfg.precision)
+    dev = rt.device
+    if cfg.input and not Path(cfg.input).is_file():
+        raise UserError(f"input file '{cfg.input}' does not exist")
+    if cfg.output:
+        check_output(cfg.output, cfg.input, checkpoint=cfg.checkpoint)
+    if rt.distributed and not cfg.input:
+        raise UserError("under accelerate launch every process reads the input: pass --input FILE (not stdin)")
+    ckpt = load_for_inference(cfg.checkpoint, cfg.runtime, dev, **({"precision": cfg.onnx_precision} if onnx else {}))
+    limit = ckpt.model.max_tokens
+    if cfg.max_length and limit and cfg.max_length > limit and rt.is_main:
+        err.print(f"[yellow]warning:[/] --max-length {cfg.max_length} is more than this model takes "
+                  f"({limit} tokens, its position embeddings); using {limit}")
+    cfg.max_length = min(cfg.max_length, limit) if cfg.max_length and limit else cfg.max_length
+    rule, source = resolve_rule(ckpt, cfg.threshold, cfg.thresholds, cfg.entropy, policy=cfg.exit_policy,
+                                patience=cfg.patience, tolerance=cfg.tolerance)
+    if rt.is_main:
+        where = f"{rt.world} processes" if rt.distributed else (
+            f"onnx runtime ({cfg.onnx_precision}, CPU)" if onnx else f"device {dev}")
+        err.print(f"[dim]deebert predict: {rule.describe()} ({source}); {ckpt.model.num_layers} layers; {where}; engine {cfg.engine}[/]")
+    return cfg, rt, ckpt, rule
+
+
+def write_results(cfg, rt, ckpt, rule):
+    """Predict every input line and write one result line each, in input order (to a temporary sibling of
+    --output, renamed when complete, or to stdout) -> the run's PredictStats."""
+    from ..core.errors import UserError
+    from ..core.files import atomic_text_file
+    from ..core.runtime.stream import PredictStats, predict_sharded, predict_stream, read_lines
+
+    L, names = ckpt.model.num_layers, ckpt.label_names
+    stats = PredictStats(L)
+    interactive = cfg.input is None and sys.stdin.isatty()
+    bs, win = (1, 1) if interactive else (cfg.batch_size, cfg.window)
+    main = rt.is_main  # under accelerate launch only the main process writes and reports
+    src = open(cfg.input, "rb") if cfg.input else sys.stdin.buffer
+    # --output is written to a temporary sibling and renamed when complete: a file there is never half
+    sink = atomic_text_file(cfg.output) if cfg.output and main else contextlib.nullcontext(sys.stdout)
+    try:
+        with sink as dst:
+            if ckpt.task == "regression" and cfg.all_probs:
+                raise UserError("--all-probs needs class probabilities; a regression checkpoint predicts a value")
+            fmt = Formatter(cfg.format, names, L, rule.entropy, cfg.all_probs, ckpt.task == "regression")
+            if fmt.header and main:
+                dst.write(fmt.header + "\n")
+            kw = dict(batch_size=bs, window=win, max_length=cfg.max_length, engine=cfg.engine,
+                      all_probs=cfg.all_probs, stats=stats, precision=cfg.precision)
+            if rt.distributed:
+                results = predict_sharded(ckpt, read_lines(src, stats), rule, rt, **kw)
+            else:
+                results = predict_stream(ckpt, read_lines(src, stats), rule, rt.device, **kw)
+            for k, r in enumerate(results, 1):
+                dst.write(fmt(r) + "\n")
+                if interactive or k % bs == 0:
+                    dst.flush()
+            dst.flush()
+    finally:
+        if cfg.input:
+            src.close()
+    return stats
+
+
+def report(cfg, ckpt, stats) -> None:
+    """The end of a run on stderr: lines with replaced bytes, truncated lines, and the summary."""
+    if stats.replaced:
+        err.print(f"[yellow]warning:[/] {stats.replaced} line(s) had bytes that are not UTF-8; they were replaced with U+FFFD")
+    if stats.truncated:
+        err.print(f"[yellow]warning:[/] {stats.truncated} line(s) were longer than {cfg.max_length or ckpt.meta.get('max_length', 128)} tokens and were truncated")
+    if cfg.summary:
+        render_summary(stats)
+
+
 def torch_runtime(device: str, precision: str):
-    from ..core.distributed import Runtime
+    from ..core.launch import Runtime
 
     return Runtime(device, precision)
 
 
 def onnx_process(device: str):
-    """The onnx runtime's one process on the CPU (no torch: core.distributed.Runtime resolves devices with it)."""
+    """The onnx runtime's one process on the CPU (no torch: core.launch.Runtime resolves devices with it)."""
     from types import SimpleNamespace
 
-    from ..core.distributed import is_launched
+    from ..core.launch import is_launched
     from ..core.errors import UserError
 
     if is_launched():

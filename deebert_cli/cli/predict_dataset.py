@@ -52,7 +52,8 @@ def predict_dataset(
     values.update(checkpoint=str(checkpoint), output=str(output) if output else None)
     quiet_libraries()
     with user_errors("no output was written (shards go to a temporary folder first)"):
-        from ..core.ray_data import PredictDatasetConfig, predict_dataset as run, require_ray
+        from ..core.ray_data.pipeline import PredictDatasetConfig, predict_dataset as run
+        from ..core.ray_data.predictor import require_ray
 
         cfg = make_config(ctx, PredictDatasetConfig, config, values)
         require_ray()

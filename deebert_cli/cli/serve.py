@@ -49,10 +49,10 @@ def serve(
     quiet_libraries()
     with user_errors("accepted requests were finished"):
         from ..core.config import ServeConfig
-        from ..core.serving import check_serve_extra
+        from ..core.serve.batching import check_serve_extra
 
         cfg = make_config(ctx, ServeConfig, config, values)
         check_serve_extra()
-        from ..core.serving_http import serve as run_server
+        from ..core.serve.http import serve as run_server
 
         run_server(cfg, announce=lambda message: err.print(f"[dim]{message}[/]"))

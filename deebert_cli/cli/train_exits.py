@@ -44,11 +44,11 @@ def train_exits(
     values["checkpoint"] = str(checkpoint)
     values["output"] = str(output) if output else None
     quiet_libraries()
-    from ..core.distributed import is_main_process
+    from ..core.launch import is_main_process
 
     with user_errors(f"no new checkpoint was written; '{output or checkpoint}' is as it was"):
         from ..core.config import TrainExitsConfig
-        from ..core.training import train_exits as run
+        from ..core.train.stage2 import train_exits as run
 
         cfg = make_config(ctx, TrainExitsConfig, config, values)
         result = run(cfg, RichProgress())

@@ -10,11 +10,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import DEFAULT_CHECKPOINT
-from .data import DEFAULT_DATASET, DataSpec
+from .data.readers import DEFAULT_DATASET
+from .data.examples import DataSpec
 from .errors import UserError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_CHECKPOINT = "deebert-checkpoint"  # the checkpoint folder every command reads or writes by default
 
 
 def _check(cond: bool, msg: str):
@@ -24,7 +25,7 @@ def _check(cond: bool, msg: str):
 
 TASKS = ("classification", "regression")
 PRECISIONS = ("fp32", "bf16", "fp16")  # same as core.device.PRECISIONS
-REPORT_TO = ("none", "tensorboard", "wandb")  # same as core.tracking.REPORT_TO
+REPORT_TO = ("none", "tensorboard", "wandb")  # same as core.train.tracking.REPORT_TO
 
 
 def _check_precision(value: str):
@@ -62,7 +63,7 @@ class FinetuneConfig(DataOptions):
     max_train_samples: int | None = None
     batch_size: int = 32  # rows per forward pass; an optimizer update takes batch_size * grad_accum
     grad_accum: int = 1
-    lr: float | None = None  # None: by backbone width (core.training.default_lr), resolved in the saved config
+    lr: float | None = None  # None: by backbone width (core.train.stage1.default_lr), resolved in the saved config
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     group_by_length: bool = True  # batches of similar-length rows (less padding), seeded random order
@@ -182,7 +183,7 @@ def parse_ints(text, what: str) -> list | None:
 
 
 EXIT_POLICIES = ("entropy", "patience", "learned")
-RUNTIMES = ("torch", "onnx")  # same as core.inference.RUNTIMES
+RUNTIMES = ("torch", "onnx")  # same as core.runtime.stream.RUNTIMES
 ONNX_PRECISIONS = ("fp32", "int8")
 
 

@@ -5,7 +5,7 @@ Accelerate's trackers wrap the same writers but need an ``Accelerator``, which a
 (nor imports); these few lines keep that true. Only the main process logs."""
 from __future__ import annotations
 
-from .errors import UserError
+from ..errors import UserError
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 _HINT = {"tensorboard": "pip install 'deebert-cli[tensorboard]'", "wandb": "pip install 'deebert-cli[wandb]'"}

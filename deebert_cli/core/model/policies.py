@@ -3,8 +3,7 @@
 Written once against the Python array API standard, through ``array_api_compat`` (a small, well-kept
 library that gives numpy and torch one namespace of array operations), so the same code decides exits on
 torch tensors (the torch runtime, analyze's sweeps) and on numpy arrays (the ONNX runtime), and nothing
-here imports torch. The off-ramp module itself (torch) lives in :mod:`.ramps`; ``OffRamp`` and ``pool``
-are still importable from here."""
+here imports torch. The off-ramp module itself (torch) lives in :mod:`.ramps`."""
 from __future__ import annotations
 
 import math
@@ -36,15 +35,6 @@ class RampConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def __getattr__(name: str):
-    """``OffRamp`` and ``pool`` (torch) moved to :mod:`.ramps`; importing them from here still works."""
-    if name in ("OffRamp", "pool"):
-        from . import ramps
-
-        return getattr(ramps, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _NUMPY_IS_STANDARD = tuple(int(v) for v in np.__version__.split(".")[:2]) >= (2, 1)

@@ -1,4 +1,4 @@
-"""The torch runtime's backend for the early-exit engine: a :class:`~.modeling.HighwayModel` on a device,
+"""The torch runtime's backend for the early-exit engine: a :class:`~..model.highway.HighwayModel` on a device,
 with autocast for ``--precision bf16|fp16`` entered around each call (never across a ``yield``)."""
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import numpy as np
 import torch
 from array_api_compat import torch as xp_torch
 
-from .device import autocast
+from ..device import autocast
 
 
 class TorchBackend:
-    """:class:`~.inference.Backend` over a HighwayModel (torch tensors through ``array_api_compat``)."""
+    """:class:`~.engine.Backend` over a HighwayModel (torch tensors through ``array_api_compat``)."""
 
     xp = xp_torch
 
@@ -20,7 +20,7 @@ class TorchBackend:
         self.precision = precision
         self.num_layers = model.num_layers
         self.num_labels = model.num_labels
-        # what one more layer call costs, in padded tokens (inference.width_groups): on the CPU the fastest
+        # what one more layer call costs, in padded tokens (engine.width_groups): on the CPU the fastest
         # value measured for the serving core (benchmarks/bench_refill_groups.py, docs/BENCHMARKS.md).
         # On an accelerator a call costs about the same for few or many tokens (not measured here).
         self.call_tokens = 64 if self.device.type == "cpu" else 1024

@@ -17,14 +17,13 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 FORMAT_VERSION = 1
 META_FILE = "deebert.json"
 RAMPS_FILE = "highway.safetensors"
 STAGE_FINETUNED = "finetuned"
 STAGE_EXITS = "exits_trained"
-DEFAULT_CHECKPOINT = "deebert-checkpoint"
 
 
 @dataclass
@@ -127,8 +126,8 @@ def load_checkpoint(path: str | Path, device=None) -> Checkpoint:
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .exits import RampConfig
-    from .modeling import HighwayModel, load_hf
+    from .highway import HighwayModel, load_hf
+    from .policies import RampConfig
 
     path = Path(path)
     if not path.is_dir():

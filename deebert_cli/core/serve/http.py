@@ -4,7 +4,7 @@ Compatible with Hugging Face text-embeddings-inference (TEI): ``POST /predict`` 
 "truncate": bool, "raw_scores": bool}`` and answers with TEI's shape (every label with its score, best
 first; a list of such lists for a batch), each entry carrying deebert's ``exit_layer``, ``entropy`` and
 ``truncated``. Errors are ``{"error", "error_type"}`` with TEI's status codes. Imported only by
-`deebert serve` (see :func:`.serving.check_serve_extra`)."""
+`deebert serve` (see :func:`.batching.check_serve_extra`)."""
 from __future__ import annotations
 
 import asyncio
@@ -23,14 +23,14 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from .config import ServeConfig
-from .device import check_precision, resolve_device
-from .errors import UserError
-from .inference import resolve_rule
-from .serving import BatchingServer, Draining, InputError, Observer, Overloaded, load_model
+from ..config import ServeConfig
+from ..device import check_precision, resolve_device
+from ..errors import UserError
+from ..runtime.rules import resolve_rule
+from .batching import BatchingServer, Draining, InputError, Observer, Overloaded, load_model
 
 RULE_FIELDS = ("threshold", "thresholds", "exit_policy", "patience", "entropy")
-PAGE = Path(__file__).with_name("serve_page.html")
+PAGE = Path(__file__).with_name("page.html")
 INLINE_BODY = 4096  # bytes: a request this small is tokenised on the event loop (tens of microseconds)
 
 

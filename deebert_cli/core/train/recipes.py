@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .analysis import DEFAULT_GRID, recommend, sweep_from_logits
-from .metrics import regression_report
+from ..analysis.sweep import DEFAULT_GRID, recommend, sweep_from_logits
+from ..metrics import regression_report
 
 MEASURE = {
     "classification": "largest layer saving at the recommended threshold within the accuracy budget "

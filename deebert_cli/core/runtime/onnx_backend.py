@@ -13,7 +13,7 @@ An export lives in ``<checkpoint>/onnx/`` (or a folder of its own, ``deebert exp
     int8/...               the same after onnxruntime.quantization.quantize_dynamic (--quantize int8)
     config.json, tokenizer.json, tokenizer_config.json, deebert.json   copies, so the folder stands alone
 
-:class:`OnnxModel` is itself the engine's backend (:class:`~.inference.Backend`): one session call per
+:class:`OnnxModel` is itself the engine's backend (:class:`~.engine.Backend`): one session call per
 layer returns the new hidden states and that layer's exit, all in one session (one thread pool).
 """
 from __future__ import annotations
@@ -26,9 +26,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .checkpoint import META_FILE, RAMPS_FILE, Checkpoint
-from .errors import UserError
-from .exits import RampConfig
+from ..errors import UserError
+from ..model.checkpoint import META_FILE, RAMPS_FILE, Checkpoint
+from ..model.policies import RampConfig
 
 EXPORT_DIR = "onnx"
 MANIFEST = "manifest.json"
@@ -119,7 +119,7 @@ def find_export(path: Path) -> tuple:
 
 
 def load_onnx(path, precision: str = "fp32", threads: int | None = None) -> Checkpoint:
-    """A checkpoint for :func:`~.inference.predict_stream` whose model runs the exported graphs. A stale
+    """A checkpoint for :func:`~.stream.predict_stream` whose model runs the exported graphs. A stale
     export (the checkpoint's weights or off-ramp config changed since) is refused with one line naming
     ``deebert export``."""
     if precision not in PRECISIONS:
@@ -143,7 +143,7 @@ def load_onnx(path, precision: str = "fp32", threads: int | None = None) -> Chec
     model = OnnxModel(ort, odir, manifest, precision, config, meta, threads)
     tok = None
     if (odir / "tokenizer.json").is_file():
-        from .fast_tokenizer import FastTokenizer
+        from .tokenizer import FastTokenizer
 
         tok = FastTokenizer(odir / "tokenizer.json", manifest["pad_token_id"], manifest["inputs"]["token_type_ids"])
     return Checkpoint(model=model, tokenizer=tok, meta=meta, path=Path(path))

@@ -1,11 +1,11 @@
 """The off-ramp module (torch): DeeBERT's per-layer classifier with an optional BERxiT learned exit.
-Kept apart from :mod:`.exits` so that the exit policies import without torch (the ONNX runtime)."""
+Kept apart from :mod:`.policies` so that the exit policies import without torch (the ONNX runtime)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .exits import POOLINGS, RampConfig
+from .policies import POOLINGS, RampConfig
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:

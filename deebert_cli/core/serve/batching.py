@@ -7,7 +7,7 @@ no new row is waiting the row source yields ``None`` and the engine advances its
 so a lone request never waits for company. A request's future resolves when its last row is done.
 With ``batching=False`` each request runs alone (the shrinking batch over its own rows): the baseline.
 
-Nothing here knows HTTP; :mod:`.serving_http` puts a TEI-compatible API in front of it."""
+Nothing here knows HTTP; :mod:`.http` puts a TEI-compatible API in front of it."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -18,15 +18,16 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from .checkpoint import Checkpoint
-from .data import Encoded, encode
-from .errors import UserError
-from .inference import EarlyExitEngine, Prediction, _result, split_pair
+from ..data.encoding import Encoded, encode
+from ..errors import UserError
+from ..model.checkpoint import Checkpoint
+from ..runtime.engine import EarlyExitEngine
+from ..runtime.stream import Prediction, _result, split_pair
 
 
 def load_model(path: str, device=None, runtime: str = "torch", onnx_precision: str = "fp32"):
-    """The checkpoint the server runs, on the torch or the onnx runtime (:func:`~.inference.load_for_inference`)."""
-    from .inference import load_for_inference
+    """The checkpoint the server runs, on the torch or the onnx runtime (:func:`~..runtime.stream.load_for_inference`)."""
+    from ..runtime.stream import load_for_inference
 
     return load_for_inference(path, runtime, device, **({"precision": onnx_precision} if runtime == "onnx" else {}))
 

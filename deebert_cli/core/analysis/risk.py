@@ -148,7 +148,7 @@ def fixed_sequence(loss_counts, n: int, epsilon: float, delta: float) -> tuple:
 # exits and losses from an all-exits cache
 # ------------------------------------------------------------------------------------------------
 def _softmax_entropy(logits: np.ndarray, kind: str) -> np.ndarray:
-    from .exits import exit_entropy
+    from ..model.policies import exit_entropy
 
     return np.asarray(exit_entropy(np.asarray(logits, dtype=np.float32), kind))
 
@@ -172,7 +172,7 @@ def exit_layers(policy: str, value, logits: np.ndarray, scores: np.ndarray | Non
                 tolerance: float | None = None, regression: bool = False, ent: np.ndarray | None = None) -> np.ndarray:
     """0-based exit layer per text of ``policy`` at ``value`` from all-exits logits [L, n, C] (and learned
     exit scores [L-1, n]) -> [n]; the same decision steps the engines take."""
-    from .exits import LearnedPolicy, PatiencePolicy, first_exit, max_entropy, policy_exit
+    from ..model.policies import LearnedPolicy, PatiencePolicy, first_exit, max_entropy, policy_exit
 
     L = logits.shape[0]
     if policy == "entropy":

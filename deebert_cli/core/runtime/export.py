@@ -1,5 +1,5 @@
 """``deebert export``: the highway model as ONNX graphs that the early-exit engine drives layer by layer
-on ONNX Runtime (see :mod:`.onnx_runtime` for the layout and the loader).
+on ONNX Runtime (see :mod:`.onnx_backend` for the layout and the loader).
 
 Each layer is exported together with its exit (off-ramp, or the family's own head after the last layer,
 plus the learned exit head where trained), taking the 2-D attention mask and building the family's mask
@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import META_FILE, atomic_dir, load_checkpoint
-from .config import ExportConfig
-from .errors import UserError
-from .onnx_runtime import EXPORT_DIR, EXPORT_FORMAT, INSTALL_HINT, MANIFEST, MODEL_GRAPH, STEP_OUTPUTS, source_fingerprint
+from ..config import ExportConfig
+from ..errors import UserError
+from ..model.checkpoint import META_FILE, atomic_dir, load_checkpoint
+from .onnx_backend import EXPORT_DIR, EXPORT_FORMAT, INSTALL_HINT, MANIFEST, MODEL_GRAPH, STEP_OUTPUTS, source_fingerprint
 
 COPIED = ("config.json", "tokenizer.json", "tokenizer_config.json", META_FILE)
 SAMPLE_TEXTS = ("a short one", "a somewhat longer example text, so that the batch has padding in it")
@@ -329,7 +329,7 @@ def _if_tree(bodies: list, lo: int, hi: int):
 
 def check_export(model, odir: Path, manifest: dict, ids, mask, tt) -> dict:
     """Max |ONNX - torch| of every exit's logits on the sample batch, per precision."""
-    from .onnx_runtime import OnnxModel, require_onnxruntime
+    from .onnx_backend import OnnxModel, require_onnxruntime
 
     ort = require_onnxruntime()
     meta = json.loads((odir / META_FILE).read_text()) if (odir / META_FILE).is_file() else {}

@@ -1,0 +1,130 @@
+"""Exit rules: which policy decides when a row leaves, with its thresholds, as predict, serve and analyze
+choose them from options and the checkpoint (:func:`resolve_rule`)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..errors import UserError
+from ..model.policies import EntropyPolicy, LearnedPolicy, PatiencePolicy, max_entropy
+
+
+@dataclass
+class ExitRule:
+    """Entropy rule: a sample leaves after layer i (0-based) if entropy < thresholds[i]; the last layer
+    always exits. ``thresholds`` has one value per layer (the last is ignored)."""
+
+    thresholds: list
+    entropy: str = "normalized"
+
+    def values(self, num_labels: int) -> list:
+        """[layers] thresholds; any at or above the maximum entropy exits everyone (becomes +inf)."""
+        top = max_entropy(num_labels, self.entropy)
+        return [math.inf if t >= top else float(t) for t in self.thresholds]
+
+    def tensor(self, num_labels: int, device):
+        """The thresholds as a float32 torch tensor on ``device``."""
+        import torch
+
+        return torch.tensor(self.values(num_labels), dtype=torch.float32, device=device)
+
+    def policy(self, num_labels: int, device=None, xp=None) -> EntropyPolicy:
+        """The policy over arrays of namespace ``xp`` (default: torch tensors on ``device``)."""
+        from ..model.policies import default_namespace
+
+        xp = default_namespace(xp)
+        return EntropyPolicy(xp.asarray(self.values(num_labels), dtype=xp.float32, device=device), self.entropy)
+
+    def describe(self) -> str:
+        unit = "normalized entropy (0..1)" if self.entropy == "normalized" else "entropy in nats"
+        ts = self.thresholds[:-1]
+        val = f"{ts[0]:g}" if len(set(ts)) <= 1 else ",".join(f"{t:g}" for t in ts)
+        return f"exit when {unit} < {val}"
+
+
+@dataclass
+class PatienceRule:
+    """Patience rule (PABEE): leave once the off-ramps' predictions of ``patience`` + 1 consecutive layers
+    agree (see :class:`~..model.policies.PatiencePolicy`); ``tolerance`` is for regression. ``entropy`` is only the
+    unit of the entropy reported beside each prediction."""
+
+    patience: int
+    tolerance: float | None = None
+    entropy: str = "normalized"
+
+    def policy(self, num_labels: int, device=None, xp=None) -> PatiencePolicy:
+        return PatiencePolicy(self.patience, self.tolerance)
+
+    def describe(self) -> str:
+        if self.tolerance is not None:
+            return f"exit when {self.patience + 1} consecutive off-ramps agree within {self.tolerance:g} (patience {self.patience})"
+        return f"exit when {self.patience + 1} consecutive off-ramps predict the same class (patience {self.patience})"
+
+
+@dataclass
+class LearnedRule:
+    """Learned-exit rule (BERxiT): leave when the off-ramp's exit predictor crosses ``threshold`` (see
+    :class:`~..model.policies.LearnedPolicy`). ``entropy`` is only the unit of the entropy reported beside each result."""
+
+    threshold: float
+    regression: bool = False
+    entropy: str = "normalized"
+
+    def policy(self, num_labels: int, device=None, xp=None) -> LearnedPolicy:
+        return LearnedPolicy(self.threshold, self.regression)
+
+    def describe(self) -> str:
+        what = "predicted tanh(|error|) < " if self.regression else "predicted chance of being right > "
+        return f"exit when the learned exit's {what}{self.threshold:g}"
+
+
+def resolve_rule(ckpt, threshold: float | None, thresholds: list | None, entropy: str,
+                 default: float = 0.3, policy: str = "entropy", patience: int = 3,
+                 tolerance: float = 0.1) -> tuple:
+    """Pick the exit rule. Patience policy: a :class:`PatienceRule` (thresholds must not be given).
+    Learned: a :class:`LearnedRule` at ``threshold`` (default 0.9; regression 0.1).
+    Entropy: per-layer --thresholds > --threshold > thresholds stored in the checkpoint > ``default``.
+    A regression checkpoint refuses entropy and uses ``tolerance`` with patience.
+    Returns (rule, source description)."""
+    L = ckpt.model.num_layers
+    regression = ckpt.task == "regression"
+    if regression and policy == "entropy":
+        raise UserError(f"'{ckpt.path}' is a regression checkpoint: entropy needs class probabilities; "
+                        "use --exit-policy patience (with --tolerance) or --exit-policy learned (with --threshold)")
+    if policy == "learned":
+        if thresholds:
+            raise UserError("--thresholds is per-layer entropy; the learned policy takes one --threshold")
+        if not ckpt.exits_trained or not ckpt.model.ramp_cfg.learned_exit:
+            raise UserError(f"'{ckpt.path}' has no learned exits: run `deebert train-exits --learned-exits` first")
+        t = threshold if threshold is not None else (0.1 if regression else 0.9)
+        if not 0.0 <= t <= 1.0:
+            raise UserError(f"--threshold {t} is out of range: learned exit scores lie in [0, 1]")
+        return LearnedRule(t, regression, entropy), "--threshold" if threshold is not None else f"default learned threshold {t:g}"
+    if policy == "patience":
+        if threshold is not None or thresholds:
+            raise UserError("--threshold/--thresholds apply to --exit-policy entropy; the patience policy takes --patience N")
+        if not ckpt.exits_trained:
+            raise UserError(f"the off-ramps of '{ckpt.path}' are not trained: run `deebert train-exits` first "
+                            "(the patience policy compares their predictions)")
+        return PatienceRule(patience, tolerance if regression else None, entropy), "--exit-policy patience"
+    if thresholds:
+        if len(thresholds) not in (L - 1, L):
+            raise UserError(f"--thresholds needs {L - 1} values (layers 1..{L - 1}; the last layer always exits), got {len(thresholds)}")
+        vals, src = list(thresholds) + [0.0] * (L - len(thresholds)), "--thresholds"
+    elif threshold is not None:
+        vals, src = [threshold] * L, "--threshold"
+    elif ckpt.meta.get("thresholds"):
+        stored = ckpt.meta["thresholds"]
+        if stored.get("entropy", "normalized") != entropy:
+            entropy = stored.get("entropy", "normalized")
+        vals, src = list(stored["values"]) + [0.0] * (L - len(stored["values"])), "thresholds stored in the checkpoint"
+    else:
+        vals, src = [default] * L, f"default threshold {default}"
+    vals[-1] = 0.0
+    if not ckpt.exits_trained and any(v > 0 for v in vals[:-1]):
+        raise UserError(
+            f"the off-ramps of '{ckpt.path}' are not trained: run `deebert train-exits` first, "
+            "or pass --threshold 0 to run every input to the last layer"
+        )
+    return ExitRule(vals, entropy), src
+
