@@ -66,7 +66,9 @@ def test_the_stored_threshold_is_what_analyze_recommends(auto, tmp_path):
     chosen = next(row for row in meta["recipes"]["candidates"] if row["recipe"] == meta["recipes"]["chosen"])
     assert stored["values"] == [rec["threshold"]] * (len(meta["metrics"]["train_exits"]["layers"]) - 1)
     assert chosen["layer_saving"] == pytest.approx(rec["layer_saving"]) and chosen["accuracy"] == pytest.approx(rec["accuracy"])
-    assert "stored threshold" in r.stdout and "budget" in r.stdout
+    # 60 evaluation texts cannot certify a 0.5-point budget: the point estimate is stored, and said so
+    text = " ".join(r.stdout.split())
+    assert "no guarantee: the evaluation split (n=60) is too small" in text and "stored the point estimate" in text
 
 
 def test_predict_uses_the_stored_threshold_and_an_explicit_one_wins(auto):

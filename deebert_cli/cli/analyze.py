@@ -105,6 +105,7 @@ def render(a, show_layers: bool = True) -> None:
         _render_entropy_sweep(a)
     _render_other_policies(a)
     _render_recommendation(a)
+    _render_guarantee(a)
 
 
 ACCURACY_COLS = (("accuracy", lambda r: pct(r.accuracy)), ("Δ points", lambda r: f"{r.accuracy_change:+.2f}"))
@@ -248,3 +249,28 @@ def render_regression(a, show_layers: bool = True) -> None:
 
 def _layers(ls: list) -> str:
     return ("layer " if len(ls) == 1 else "layers ") + ", ".join(map(str, ls))
+
+
+def _render_guarantee(a) -> None:
+    """The guaranteed recommendation beside the point estimate above, and the stored guarantee's check."""
+    from ..core.model.guarantee import Guarantee
+    from .calibrate import check_line
+
+    if a.guarantee is not None:
+        g = Guarantee.from_dict(a.guarantee)
+        family = f", {g.family} recipes compared on this split" if g.family > 1 else ""
+        if g.certified and g.layer_saving > 0:
+            line = (f"[bold]guaranteed threshold {g.value:g}[/]: {g.describe()}{family}; "
+                    f"{pct(g.layer_saving)} fewer layers (here {-100 * g.accuracy_drop:+.2f} points)")
+            h = (a.test or {}).get("at_guaranteed")
+            if h:
+                line += f"; on split '{a.test['split']}': " + _gist(h["accuracy"], h["accuracy_change"], h["layer_saving"])
+            out.print(line + "; the recommendation above is a point estimate, with no guarantee")
+        else:
+            need = f"at least {g.min_n:,} texts" if g.min_n is not None and g.min_n > g.n else "more texts"
+            out.print(f"[yellow]no guaranteed threshold[/]: this split (n={g.n}) cannot certify "
+                      f"{g.describe().split(' with probability')[0]} at delta {g.delta:g}{family} (needs {need}); "
+                      "the recommendation above is a point estimate, with no guarantee")
+    if a.stored_guarantee is not None and a.guarantee_check is not None:
+        g = Guarantee.from_dict(a.stored_guarantee)
+        out.print(check_line(g, a.guarantee_check, f"{a.dataset['evaluated_on']} (n={a.dataset['n']})"))

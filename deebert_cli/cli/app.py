@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from . import analyze, export, finetune, predict, predict_dataset, serve, train_exits
+from . import analyze, calibrate, export, finetune, predict, predict_dataset, serve, train_exits
 
 app = typer.Typer(
     name="deebert",
@@ -19,6 +19,7 @@ app.command("finetune", short_help="Stage 1: fine-tune the backbone and the fina
 app.command("train-exits", short_help="Stage 2: train the off-ramps on the frozen stage-1 model.")(train_exits.train_exits)
 app.command("predict", short_help="Classify one text per line with early exit, in input order.")(predict.predict)
 app.command("analyze", short_help="Per-layer accuracy, threshold sweep, recommended threshold.")(analyze.analyze)
+app.command("calibrate", short_help="Certify a threshold on your texts: a budget that holds on new data.")(calibrate.calibrate)
 app.command("export", short_help="Export ONNX graphs for --runtime onnx (fp32, int8).")(export.export)
 app.command("serve", short_help="HTTP server (TEI-compatible) batching across requests.")(serve.serve)
 app.command("predict-dataset", short_help="Predict many files on Ray Data, a row per input row.")(predict_dataset.predict_dataset)

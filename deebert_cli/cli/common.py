@@ -22,7 +22,7 @@ THRESHOLD_OPT = typer.Option(None, "--threshold", help="Exit when the off-ramp's
 THRESHOLDS_OPT = typer.Option(None, "--thresholds", help="One threshold per layer 1..L-1, comma-separated (overrides --threshold).")
 ENTROPY_OPT = typer.Option("normalized", "--entropy", help="Threshold unit: normalized (entropy / ln C, in [0, 1]) or raw (nats, as in the DeeBERT paper).")
 EXIT_POLICY_OPT = typer.Option("entropy", "--exit-policy", help="entropy (DeeBERT: exit when the off-ramp's entropy is below the threshold), patience (PABEE: exit once --patience + 1 consecutive off-ramps predict the same class) or learned (BERxiT: exit when the learned exit's score crosses --threshold; needs train-exits --learned-exits).")
-PATIENCE_OPT = typer.Option(3, "--patience", help="Patience policy: exit at the first layer whose prediction equals those of the N layers before it (0 exits at layer 1).")
+PATIENCE_OPT = typer.Option(None, "--patience", help="Patience policy: exit at the first layer whose prediction equals those of the N layers before it (0 exits at layer 1). Default: the patience the checkpoint's guarantee certifies (deebert calibrate --exit-policy patience), else 3.")
 TOLERANCE_OPT = typer.Option(0.1, "--tolerance", help="Patience policy on a regression checkpoint: consecutive off-ramp values agree when they differ by less than this.")
 
 

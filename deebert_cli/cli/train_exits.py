@@ -26,7 +26,10 @@ def train_exits(
     distill_alpha: float = typer.Option(0.5, help="Weight of the distillation term in [0, 1]."),
     unlabeled: Optional[str] = typer.Option(None, help="Extra unlabeled texts for --distill: a .txt file (one per line) or a data file/folder with the text column."),
     calibrate: bool = typer.Option(False, help="Fit a temperature per off-ramp on the evaluation split (stored in the checkpoint), so entropy means the same at every layer. Default: chosen by measurement."),
-    max_drop: float = typer.Option(0.5, help="Accuracy budget in points: the recipe kept is the one saving the most layers within it, and the threshold analyze recommends for it is stored for predict."),
+    max_drop: float = typer.Option(0.5, help="Accuracy budget in points. The threshold stored for predict is certified on the evaluation split: with probability >= 1 - delta the accuracy drop on new texts like them stays within it (risk control; the recipe kept is the one whose guaranteed threshold saves the most layers). When the split is too small to certify a saving, the point estimate is stored, and said so."),
+    max_disagreement: Optional[float] = typer.Option(None, help="Instead of --max-drop: a budget on how often an exit disagrees with the final layer, as a fraction (0.02 = 2%); needs no labels and bounds the accuracy drop too."),
+    delta: float = typer.Option(0.05, help="The guarantee holds with probability >= 1 - delta over the draw of the evaluation texts (0.05: 95%)."),
+    guarantee: bool = typer.Option(True, "--guarantee/--no-guarantee", help="Store the risk-controlled threshold (default), or the point estimate (the threshold whose accuracy drop on the evaluation split itself is within --max-drop, with no guarantee for new data)."),
     learned_exits: bool = typer.Option(False, help="BERxiT: also train a learned exit per off-ramp (Linear(H,1) + sigmoid on its pooler output) predicting whether the off-ramp is right (regression: tanh(|error|)); predict with --exit-policy learned --threshold T."),
     dataset: Optional[str] = typer.Option(None, help="Override the dataset (default: the one the checkpoint was fine-tuned on; same columns)."),
     max_train_samples: Optional[int] = typer.Option(None, help="Use a seeded random subset of the training split."),
@@ -66,15 +69,36 @@ def render_recipes(extra: dict) -> None:
     rows, chosen = search["candidates"], search["chosen"]
     if len(rows) > 1:
         out.print(f"[bold]off-ramp recipes[/] on the evaluation split: the threshold analyze recommends for a "
-                  f"{search['max_drop']:g}-point budget, its accuracy change and layer saving (* = kept: {search['measure']})")
+                  f"{search['max_drop']:g}-point budget, its accuracy change and layer saving"
+                  + (", the guaranteed threshold and its saving" if "guaranteed_threshold" in rows[0] else "")
+                  + f" (* = kept: {search['measure']})")
         out.print(_recipe_table(rows, chosen))
     out.print(f"off-ramp recipe: [bold]{chosen}[/]" + (" (as given)" if search["given"] else f" (best of {len(rows)})"))
     thr = extra.get("thresholds")
     if thr:
-        r = next(r for r in rows if r["recipe"] == chosen)
-        out.print(f"stored threshold [bold]{thr['values'][0]:g}[/] (normalized entropy) for a {thr['max_drop']:g}-point "
-                  f"budget on the evaluation split: accuracy {pct(r['accuracy'])} ({r['accuracy_change']:+.2f} points), "
-                  f"{pct(r['layer_saving'])} fewer layers; `deebert predict` uses it when given no --threshold")
+        out.print(stored_line(thr, next(r for r in rows if r["recipe"] == chosen), extra.get("guarantee"),
+                              extra.get("guarantee_advice")))
+
+
+def stored_line(thr: dict, row: dict, g, advice: dict | None) -> str:
+    """One line: the stored threshold and the guarantee it carries (epsilon, delta, n), or why it has none."""
+    point = (f"point estimate {row['threshold']:g}: {row['accuracy_change']:+.2f} points, {pct(row['layer_saving'])} "
+             "fewer layers on the evaluation split itself")
+    if thr["search"] == "guaranteed":
+        drop = "" if g.accuracy_drop is None else f", {-100 * g.accuracy_drop:+.2f} points"
+        return (f"stored threshold [bold]{g.value:g}[/] (normalized entropy), guaranteed: {g.describe()}"
+                f"{f', {g.family} recipes compared' if g.family > 1 else ''}; {pct(g.layer_saving)} fewer layers expected"
+                f" (evaluation split{drop}); {point}, no guarantee")
+    if g is None:
+        return (f"stored threshold [bold]{thr['values'][0]:g}[/] (normalized entropy, --no-guarantee): {point}; "
+                "no guarantee for new data")
+    why = (f"at least {advice['min_n']:,} texts to certify anything" if advice["min_n"] is None or advice["min_n"] > g.n
+           else "more texts to certify a threshold that saves layers")
+    if advice.get("point_n"):
+        why += f", about {advice['point_n']:,} to certify the point estimate {advice['point_estimate']:g}"
+    return (f"[yellow]no guarantee:[/] the evaluation split (n={g.n}) is too small to certify "
+            f"{g.describe().split(' with probability')[0]} at delta {g.delta:g}"
+            f"{f' over {g.family} recipes' if g.family > 1 else ''} (needs {why}); stored the {point}")
 
 
 def _recipe_table(rows: list, chosen: str):
@@ -88,12 +112,18 @@ def _recipe_table(rows: list, chosen: str):
     t.add_column("recipe", no_wrap=True, min_width=max(len(r["recipe"]) for r in rows) + 2)
     for c in ("mean MSE",) if regression else ("threshold", "Δ points", "saving"):
         t.add_column(c, justify="right", no_wrap=True)
+    guaranteed = not regression and "guaranteed_threshold" in rows[0]
+    if guaranteed:
+        t.add_column("guaranteed", justify="right", no_wrap=True)
+        t.add_column("saving", justify="right", no_wrap=True)
     t.add_column("off-ramps 1..L-1" + ("" if regression else " (%)"), no_wrap=True)
     for r in rows:
         name = r["recipe"] + (" *" if r["recipe"] == chosen else "")
         if regression:
             t.add_row(name, f"{r['mean_ramp_mse']:.4f}", "/".join(f"{m:.3f}" for m in r["layer_mse"][:-1]))
         else:
-            t.add_row(name, f"{r['threshold']:g}", f"{r['accuracy_change']:+.2f}", pct(r["layer_saving"]),
+            g = [("-" if r["guaranteed_threshold"] is None else f"{r['guaranteed_threshold']:g}"),
+                 pct(r["guaranteed_saving"])] if guaranteed else []
+            t.add_row(name, f"{r['threshold']:g}", f"{r['accuracy_change']:+.2f}", pct(r["layer_saving"]), *g,
                       "/".join(f"{100 * a:.1f}" for a in r["layer_accuracy"][:-1]))
     return t

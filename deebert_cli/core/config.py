@@ -130,6 +130,9 @@ class TrainExitsConfig:
     unlabeled: str | None = None  # extra texts (one per line, or a data file) used with --distill
     calibrate: bool | None = None  # per-off-ramp temperature scaling on the evaluation split
     max_drop: float = 0.5  # accuracy budget (points) of the stored threshold and of the recipe choice
+    max_disagreement: float | None = None  # instead: budget on disagreement with the final layer (fraction)
+    delta: float = 0.05  # the guarantee holds with probability >= 1 - delta
+    guarantee: bool = True  # store the risk-controlled threshold (else the point estimate, as before)
     learned_exits: bool = False  # BERxiT: also train a Linear(H, 1) exit predictor per off-ramp
     device: str = "auto"
     dataset: str | None = None  # default: the data the checkpoint was fine-tuned on
@@ -146,12 +149,21 @@ class TrainExitsConfig:
         _check(0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr}")
         _check(self.ramp_pooling in (None, "auto", "cls", "mean"), f"ramp_pooling must be auto, cls or mean, got '{self.ramp_pooling}'")
         _check(math.isfinite(self.max_drop) and self.max_drop >= 0, f"max_drop must be >= 0 (accuracy points), got {self.max_drop}")
+        _check_risk_budget(self)
         _check(self.max_train_samples is None or self.max_train_samples > 0, "max_train_samples must be > 0")
 
     @property
     def recipe_given(self) -> bool:
         """Whether the user chose the off-ramp recipe (any of pooling, norm, distill, calibrate set)."""
         return any(v is not None for v in (self.ramp_pooling, self.ramp_norm, self.distill, self.calibrate))
+
+
+def _check_risk_budget(cfg) -> None:
+    """--delta and --max-disagreement (the guarantee's confidence and the label-free budget)."""
+    _check(isinstance(cfg.delta, (int, float)) and 0 < cfg.delta < 1,
+           f"delta must be in (0, 1) (the guarantee holds with probability 1 - delta), got {cfg.delta}")
+    _check(cfg.max_disagreement is None or (isinstance(cfg.max_disagreement, (int, float)) and 0 < cfg.max_disagreement < 1),
+           f"max_disagreement must be a fraction in (0, 1) (0.02 = 2%), got {cfg.max_disagreement}")
 
 
 ENGINES = ("shrink", "refill")
@@ -206,7 +218,7 @@ class PredictConfig:
     thresholds: list | None = None  # one per layer (the last is ignored: it always exits)
     entropy: str = "normalized"
     exit_policy: str = "entropy"  # entropy (DeeBERT), patience (PABEE) or learned (BERxiT)
-    patience: int = 3  # patience policy: exit once patience + 1 consecutive off-ramps agree
+    patience: int | None = None  # patience policy: exit once patience + 1 agree (None: certified value, else 3)
     tolerance: float = 0.1  # patience on a regression checkpoint: "agree" = differ by less than this
     batch_size: int = 32
     engine: str = "shrink"
@@ -232,7 +244,7 @@ class PredictConfig:
             if self.entropy == "normalized":
                 _check(t <= 1.0, f"{name} {t} is out of range: normalized entropy lies in [0, 1] (use --entropy raw for nats)")
         _check(self.exit_policy in EXIT_POLICIES, f"exit_policy must be one of {', '.join(EXIT_POLICIES)}, got '{self.exit_policy}'")
-        _check(self.patience >= 0, f"patience must be >= 0, got {self.patience}")
+        _check(self.patience is None or self.patience >= 0, f"patience must be >= 0, got {self.patience}")
         _check(math.isfinite(self.tolerance) and self.tolerance > 0, f"tolerance must be > 0, got {self.tolerance}")
         _check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
         _check(self.window >= self.batch_size, "window must be >= batch_size")
@@ -255,6 +267,8 @@ class AnalyzeConfig:
     thresholds: list | None = None
     entropy: str = "normalized"
     max_drop: float = 0.5
+    max_disagreement: float | None = None  # the guaranteed recommendation's budget on disagreement instead
+    delta: float = 0.05  # confidence of the guaranteed recommendation (1 - delta)
     per_layer: bool = False  # also search one threshold per layer for the budget
     store_thresholds: bool = False  # write the recommended threshold(s) into the checkpoint for predict
     timing_thresholds: list | None = None
@@ -294,6 +308,7 @@ class AnalyzeConfig:
                 if self.entropy == "normalized":
                     _check(t <= 1.0, f"{name} value {t} is out of range: normalized entropy lies in [0, 1]")
         _check(self.max_drop >= 0, f"max_drop must be >= 0 (accuracy points), got {self.max_drop}")
+        _check_risk_budget(self)
         _check(self.batch_size > 0, "batch_size must be > 0")
         _check(self.examples >= 0, "examples must be >= 0")
         _check(self.timing_repeats >= 1, "timing_repeats must be >= 1")
@@ -301,6 +316,53 @@ class AnalyzeConfig:
             _check(self.example_threshold >= 0, "example_threshold must be >= 0")
             if self.entropy == "normalized":
                 _check(self.example_threshold <= 1.0, f"example_threshold {self.example_threshold} is out of range: normalized entropy lies in [0, 1]")
+
+
+@dataclass
+class CalibrateConfig:
+    """`deebert calibrate`: certify an exit setting of a checkpoint on new labelled or unlabelled texts."""
+
+    checkpoint: str = DEFAULT_CHECKPOINT
+    dataset: str | None = None  # labelled texts: a data file (used whole) or folder (its --split)
+    unlabeled: str | None = None  # or unlabelled texts: a .txt file (one per line) or a data file / folder
+    split: str | None = None  # of a --dataset folder (default: its validation split)
+    text_column: str | None = None  # default: the checkpoint's
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    max_drop: float | None = None  # points of accuracy (default 0.5 with --dataset)
+    max_disagreement: float | None = None  # fraction (default 0.02 with --unlabeled)
+    delta: float = 0.05
+    exit_policy: str = "entropy"
+    entropy: str = "normalized"
+    tolerance: float = 0.1  # regression: "agree" / "no worse" within this
+    check: bool = False  # only check the stored guarantee and report what would be certified; store nothing
+    batch_size: int = 32
+    device: str = "auto"
+    json: str | None = None
+
+    def __post_init__(self):
+        _check((self.dataset is None) != (self.unlabeled is None), "give exactly one of --dataset (labelled texts) or --unlabeled (texts only)")
+        _check(self.max_drop is None or (math.isfinite(self.max_drop) and 0 < self.max_drop < 100),
+               f"max_drop must be in (0, 100) accuracy points, got {self.max_drop}")
+        _check(self.max_drop is None or self.max_disagreement is None, "give one budget: --max-drop or --max-disagreement")
+        _check_risk_budget(self)
+        _check(self.exit_policy in EXIT_POLICIES, f"exit_policy must be one of {', '.join(EXIT_POLICIES)}, got '{self.exit_policy}'")
+        _check(self.entropy in ("normalized", "raw"), f"entropy must be 'normalized' or 'raw', got '{self.entropy}'")
+        _check(math.isfinite(self.tolerance) and self.tolerance > 0, f"tolerance must be > 0, got {self.tolerance}")
+        _check(self.batch_size > 0, "batch_size must be > 0")
+
+    @property
+    def risk(self) -> str:
+        """accuracy_drop (labelled, --max-drop) or disagreement (--max-disagreement, or texts without labels)."""
+        return "disagreement" if self.max_disagreement is not None or self.unlabeled else "accuracy_drop"
+
+    @property
+    def epsilon(self) -> float:
+        if self.max_disagreement is not None:
+            return self.max_disagreement
+        if self.max_drop is not None:
+            return self.max_drop / 100
+        return 0.02 if self.unlabeled else 0.005
 
 
 # ------------------------------------------------------------------------------------------------
@@ -315,7 +377,7 @@ class ServeConfig:
     thresholds: list | None = None
     entropy: str = "normalized"
     exit_policy: str = "entropy"
-    patience: int = 3
+    patience: int | None = None  # None: the certified value, else 3
     tolerance: float = 0.1
     batch_size: int = 32  # rows per layer step
     max_length: int | None = None  # tokens per input (default: the checkpoint's)

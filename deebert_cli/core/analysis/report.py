@@ -59,6 +59,9 @@ class Analysis:
     task: str = "classification"  # regression: layers hold mse/pearson/spearman, no entropy sweep
     learned_sweep: list = field(default_factory=list)  # learned exits (BERxiT): SweepRow / RegressionSweepRow per threshold
     runtime: dict = field(default_factory=dict)  # --runtime onnx: the export's accuracy beside torch fp32 (exact)
+    guarantee: dict | None = None  # the guaranteed recommendation on this split (analysis.risk), beside the point estimate
+    stored_guarantee: dict | None = None  # the guarantee the checkpoint carries
+    guarantee_check: dict | None = None  # ... and how it fares on this split (holds / exceeded / inconclusive)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -149,11 +152,12 @@ def _analyze_classification(cfg: AnalyzeConfig, ckpt, device, spec: DataSpec, ex
     prows = patience_sweep(logits, labels, sorted(set(cfg.patience if cfg.patience is not None else range(L)))) if "patience" in want else []
     prec = recommend_patience(prows, cfg.max_drop)
     per_layer = _per_layer(cfg, logits, labels, grid, len(names)) if cfg.per_layer else None
+    gua, previous, checked = _guarantees(cfg, ckpt, logits, labels, source) if "entropy" in want else (None, None, None)
     test = None
     if cfg.split is None and not whole_file and cfg.test_split and rows:
-        test = _test_split(cfg, ckpt, device, spec, grid, rec, per_layer)
+        test = _test_split(cfg, ckpt, device, spec, grid, rec, per_layer, gua)
     seconds, runtime = _timed(cfg, ckpt, device, ex, layers, rows, rec, per_layer)
-    stored = _stored(cfg, ckpt, per_layer, rec, source)
+    stored = _stored(cfg, ckpt, per_layer, rec, source, gua)
     examples, ex_thr = _examples_by_layer(cfg, logits, ex, names, rec)
     counts = model.parameter_counts()
     return Analysis(
@@ -170,8 +174,23 @@ def _analyze_classification(cfg: AnalyzeConfig, ckpt, device, spec: DataSpec, ex
                 "seconds": {str(k): v for k, v in seconds.items()}},
         runtime=runtime,
         patience_sweep=prows, patience_recommendation=prec,
-        learned_sweep=lrows,
+        learned_sweep=lrows, guarantee=gua.to_dict() if gua else None,
+        stored_guarantee=previous.to_dict() if previous else None, guarantee_check=checked,
     )
+
+
+def _guarantees(cfg: AnalyzeConfig, ckpt, logits: torch.Tensor, labels: list, source: str) -> tuple:
+    """The guaranteed recommendation on this split, and the checkpoint's stored guarantee with its check
+    here (a drift check when the split is new data) -> (Guarantee, stored Guarantee | None, check | None)."""
+    from ..model.guarantee import stored_guarantee
+    from .calibrate import check_stored, recommend_guaranteed
+
+    kind = "disagreement" if cfg.max_disagreement is not None else "accuracy_drop"
+    eps = cfg.max_disagreement if cfg.max_disagreement is not None else cfg.max_drop / 100
+    g = recommend_guaranteed(ckpt, logits.numpy(), labels, source, eps, kind, cfg.delta, cfg.entropy) if eps > 0 else None
+    previous = stored_guarantee(ckpt.meta)
+    checked = check_stored(previous, logits.numpy(), labels) if previous is not None else None
+    return g, previous, checked
 
 
 def _cls_spread(cls_states: torch.Tensor, n: int, L: int, pooling: str) -> tuple:
@@ -198,7 +217,8 @@ def _per_layer(cfg: AnalyzeConfig, logits: torch.Tensor, labels: list, grid: lis
     return per_layer
 
 
-def _test_split(cfg: AnalyzeConfig, ckpt, device, spec: DataSpec, grid: list, rec, per_layer: dict | None) -> dict | None:
+def _test_split(cfg: AnalyzeConfig, ckpt, device, spec: DataSpec, grid: list, rec, per_layer: dict | None,
+                gua=None) -> dict | None:
     """How the sweep, the recommended and the per-layer thresholds hold on ``cfg.test_split`` (None when the
     data has no such split apart from its training and evaluation splits)."""
     names = ckpt.label_names
@@ -215,6 +235,9 @@ def _test_split(cfg: AnalyzeConfig, ckpt, device, spec: DataSpec, grid: list, re
         prow = dataclasses.asdict(outcome(tlogits, tex.labels, per_layer["thresholds"], cfg.entropy))
         prow.pop("threshold")
         test["at_per_layer"] = prow
+    if gua is not None and gua.certified:
+        grow = dataclasses.asdict(outcome(tlogits, tex.labels, [gua.value] * (ckpt.model.num_layers - 1), cfg.entropy))
+        test["at_guaranteed"] = {**grow, "threshold": gua.value}
     return test
 
 
@@ -239,11 +262,17 @@ def _timed(cfg: AnalyzeConfig, ckpt, device, ex, layers: list, rows: list, rec, 
     return seconds, runtime
 
 
-def _stored(cfg: AnalyzeConfig, ckpt, per_layer: dict | None, rec, source: str) -> list | None:
-    """--store-thresholds: the per-layer thresholds, else the recommended one, written into the checkpoint
-    for predict -> what was stored (None without the option)."""
+def _stored(cfg: AnalyzeConfig, ckpt, per_layer: dict | None, rec, source: str, gua=None) -> list | None:
+    """--store-thresholds: the per-layer thresholds, else the guaranteed threshold (with its guarantee) when
+    it saves layers, else the recommended one, written into the checkpoint for predict -> what was stored
+    (None without the option). A point estimate replaces a stored guarantee, which no longer applies."""
     if not cfg.store_thresholds:
         return None
+    if per_layer is None and gua is not None and gua.certified and gua.layer_saving > 0:
+        from .calibrate import store_guarantee
+
+        store_guarantee(ckpt.path, gua, ckpt.model.num_layers)
+        return [gua.value] * (ckpt.model.num_layers - 1)
     if per_layer is not None:
         stored = per_layer["thresholds"]
     elif rec is not None:
@@ -343,6 +372,7 @@ def store_thresholds(path, thresholds: dict) -> None:
     meta_path = Path(path) / META_FILE
     meta = json.loads(meta_path.read_text())
     meta["thresholds"] = thresholds
+    meta.pop("guarantee", None)  # it certified the setting these replace
     with atomic_text_file(meta_path) as f:
         f.write(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 

@@ -34,9 +34,9 @@ dependency for one function).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-
 import numpy as np
+
+from ..model.guarantee import Guarantee
 
 RISKS = ("accuracy_drop", "disagreement")  # classification
 REGRESSION_RISKS = ("error_increase", "disagreement")
@@ -99,11 +99,11 @@ def lower_bound(losses: int, n: int, delta: float) -> float:
     return lo
 
 
-def min_calibration_size(epsilon: float, delta: float) -> int:
+def min_calibration_size(epsilon: float, delta: float) -> int | None:
     """The fewest calibration texts at which any setting can be certified: zero losses in n texts give
-    p = (1 - epsilon)^n <= delta."""
+    p = (1 - epsilon)^n <= delta (None for a zero budget: no sample certifies it)."""
     if epsilon <= 0:
-        return math.inf
+        return None
     if epsilon >= 1:
         return 1
     return math.ceil(math.log(delta) / math.log1p(-epsilon))
@@ -113,6 +113,8 @@ def needed_size(rate: float, epsilon: float, delta: float, cap: int = 10_000_000
     """About how many calibration texts certify a setting whose true loss rate is ``rate`` (its expected
     loss count at n, rounded up, passes the test), or None when rate >= epsilon (never)."""
     if rate >= epsilon:
+        return None
+    if epsilon <= 0:
         return None
     n = max(1, min_calibration_size(epsilon, delta))
     while n <= cap:
@@ -211,50 +213,6 @@ def losses(risk: str, layer: np.ndarray, logits: np.ndarray, labels=None, tolera
 # ------------------------------------------------------------------------------------------------
 # certification
 # ------------------------------------------------------------------------------------------------
-@dataclass
-class Guarantee:
-    """What a certified setting promises: P(risk <= epsilon) >= 1 - delta on new texts like the ``n``
-    calibration texts. ``value`` is None when nothing beyond full depth could be certified."""
-
-    risk: str  # accuracy_drop | disagreement | error_increase
-    epsilon: float  # the budget as a fraction (0.005 = half a point of accuracy; 0.02 = 2% disagreement)
-    delta: float
-    n: int
-    policy: str  # entropy | patience | learned
-    value: float | None  # the certified threshold (entropy, learned) or patience; None: full depth only
-    losses: int  # losses at ``value`` on the calibration texts
-    empirical: float  # losses / n
-    bound: float  # (1 - delta / family) upper confidence bound of the risk at ``value`` (<= epsilon)
-    mean_exit_layer: float  # on the calibration texts, at ``value``
-    layer_saving: float  # 1 - mean exit layer / L, the saving to expect
-    tested: int  # settings tried in sequence (the certified ones and the first failure)
-    family: int = 1  # candidates compared (e.g. off-ramp recipes): each tested at delta / family
-    min_n: int = 0  # calibration texts needed to certify anything at epsilon, delta / family
-    entropy: str = "normalized"  # unit of an entropy threshold
-    tolerance: float | None = None  # regression: the tolerance of the losses and of patience
-    accuracy_drop: float | None = None  # labelled calibration: the observed drop at ``value`` (fraction)
-
-    @property
-    def certified(self) -> bool:
-        return self.value is not None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Guarantee":
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    def describe(self) -> str:
-        """One line: what is guaranteed, at what confidence, from how many texts."""
-        what = {"accuracy_drop": f"accuracy drop <= {100 * self.epsilon:g} points",
-                "disagreement": f"disagreement with the final layer <= {100 * self.epsilon:g}%",
-                "error_increase": f"share of texts whose error grows by more than {self.tolerance:g} <= {100 * self.epsilon:g}%",
-                }[self.risk]
-        return f"{what} with probability >= {100 * (1 - self.delta):g}% (n={self.n} calibration texts)"
-
-
 def certify(logits, labels=None, *, risk: str = "accuracy_drop", epsilon: float, delta: float = DEFAULT_DELTA,
             policy: str = "entropy", scores=None, entropy: str = "normalized", tolerance: float | None = None,
             family: int = 1, grid=None) -> Guarantee:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import UserError
 from .readers import DEFAULT_DATASET, Table, load_splits
@@ -192,3 +193,27 @@ def eval_examples(spec: DataSpec, label_names: list, split: str | None = None) -
         raise UserError(f"split '{split}' not found in '{spec.dataset}'; splits: {', '.join(splits)}")
     ex, _ = to_examples(splits[split], spec, split, label_names)
     return ex, f"split '{split}'"
+
+
+def read_unlabeled(path: str, spec: DataSpec) -> tuple:
+    """Unlabelled texts (distillation, label-free calibration): a .txt file (one text per line; a tab separates a pair) or a data file /
+    folder read like --dataset (its text column(s); every split). Returns (texts, pairs | None)."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"unlabeled file '{path}' does not exist")
+    if p.is_file() and p.suffix.lower() in (".txt", ""):
+        lines = [l.rstrip("\r") for l in p.read_text(encoding="utf-8", errors="replace").split("\n") if l.strip()]
+        if spec.text_pair_column:
+            parts = [l.partition("\t") for l in lines]
+            return [a for a, _, _ in parts], [b for _, _, b in parts]
+        return lines, None
+    texts, pairs = [], [] if spec.text_pair_column else None
+    for name, table in load_splits(str(p)).items():
+        if spec.text_column not in table:
+            raise UserError(f"unlabeled data split '{name}' has no column '{spec.text_column}'")
+        texts += _texts(table[spec.text_column], spec.text_column)
+        if pairs is not None:
+            pairs += _texts(table.get(spec.text_pair_column, [""] * len(table[spec.text_column])), spec.text_pair_column)
+    if not texts:
+        raise UserError(f"unlabeled data '{path}' is empty")
+    return texts, pairs

@@ -38,7 +38,7 @@ class PredictDatasetConfig:
     thresholds: list | None = None
     entropy: str = "normalized"
     exit_policy: str = "entropy"
-    patience: int = 3
+    patience: int | None = None  # None: the certified value, else 3
     tolerance: float = 0.1
     batch_size: int = 32  # rows per model batch inside an actor
     engine: str = "shrink"

@@ -79,15 +79,21 @@ class LearnedRule:
 
 
 def resolve_rule(ckpt, threshold: float | None, thresholds: list | None, entropy: str,
-                 default: float = 0.3, policy: str = "entropy", patience: int = 3,
+                 default: float = 0.3, policy: str = "entropy", patience: int | None = None,
                  tolerance: float = 0.1) -> tuple:
-    """Pick the exit rule. Patience policy: a :class:`PatienceRule` (thresholds must not be given).
-    Learned: a :class:`LearnedRule` at ``threshold`` (default 0.9; regression 0.1).
+    """Pick the exit rule. Patience policy: a :class:`PatienceRule` at ``patience`` (None: the value the
+    checkpoint's guarantee certifies, else 3; thresholds must not be given). Learned: a
+    :class:`LearnedRule` at ``threshold`` (None: the certified value, else 0.9; regression 0.1).
     Entropy: per-layer --thresholds > --threshold > thresholds stored in the checkpoint > ``default``.
-    A regression checkpoint refuses entropy and uses ``tolerance`` with patience.
+    A regression checkpoint refuses entropy and uses ``tolerance`` with patience. A setting that the
+    checkpoint's stored guarantee certifies says so in the source description.
     Returns (rule, source description)."""
+    from ..model.guarantee import stored_guarantee
+
     L = ckpt.model.num_layers
     regression = ckpt.task == "regression"
+    g = stored_guarantee(ckpt.meta)
+    certified = g.value if g is not None and g.certified and g.policy == policy else None
     if regression and policy == "entropy":
         raise UserError(f"'{ckpt.path}' is a regression checkpoint: entropy needs class probabilities; "
                         "use --exit-policy patience (with --tolerance) or --exit-policy learned (with --threshold)")
@@ -96,17 +102,24 @@ def resolve_rule(ckpt, threshold: float | None, thresholds: list | None, entropy
             raise UserError("--thresholds is per-layer entropy; the learned policy takes one --threshold")
         if not ckpt.exits_trained or not ckpt.model.ramp_cfg.learned_exit:
             raise UserError(f"'{ckpt.path}' has no learned exits: run `deebert train-exits --learned-exits` first")
-        t = threshold if threshold is not None else (0.1 if regression else 0.9)
+        t = threshold if threshold is not None else (certified if certified is not None else (0.1 if regression else 0.9))
         if not 0.0 <= t <= 1.0:
             raise UserError(f"--threshold {t} is out of range: learned exit scores lie in [0, 1]")
-        return LearnedRule(t, regression, entropy), "--threshold" if threshold is not None else f"default learned threshold {t:g}"
+        src = ("--threshold" if threshold is not None else _guaranteed("learned threshold stored in the checkpoint", g)
+               if certified is not None else f"default learned threshold {t:g}")
+        return LearnedRule(t, regression, entropy), src
     if policy == "patience":
         if threshold is not None or thresholds:
             raise UserError("--threshold/--thresholds apply to --exit-policy entropy; the patience policy takes --patience N")
         if not ckpt.exits_trained:
             raise UserError(f"the off-ramps of '{ckpt.path}' are not trained: run `deebert train-exits` first "
                             "(the patience policy compares their predictions)")
-        return PatienceRule(patience, tolerance if regression else None, entropy), "--exit-policy patience"
+        if patience is None:
+            n, src = (int(certified), _guaranteed("patience stored in the checkpoint", g)) if certified is not None \
+                else (3, "--exit-policy patience (default patience 3)")
+        else:
+            n, src = patience, "--exit-policy patience"
+        return PatienceRule(n, tolerance if regression else None, entropy), src
     if thresholds:
         if len(thresholds) not in (L - 1, L):
             raise UserError(f"--thresholds needs {L - 1} values (layers 1..{L - 1}; the last layer always exits), got {len(thresholds)}")
@@ -118,6 +131,8 @@ def resolve_rule(ckpt, threshold: float | None, thresholds: list | None, entropy
         if stored.get("entropy", "normalized") != entropy:
             entropy = stored.get("entropy", "normalized")
         vals, src = list(stored["values"]) + [0.0] * (L - len(stored["values"])), "thresholds stored in the checkpoint"
+        if certified is not None and stored.get("search") == "guaranteed" and set(stored["values"]) == {certified}:
+            src = _guaranteed(src, g)
     else:
         vals, src = [default] * L, f"default threshold {default}"
     vals[-1] = 0.0
@@ -128,3 +143,7 @@ def resolve_rule(ckpt, threshold: float | None, thresholds: list | None, entropy
         )
     return ExitRule(vals, entropy), src
 
+
+def _guaranteed(source: str, g) -> str:
+    """The source of a stored setting, with what its guarantee promises."""
+    return f"{source}; guaranteed: {g.describe()}"

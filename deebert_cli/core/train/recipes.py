@@ -22,6 +22,8 @@ MEASURE = {
     "classification": "largest layer saving at the recommended threshold within the accuracy budget "
                       "(evaluation split); ties: higher accuracy, then the simpler recipe",
     "regression": "lowest mean squared error of the off-ramps, averaged over layers 1..L-1 (evaluation split)",
+    "guaranteed": "largest layer saving at the guaranteed threshold (risk control on the evaluation split, each "
+                  "recipe tested at delta / the number of recipes); ties: the point estimate's measure",
 }
 
 
@@ -80,10 +82,34 @@ def score(logits: torch.Tensor, labels: list, task: str, max_drop: float) -> dic
             "layer_saving": rec.layer_saving}
 
 
+def certify_each(kept_logits: list, labels: list, cfg) -> list:
+    """Each recipe's guaranteed threshold on the evaluation split (:func:`..analysis.risk.certify`): the
+    budget is ``cfg.max_disagreement`` (a fraction) when given, else ``cfg.max_drop`` points of accuracy;
+    with several recipes compared, each is tested at delta / (their number), so that the one kept carries
+    its guarantee (union bound). Returns one Guarantee per recipe."""
+    from ..analysis.risk import certify
+
+    risk = "disagreement" if cfg.max_disagreement is not None else "accuracy_drop"
+    eps = cfg.max_disagreement if cfg.max_disagreement is not None else cfg.max_drop / 100
+    return [certify(logits.numpy(), labels, risk=risk, epsilon=eps, delta=cfg.delta, family=len(kept_logits))
+            for logits in kept_logits]
+
+
+def choose(rows: list, task: str, guarantees: list | None = None) -> int:
+    """The recipe kept: with guarantees, the largest guaranteed layer saving (ties: the point-estimate
+    measure of :func:`best`); without, or when no recipe's guarantee saves any layer, :func:`best`."""
+    if guarantees and max(g.layer_saving for g in guarantees) > 0:
+        order = {k: r for r, k in enumerate(sorted(range(len(rows)), key=lambda k: _measure(rows, task, k)))}
+        return max(range(len(rows)), key=lambda k: (round(guarantees[k].layer_saving, 12), order[k]))
+    return best(rows, task)
+
+
+def _measure(rows: list, task: str, k: int) -> tuple:
+    if task == "regression":
+        return (-rows[k]["mean_ramp_mse"], -k)
+    return (round(rows[k]["layer_saving"], 12), round(rows[k]["accuracy"], 12), -k)
+
+
 def best(rows: list, task: str) -> int:
     """Index of the chosen row (each a :func:`score` dict), by the task's :data:`MEASURE`."""
-    if task == "regression":
-        key = lambda k: (-rows[k]["mean_ramp_mse"], -k)  # noqa: E731
-    else:
-        key = lambda k: (round(rows[k]["layer_saving"], 12), round(rows[k]["accuracy"], 12), -k)  # noqa: E731
-    return max(range(len(rows)), key=key)
+    return max(range(len(rows)), key=lambda k: _measure(rows, task, k))

@@ -15,7 +15,7 @@ import torch
 from ..analysis.sweep import layer_metrics
 from ..config import TrainExitsConfig, to_yaml
 from ..data.encoding import encode
-from ..data.examples import DataSpec, prepare_data
+from ..data.examples import DataSpec, prepare_data, read_unlabeled
 from ..errors import UserError
 from ..launch import Runtime
 from ..model.checkpoint import STAGE_EXITS, STAGE_FINETUNED, Checkpoint, load_checkpoint, save_checkpoint
@@ -55,7 +55,10 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
     labels = data.eval.labels
     ev_y = torch.tensor(labels, dtype=cache["y"].dtype, device=device)
     rows, kept, steps, seen, train_seconds = _try_recipes(model, todo, cache, cfg, task, ev_y, dropout, progress)
-    choice = rc.best(rows, task)
+    guarantees = rc.certify_each([k[2] for k in kept], labels, cfg) if task != "regression" and cfg.guarantee else None
+    for row, g in zip(rows, guarantees or []):
+        row["guaranteed_threshold"], row["guaranteed_saving"] = g.value, g.layer_saving
+    choice = rc.choose(rows, task, guarantees)
     recipe, (state, calibration, logits) = todo[choice], kept[choice]
     model.build_ramps(RampConfig(recipe.pooling, recipe.norm, dropout, cfg.learned_exits), init_from_pooler=False)
     model.ramps.load_state_dict(state)
@@ -70,12 +73,14 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
     for p in model.model.parameters():
         p.requires_grad_(True)
     extra = {"cache_seconds": cache["seconds"], "train_seconds": train_seconds, "cached_examples": cache["n"],
-             "recipes": {"given": cfg.recipe_given, "measure": rc.MEASURE[task], "max_drop": cfg.max_drop,
+             "recipes": {"given": cfg.recipe_given, "measure": rc.MEASURE["guaranteed" if guarantees else task],
+                         "max_drop": cfg.max_drop,
                          "chosen": recipe.name, "candidates": rows}}
-    if task != "regression":  # what analyze --store-thresholds would store for the budget
-        extra["thresholds"] = {"entropy": "normalized", "values": [rows[choice]["threshold"]] * (model.num_layers - 1),
-                               "max_drop": cfg.max_drop, "search": "global", "chosen_on": data.eval_source,
-                               "by": "train-exits"}
+    if task != "regression":
+        g = guarantees[choice] if guarantees else None
+        extra["thresholds"], extra["guarantee"] = stored_rule(rows[choice], g, cfg, data.eval_source, model.num_layers)
+        if g is not None and not extra["thresholds"]["search"] == "guaranteed":
+            extra["guarantee_advice"] = _advice(g, logits, labels, rows[choice]["threshold"])
     meta = _exits_meta(ckpt.meta, report, extra, learned, calibration)
     out = cfg.output or cfg.checkpoint
     if rt.is_main:
@@ -86,6 +91,32 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
     per_epoch = (cache["seconds"] * len(train) / (len(train) + len(data.eval))) + train_seconds / max(epochs_done, 1e-9)
     return TrainResult(out, STAGE_EXITS, len(train), steps, train_seconds + cache["seconds"], per_epoch,
                        seen / max(train_seconds, 1e-9), report, extra)
+
+
+def stored_rule(row: dict, g, cfg: TrainExitsConfig, source: str, L: int) -> tuple:
+    """What deebert.json stores for predict -> (thresholds, guarantee | None): the guaranteed threshold
+    when it saves layers (its Guarantee then stored beside it); else the point estimate of the recipe
+    search (as ``analyze`` recommends it), and the guarantee only reported."""
+    thr = {"entropy": "normalized", "max_drop": cfg.max_drop, "search": "global", "chosen_on": source,
+           "by": "train-exits", "point_estimate": row["threshold"]}
+    if g is not None:
+        g.calibrated_on, g.by = source, "train-exits"
+    if g is not None and g.certified and g.layer_saving > 0:
+        thr.update(values=[g.value] * (L - 1), search="guaranteed")
+    else:
+        thr["values"] = [row["threshold"]] * (L - 1)
+    return thr, g
+
+
+def _advice(g, logits: torch.Tensor, labels: list, point: float) -> dict:
+    """How many calibration texts the budget needs: to certify anything, and to certify ``point`` (its
+    loss rate on the evaluation split taken as the truth)."""
+    from ..analysis import risk
+
+    layer = risk.exit_layers("entropy", point, logits.numpy())
+    rate = float(risk.losses(g.risk, layer, logits.numpy(), labels).mean())
+    return {"min_n": g.min_n, "point_estimate": point, "point_rate": rate,
+            "point_n": risk.needed_size(rate, g.epsilon, g.delta / g.family)}
 
 
 def _try_recipes(model: HighwayModel, todo: list, cache: dict, cfg: TrainExitsConfig, task: str, ev_y: torch.Tensor,
@@ -192,41 +223,16 @@ def _exits_meta(meta: dict, report: EvalReport, extra: dict, learned: list | Non
     meta = dict(meta)
     meta["stage"] = STAGE_EXITS
     meta.setdefault("metrics", {})["train_exits"] = dataclasses.asdict(report)
-    for stale in ("thresholds", "learned_exits", "calibration", "recipes"):
+    for stale in ("thresholds", "learned_exits", "calibration", "recipes", "guarantee"):
         meta.pop(stale, None)
     meta["timing"] = {"train_exits": {k: extra[k] for k in ("cache_seconds", "train_seconds", "cached_examples")}}
     meta["recipes"] = extra["recipes"]
     if "thresholds" in extra:
         meta["thresholds"] = extra["thresholds"]
+        if extra["thresholds"]["search"] == "guaranteed":
+            meta["guarantee"] = extra["guarantee"].to_dict()
     if learned is not None:
         meta["learned_exits"] = extra["learned_exits"] = learned
     if calibration is not None:
         meta["calibration"] = extra["calibration"] = calibration
     return meta
-
-
-def read_unlabeled(path: str, spec: DataSpec) -> tuple:
-    """Texts for distillation: a .txt file (one text per line; a tab separates a pair) or a data file /
-    folder read like --dataset (its text column(s); every split). Returns (texts, pairs | None)."""
-    from ..data.examples import _texts
-    from ..data.readers import load_splits
-
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"unlabeled file '{path}' does not exist")
-    if p.is_file() and p.suffix.lower() in (".txt", ""):
-        lines = [l.rstrip("\r") for l in p.read_text(encoding="utf-8", errors="replace").split("\n") if l.strip()]
-        if spec.text_pair_column:
-            parts = [l.partition("\t") for l in lines]
-            return [a for a, _, _ in parts], [b for _, _, b in parts]
-        return lines, None
-    texts, pairs = [], [] if spec.text_pair_column else None
-    for name, table in load_splits(str(p)).items():
-        if spec.text_column not in table:
-            raise UserError(f"unlabeled data split '{name}' has no column '{spec.text_column}'")
-        texts += _texts(table[spec.text_column], spec.text_column)
-        if pairs is not None:
-            pairs += _texts(table.get(spec.text_pair_column, [""] * len(table[spec.text_column])), spec.text_pair_column)
-    if not texts:
-        raise UserError(f"unlabeled data '{path}' is empty")
-    return texts, pairs
