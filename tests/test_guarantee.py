@@ -150,3 +150,18 @@ def test_calibrate_bad_inputs_are_one_line(trained_ckpt, tmp_path, args, message
     r = runner.invoke(app, ["calibrate", "--checkpoint", ck, "--device", "cpu", *args])
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
     assert _meta(ck) == before
+
+
+def test_train_exits_label_free_budget_and_no_guarantee(stage1_ckpt, tmp_path):
+    ck = _copy(stage1_ckpt, tmp_path)
+    base = ["train-exits", "--checkpoint", ck, "--epochs", "10", "--lr", "3e-3", "--device", "cpu", "--ramp-pooling", "cls"]
+    r = runner.invoke(app, base + ["--max-disagreement", "0.15", "--delta", "0.1"])
+    assert r.exit_code == 0, r.output
+    g = stored_guarantee(_meta(ck))
+    assert g.risk == "disagreement" and g.epsilon == 0.15 and g.delta == 0.1 and g.certified
+    assert "disagreement with the final layer <= 15% with probability >= 90%" in " ".join(r.stdout.split())
+    r = runner.invoke(app, base + ["--no-guarantee"])
+    assert r.exit_code == 0, r.output
+    meta = _meta(ck)
+    assert "guarantee" not in meta and meta["thresholds"]["search"] == "global"
+    assert "--no-guarantee" in r.stdout and "no guarantee for new data" in " ".join(r.stdout.split())
