@@ -1,0 +1,63 @@
+"""Nothing lost, nothing silent: per-layer thresholds, exports of models that take no token type ids,
+and the CLI's output to files and pipes (and on Ctrl-C), each through the CLI."""
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from deebert_cli.cli.app import app
+
+runner = CliRunner()
+
+
+def invoke(*args, **kw):
+    return runner.invoke(app, [str(a) for a in args], **kw)
+
+
+def one_line_error(r, *needles):
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output and (r.exception is None or isinstance(r.exception, SystemExit))
+    lines = [l for l in r.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+# 6. per-layer thresholds: exactly L-1, never one dropped unseen --------------------------------------
+def test_thresholds_for_every_layer_are_refused_not_cut(trained_ckpt):
+    """A 4-layer model takes 3 thresholds (layers 1..3; the last always exits): a 4th was dropped
+    silently, and is now refused in one line that says why."""
+    r = invoke("predict", "--checkpoint", trained_ckpt, "--thresholds", "0,0,1,0.5", "--device", "cpu", input="good film\n")
+    one_line_error(r, "--thresholds", "needs 3 values", "got 4", "the last layer always exits")
+    r = invoke("predict", "--checkpoint", trained_ckpt, "--thresholds", "0,0,1", "--format", "jsonl", "--device", "cpu",
+               input="good film\n")
+    assert r.exit_code == 0 and json.loads(r.stdout)["exit_layer"] == 3
+
+
+def test_stored_thresholds_follow_the_same_rule(trained_ckpt, tmp_path):
+    """Thresholds stored in deebert.json are read by the same rule: a wrong count (here one for every
+    layer) is one error line naming the file, not a value dropped (or a layer padded with 0)."""
+    from deebert_cli.core.errors import UserError
+    from deebert_cli.core.model.checkpoint import load_checkpoint
+    from deebert_cli.core.runtime.rules import resolve_rule
+
+    ck = tmp_path / "ck"
+    shutil.copytree(trained_ckpt, ck)
+    meta = json.loads((ck / "deebert.json").read_text())
+    meta["thresholds"] = {"entropy": "normalized", "values": [0.0, 0.0, 1.0]}
+    (ck / "deebert.json").write_text(json.dumps(meta))
+    rule, src = resolve_rule(load_checkpoint(ck), None, None, "normalized")
+    assert rule.thresholds == [0.0, 0.0, 1.0, 0.0] and "stored" in src
+    for values in ([0.0, 0.0, 1.0, 0.5], [0.0, 1.0]):
+        meta["thresholds"]["values"] = values
+        (ck / "deebert.json").write_text(json.dumps(meta))
+        r = invoke("predict", "--checkpoint", ck, "--device", "cpu", input="good film\n")
+        one_line_error(r, "deebert.json", "needs 3 values", f"got {len(values)}")
+    # what analyze times (and then stores) goes through it too
+    from deebert_cli.core.runtime.rules import per_layer_thresholds
+
+    assert per_layer_thresholds([0.1, 0.2, 0.3], 4) == [0.1, 0.2, 0.3, 0.0]
+    with pytest.raises(UserError, match="needs 3 values"):
+        per_layer_thresholds([0.1, 0.2, 0.3, 0.4], 4)
