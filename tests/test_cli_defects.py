@@ -61,3 +61,36 @@ def test_stored_thresholds_follow_the_same_rule(trained_ckpt, tmp_path):
     assert per_layer_thresholds([0.1, 0.2, 0.3], 4) == [0.1, 0.2, 0.3, 0.0]
     with pytest.raises(UserError, match="needs 3 values"):
         per_layer_thresholds([0.1, 0.2, 0.3, 0.4], 4)
+
+
+# 8. models that take no token type ids, with tokenizers that emit them, export and predict ------------
+@pytest.mark.parametrize("family", ["deberta-v2", "distilbert"])
+def test_export_and_predict_a_model_without_token_type_ids(family, tmp_path):
+    """DeBERTa-v3 style (type_vocab_size 0, its tokenizer emits token type ids) and DistilBERT saved with a
+    BERT tokenizer: `deebert export` failed with ONNX Runtime's "Invalid input name: token_type_ids"
+    traceback. Now the graph takes what the model reads, and the onnx runtime predicts as torch does, pairs
+    included."""
+    pytest.importorskip("onnxruntime", reason="the onnx runtime needs pip install 'deebert-cli[onnx]'")
+    pytest.importorskip("onnx", reason="deebert export needs pip install 'deebert-cli[onnx]'")
+    from conftest import make_data_dir, make_family_backbone, mixed_lines
+
+    bb = make_family_backbone(tmp_path, family)
+    assert "token_type_ids" in json.loads((tmp_path / f"tiny-{family}" / "tokenizer_config.json").read_text()).get(
+        "model_input_names", ["token_type_ids"])
+    ck = tmp_path / "ck"
+    r = invoke("finetune", "--model", bb, "--dataset", make_data_dir(tmp_path, 48, 16), "--output", ck,
+               "--max-steps", 2, "--batch-size", 16, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    r = invoke("export", "--checkpoint", ck)
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    assert json.loads((ck / "onnx" / "manifest.json").read_text())["inputs"] == {"token_type_ids": False}
+    lines = "\n".join(mixed_lines(12, seed=5) + ["good film\tbad awful dull", "bad plot\tgreat cast"]) + "\n"
+    got = {}
+    for runtime in ("torch", "onnx"):
+        r = invoke("predict", "--checkpoint", ck, "--runtime", runtime, "--threshold", 0, "--format", "jsonl",
+                   "--all-probs", input=lines)
+        assert r.exit_code == 0, r.output
+        got[runtime] = [json.loads(l) for l in r.stdout.splitlines()]
+    assert [g["label"] for g in got["onnx"]] == [g["label"] for g in got["torch"]]
+    for a, b in zip(got["onnx"], got["torch"]):
+        assert a["confidence"] == pytest.approx(b["confidence"], abs=1e-4)
