@@ -197,13 +197,17 @@ def test_analyze_times_the_onnx_runtime_and_reports_int8_accuracy(exported_ckpt,
 def test_every_family_exports_layer_by_layer(family, tmp_path):
     """Each family's layers trace with the mask built inside from the 2-D attention mask: every exit's
     logits (and learned exit score) of the graphs equal torch's on a padded batch; the steps composed
-    into one model (chosen by its ``step`` input) give the same as each step's own graph."""
+    into one model (chosen by its ``step`` input) give the same as each step's own graph. The batch holds
+    what the family's tokenizer emits: token type ids (of a pair) from a BERT or DeBERTa-v2 tokenizer too,
+    which a model without segment embeddings (DeBERTa-v3: type_vocab_size 0; DistilBERT with a BERT
+    tokenizer) does not take: its graph has no such input and the runtime drops them."""
     pytest.importorskip("onnxruntime", reason="the onnx runtime needs pip install 'deebert-cli[onnx]'")
     import onnxruntime as ort
 
-    from conftest import tiny_classifier
+    from conftest import family_tokenizer, tiny_classifier
     from deebert_cli.core.model.policies import RampConfig
-    from deebert_cli.core.runtime.export import compose_steps, write_graphs
+    from deebert_cli.core.runtime.export import compose_steps, graph_inputs, write_graphs
+    from deebert_cli.core.runtime.onnx_backend import OnnxModel
     from deebert_cli.core.model.highway import HighwayModel
 
     torch.manual_seed(0)
@@ -211,12 +215,18 @@ def test_every_family_exports_layer_by_layer(family, tmp_path):
     ids = torch.randint(5, 60, (3, 9))
     mask = torch.ones(3, 9, dtype=torch.long)
     mask[1, 6:], mask[2, 3:] = 0, 0
-    tt = torch.zeros_like(ids) if family in ("bert", "electra") else None
+    emits = "token_type_ids" in family_tokenizer(family)(["good film"], ["bad"])
+    tt = ((torch.arange(9) >= 4) & (mask == 1)).long() if emits else None  # a pair: its second text is type 1
+    takes = model.takes_token_type_ids
+    assert takes == (family in ("bert", "electra", "albert")), family  # DeBERTa-v3 style: type_vocab_size 0
     names, _ = write_graphs(model, tmp_path, (ids, mask, tt), learned=True)
+    assert ("token_type_ids" in graph_inputs(tmp_path / names["embed"])) == (takes and tt is not None)
     with torch.no_grad():
         want = model(ids, mask, tt)
+        if not takes:  # torch drops them too
+            assert torch.equal(want, model(ids, mask))
     run = lambda g, feeds: ort.InferenceSession(str(tmp_path / g), providers=["CPUExecutionProvider"]).run(None, feeds)
-    feeds = {"input_ids": ids.numpy()} | ({"token_type_ids": tt.numpy()} if tt is not None else {})
+    feeds = {"input_ids": ids.numpy()} | ({"token_type_ids": tt.numpy()} if takes and tt is not None else {})
     h = run(names["embed"], feeds)[0]
     hidden = model.embed(ids, tt)
     for i, g in enumerate(names["layers"]):
@@ -229,10 +239,10 @@ def test_every_family_exports_layer_by_layer(family, tmp_path):
             assert np.abs(out[2] - score.numpy()).max() < 1e-5
             h = out[0]
     steps = [names["embed"], *names["layers"]]
-    compose_steps([tmp_path / g for g in steps], tmp_path / "all" / "model.onnx")
-    one = ort.InferenceSession(str(tmp_path / "all" / "model.onnx"), providers=["CPUExecutionProvider"])
+    compose_steps([tmp_path / g for g in steps], tmp_path / "fp32" / "model.onnx")
+    one = ort.InferenceSession(str(tmp_path / "fp32" / "model.onnx"), providers=["CPUExecutionProvider"])
     idle = {"input_ids": np.zeros((1, 1), np.int64), "hidden": np.zeros((1, 1, 1), np.float32),
-            "attention_mask": np.zeros((1, 1), np.int64)} | ({"token_type_ids": np.zeros((1, 1), np.int64)} if tt is not None else {})
+            "attention_mask": np.zeros((1, 1), np.int64)} | ({"token_type_ids": np.zeros((1, 1), np.int64)} if "token_type_ids" in feeds else {})
     h = run(names["embed"], feeds)[0]
     assert np.array_equal(one.run(["hidden_out"], idle | feeds | {"step": np.array(0)})[0], h)
     for k, g in enumerate(names["layers"], start=1):
@@ -244,3 +254,12 @@ def test_every_family_exports_layer_by_layer(family, tmp_path):
         if not last:
             assert np.abs(got[0] - alone[0]).max() < 1e-6 and np.abs(got[2] - alone[2]).max() < 1e-6
             h = alone[0]
+    # the runtime is fed what the tokenizer emits, and drops what the graph does not take
+    manifest = {"num_layers": model.num_layers, "num_labels": model.num_labels, "family": model.family,
+                "learned_exit": True, "graphs": {"model": "model.onnx"}, "inputs": {"token_type_ids": tt is not None}}
+    om = OnnxModel(ort, tmp_path, manifest, "fp32", {}, {}, threads=1)
+    assert om.takes_token_type_ids == (takes and tt is not None)
+    h = om.embed(ids.numpy(), None if tt is None else tt.numpy())
+    for i in range(model.num_layers):
+        h, logits, _ = om.layer(i, h, mask.numpy())
+        assert np.abs(logits - want[i].numpy()).max() < 1e-4, (family, i)

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from .common import (CONFIG_OPT, DEVICE_OPT, ONNX_PRECISION_OPT, RUNTIME_OPT, err, make_config, out, pct, quiet_libraries,
-                     user_errors)
+                     time_saving, user_errors)
 
 
 def analyze(
@@ -181,7 +181,7 @@ def _render_recommendation(a) -> None:
         line = (f"[bold]recommended threshold {rec.threshold:g}[/] for a {a.max_drop:g}-point budget: "
                 + _gist(rec.accuracy, rec.accuracy_change, rec.layer_saving))
         if rec.wall_saving is not None:
-            line += f", {pct(rec.wall_saving)} less time (measured, batch {a.timing['batch_size']}, {a.timing.get('runtime', 'torch')} runtime)"
+            line += f", {time_saving(rec.wall_saving)} (measured, batch {a.timing['batch_size']}, {a.timing.get('runtime', 'torch')} runtime)"
         out.print(line)
         if a.test and a.test.get("at_recommended"):
             h = a.test["at_recommended"]
@@ -192,7 +192,7 @@ def _render_recommendation(a) -> None:
         line = (f"[bold]per-layer thresholds[/] {', '.join(f'{t:g}' for t in pl['thresholds'])} (layers 1..{m['layers'] - 1}): "
                 + _gist(pl["accuracy"], pl["accuracy_change"], pl["layer_saving"]))
         if pl.get("wall_saving") is not None:
-            line += f", {pct(pl['wall_saving'])} less time (measured)"
+            line += f", {time_saving(pl['wall_saving'])} (measured)"
         out.print(line)
         if a.test and a.test.get("at_per_layer"):
             h = a.test["at_per_layer"]

@@ -7,10 +7,26 @@ import sys
 from typing import Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False)
+# the width given to a console that writes to a file or pipe: tables keep whole headers and cells
+PIPE_WIDTH = 1000
+
+
+class _Console(Console):
+    """rich's Console, but wide when it does not write to a terminal: a file or pipe has no width, and at
+    rich's 80 columns table headers were cut to "thres…" and lines broken mid-sentence. A terminal keeps
+    its own width."""
+
+    def _wide_size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)
+        return size if self.is_terminal else ConsoleDimensions(max(size.width, PIPE_WIDTH), size.height)
+
+    size = property(_wide_size, Console.size.fset)
+
+
+err = _Console(stderr=True, highlight=False, soft_wrap=True)
+out = _Console(highlight=False)
 
 DEVICE_OPT = typer.Option("auto", "--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")
 CONFIG_OPT = typer.Option(None, "--config", help="YAML file of options (flags given on the command line win).")
@@ -75,8 +91,10 @@ def finish_distributed(code: int = 0) -> None:
 
 
 @contextlib.contextmanager
-def user_errors(interrupted_note: str = ""):
-    """UserError -> one red line, exit 2; Ctrl-C -> one line, exit 130. Bugs keep their traceback."""
+def user_errors(interrupted_note=""):
+    """UserError -> one red line, exit 2; Ctrl-C -> one line, exit 130, with ``interrupted_note`` (a
+    string, or a function giving one when it happens: what is left, and what a rerun does). Bugs keep
+    their traceback."""
     from ..core.errors import UserError
 
     try:
@@ -84,7 +102,8 @@ def user_errors(interrupted_note: str = ""):
     except UserError as e:
         fail(str(e))
     except KeyboardInterrupt:
-        err.print(f"interrupted{': ' + interrupted_note if interrupted_note else ''}")
+        note = interrupted_note() if callable(interrupted_note) else interrupted_note
+        err.print(f"interrupted{': ' + note if note else ''}", markup=False)
         raise typer.Exit(130)
 
 
@@ -108,29 +127,57 @@ def make_config(ctx: typer.Context, cls, config_file, values: dict[str, Any], pa
     return build_config(cls, file_values, explicit_flags(ctx, values, params))
 
 
+def live_progress() -> bool:
+    """Live progress bars only on a terminal: written to a file or pipe, rich repeats the bars of every
+    earlier task at each stop. ``DEEBERT_NO_PROGRESS`` silences progress altogether."""
+    return err.is_terminal and not os.environ.get("DEEBERT_NO_PROGRESS")
+
+
 class RichProgress:
-    """rich progress bar with loss, examples/s and ETA, implementing core.train.common.Progress."""
+    """Progress of core.train.common.Progress: on a terminal a rich bar with loss, examples/s and ETA (a
+    fresh one per task, so earlier tasks are not drawn again); to a file or pipe one line when a task
+    starts and one when it ends; nothing with ``DEEBERT_NO_PROGRESS``."""
 
     def __init__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self._p = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}  {task.fields[ex_s]:.0f} ex/s"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=err, transient=False, disable=not err.is_terminal and bool(os.environ.get("DEEBERT_NO_PROGRESS")),
-        )
-        self._task = None
+        self._p = self._task = None
+        self._line = None  # to a file or pipe: [description, total, done, fields, start time]
 
     def start(self, description: str, total: int) -> None:
-        self._p.start()
-        self._task = self._p.add_task(description, total=total, loss=float("nan"), ex_s=0.0)
+        if live_progress():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._p = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[ex_s]:.0f} ex/s"),
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=False,
+            )
+            self._p.start()
+            self._task = self._p.add_task(description, total=total, loss=float("nan"), ex_s=0.0)
+        elif not os.environ.get("DEEBERT_NO_PROGRESS"):
+            import time
+
+            self._line = [description, total, 0, {}, time.perf_counter()]
+            err.print(f"{description}: {total} steps", markup=False)
 
     def update(self, advance: int = 1, **fields) -> None:
-        self._p.update(self._task, advance=advance, **fields)
+        if self._p is not None:
+            self._p.update(self._task, advance=advance, **fields)
+        elif self._line is not None:
+            self._line[2] += advance
+            self._line[3].update(fields)
 
     def stop(self) -> None:
-        self._p.stop()
+        if self._p is not None:
+            self._p.stop()
+            self._p = None
+        elif self._line is not None:
+            import time
+
+            description, total, done, fields, t0 = self._line
+            figures = [f"loss {fields['loss']:.4f}" if "loss" in fields else "",
+                       f"{fields['ex_s']:.0f} ex/s" if "ex_s" in fields else "", f"{time.perf_counter() - t0:.1f} s"]
+            err.print(f"{description}: {done}/{total} steps, " + ", ".join(f for f in figures if f), markup=False)
+            self._line = None
 
     def log(self, message: str) -> None:
         err.print(f"[dim]{message}[/]")
@@ -138,6 +185,11 @@ class RichProgress:
 
 def pct(x: float) -> str:
     return f"{100 * x:.2f}%"
+
+
+def time_saving(saving: float) -> str:
+    """A measured wall-clock saving in words: '36.70% less time', or '49.27% more time' when it was slower."""
+    return f"{pct(saving)} less time" if saving >= 0 else f"{pct(-saving)} more time"
 
 
 def stdin_is_tty() -> bool:

@@ -49,7 +49,15 @@ def finetune(
     quiet_libraries()
     from ..core.launch import is_main_process
 
-    with user_errors(f"no new checkpoint was written; '{output}' is as it was"):
+    cfg = None
+
+    def interrupted() -> str:
+        from ..core.train.state import resume_hint
+
+        where = cfg.output if cfg is not None else str(output)
+        return f"no new checkpoint was written; '{where}' is as it was; {resume_hint(where)}"
+
+    with user_errors(interrupted):
         from ..core.config import FinetuneConfig
         from ..core.train.stage1 import finetune as run
 

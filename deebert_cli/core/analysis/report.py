@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..metrics import accuracy, macro_f1
 from ..model.checkpoint import load_checkpoint
 from ..model.policies import exit_entropy, first_exit, max_entropy
-from ..runtime.rules import ExitRule
+from ..runtime.rules import ExitRule, per_layer_thresholds
 from ..runtime.stream import predict_stream
 from .sweep import (DEFAULT_GRID, PatienceRow, SweepRow, dead_weight, layer_metrics, learned_sweep, outcome,
                     patience_sweep, recommend, recommend_patience, regression_patience_sweep, search_per_layer,
@@ -317,7 +317,7 @@ def time_runs(cfg: AnalyzeConfig, ckpt, device, timed: dict, lines: list, labels
     for _ in range(cfg.timing_repeats):
         for key, vals in timed.items():
             start = time.perf_counter()
-            got = [r.label for r in predict_stream(run_ckpt, lines, ExitRule(list(vals) + [0.0], cfg.entropy), run_device,
+            got = [r.label for r in predict_stream(run_ckpt, lines, ExitRule(per_layer_thresholds(vals, L), cfg.entropy), run_device,
                                                    batch_size=cfg.batch_size)]
             seconds[key] = min(seconds[key], time.perf_counter() - start)
             acc[key] = accuracy(got, labels)

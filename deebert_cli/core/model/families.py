@@ -35,9 +35,16 @@ class FamilyAdapter:
         """What the off-ramps read by default: the token summary this family's own head reads."""
         return "cls"
 
+    @property
+    def takes_token_type_ids(self) -> bool:
+        """Whether the model reads token type ids (has segment embeddings). Tokenizers emit them for models
+        that have none (DeBERTa-v3: ``type_vocab_size`` 0; DistilBERT saved with a BERT tokenizer): the
+        ``embed`` of such a model drops them, and its ONNX export takes no such input."""
+        return (getattr(self.model.config, "type_vocab_size", 0) or 0) > 0
+
     def embed(self, input_ids, token_type_ids=None) -> torch.Tensor:
-        """[batch, seq] ids -> [batch, seq, hidden]."""
-        kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        """[batch, seq] ids -> [batch, seq, hidden] (token type ids only where the model takes them)."""
+        kw = {"token_type_ids": token_type_ids} if token_type_ids is not None and self.takes_token_type_ids else {}
         return self.base.embeddings(input_ids=input_ids, **kw)
 
     def prepare_mask(self, attention_mask: torch.Tensor, hidden: torch.Tensor):
@@ -77,6 +84,7 @@ class BertAdapter(FamilyAdapter):
 
 class RobertaAdapter(FamilyAdapter):
     family, base_attr = "roberta", "roberta"
+    takes_token_type_ids = False  # positions from input_ids; segments unused
 
     def embed(self, input_ids, token_type_ids=None):
         # RoBERTa derives position ids from input_ids (padding_idx), so always pass input_ids
@@ -112,6 +120,7 @@ class ElectraAdapter(FamilyAdapter):
 
 class DistilBertAdapter(FamilyAdapter):
     family, base_attr = "distilbert", "distilbert"
+    takes_token_type_ids = False  # no segment embeddings
 
     @property
     def layers(self):
@@ -172,6 +181,7 @@ class ModernBertAdapter(FamilyAdapter):
     real tokens), so the off-ramps' default pooling follows it."""
 
     family, base_attr = "modernbert", "model"
+    takes_token_type_ids = False  # no segment embeddings
 
     @property
     def layers(self):
@@ -247,6 +257,7 @@ class MPNetAdapter(FamilyAdapter):
     shared by every layer, computed once per forward. The head is RoBERTa's (no pretrained pooler)."""
 
     family, base_attr = "mpnet", "mpnet"
+    takes_token_type_ids = False  # no segment embeddings
 
     def embed(self, input_ids, token_type_ids=None):
         return self.base.embeddings(input_ids=input_ids)  # no segment embeddings

@@ -76,6 +76,11 @@ class HighwayModel(nn.Module):
         return self.model.config.num_labels
 
     @property
+    def takes_token_type_ids(self) -> bool:
+        """Whether the model reads token type ids; where not, ``embed`` drops any it is given."""
+        return self.adapter.takes_token_type_ids
+
+    @property
     def max_tokens(self) -> int | None:
         """The longest input in tokens this model takes (its position embeddings; the family's offset)."""
         return self.adapter.max_tokens()
@@ -145,7 +150,7 @@ class HighwayModel(nn.Module):
 
     def final_logits(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         """The plain classifier's logits (what stage 1 trains): [batch, classes]."""
-        kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        kw = {"token_type_ids": token_type_ids} if token_type_ids is not None and self.takes_token_type_ids else {}
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kw).logits
 
     @classmethod

@@ -136,14 +136,14 @@ def export_checkpoint(cfg: ExportConfig, log=None) -> dict:
         raise UserError(f"'{ckdir}' has no tokenizer.json (a fast tokenizer): the onnx runtime tokenizes with it")
     model = ckpt.model.cpu().eval()
     learned = bool(model.ramp_cfg.learned_exit and ckpt.exits_trained)
-    with_tt = "token_type_ids" in getattr(ckpt.tokenizer, "model_input_names", [])
     enc = ckpt.tokenizer(list(SAMPLE_TEXTS), padding=True, return_tensors="pt")
-    sample = (enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids") if with_tt else None)
+    sample = (enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"))  # what the tokenizer emits
     t0 = time.perf_counter()
     with atomic_dir(target) as tmp:
         log(f"exporting embeddings and {model.num_layers} layers with their exits (opset {cfg.opset})")
         parts = tmp / "parts"  # the per-step graphs, composed below, then removed
         names, fused = write_graphs(model, parts / "fp32", sample, learned, cfg.opset, cfg.optimize)
+        with_tt = "token_type_ids" in graph_inputs(parts / "fp32" / names["embed"])
         steps = [names["embed"], *names["layers"]]
         precisions = ["fp32"]
         if cfg.quantize == "int8":
@@ -199,14 +199,17 @@ def check_export_folder(target: Path, ckdir: Path) -> None:
 
 def write_graphs(model, out: Path, sample: tuple, learned: bool, opset: int = 17, optimize: bool = True) -> tuple:
     """The embeddings graph and one graph per layer with its exit, traced on ``sample`` (input_ids,
-    attention_mask with padding, token_type_ids or None) into folder ``out`` -> (file names, fused
-    operator counts per layer graph)."""
+    attention_mask with padding, token_type_ids or None, as the tokenizer emits them) into folder ``out``
+    -> (file names, fused operator counts per layer graph). The embeddings graph takes token_type_ids
+    only where the model reads them (``takes_token_type_ids``): DeBERTa-v3 and DistilBERT, whose
+    tokenizers may emit them, get a graph of input_ids alone."""
     out.mkdir(parents=True, exist_ok=True)
     try:  # eager attention exports as the pattern ONNX Runtime fuses into its Attention operator
         model.model.set_attn_implementation("eager")
     except Exception:  # a family without the choice keeps its own
         pass
     ids, mask, tt = sample
+    tt = tt if model.takes_token_type_ids else None
     L = model.num_layers
     heads, width = _heads_and_width(model.config)
     names = {"embed": "embed.onnx", "layers": [f"layer_{i + 1:02d}.onnx" for i in range(L)]}
@@ -224,6 +227,13 @@ def write_graphs(model, out: Path, sample: tuple, learned: bool, opset: int = 17
         with torch.no_grad():
             hidden = model.run_layer(i, hidden, model.prepare_mask(mask, hidden))
     return names, fused
+
+
+def graph_inputs(path: Path) -> set:
+    """The names of the inputs of the ONNX graph at ``path`` (its weights are not read)."""
+    import onnx
+
+    return {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
 
 
 # ------------------------------------------------------------------------------------------------

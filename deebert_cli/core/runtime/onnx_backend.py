@@ -145,7 +145,7 @@ def load_onnx(path, precision: str = "fp32", threads: int | None = None) -> Chec
     if (odir / "tokenizer.json").is_file():
         from .tokenizer import FastTokenizer
 
-        tok = FastTokenizer(odir / "tokenizer.json", manifest["pad_token_id"], manifest["inputs"]["token_type_ids"])
+        tok = FastTokenizer(odir / "tokenizer.json", manifest["pad_token_id"], model.takes_token_type_ids)
     return Checkpoint(model=model, tokenizer=tok, meta=meta, path=Path(path))
 
 
@@ -190,10 +190,12 @@ class OnnxModel:
         self._session = ort.InferenceSession(str(odir / precision / manifest["graphs"]["model"]),
                                              session_options(ort, threads), providers=["CPUExecutionProvider"])
         self._steps = [np.array(k, dtype=np.int64) for k in range(self.num_layers + 1)]
+        # the graph's own inputs say whether it reads token type ids (DeBERTa-v3, DistilBERT: not, though
+        # their tokenizers may emit them; those are dropped in embed)
+        self.takes_token_type_ids = "token_type_ids" in {i.name for i in self._session.get_inputs()}
         # what a step does not read is still a required input of the one model: fed a 1-element dummy
-        self._with_tt = bool(manifest["inputs"]["token_type_ids"])
         ids = np.zeros((1, 1), dtype=np.int64)
-        self._idle_ids = {"input_ids": ids, "token_type_ids": ids} if self._with_tt else {"input_ids": ids}
+        self._idle_ids = {"input_ids": ids, "token_type_ids": ids} if self.takes_token_type_ids else {"input_ids": ids}
         self._idle_layer = {"hidden": np.zeros((1, 1, 1), dtype=np.float32), "attention_mask": ids}
         last = self.num_layers - 1
         self._scored = [bool(manifest.get("learned_exit")) and i < last for i in range(self.num_layers)]
@@ -216,7 +218,7 @@ class OnnxModel:
 
     def embed(self, input_ids: np.ndarray, token_type_ids: np.ndarray | None = None) -> np.ndarray:
         feeds = {"step": self._steps[0], "input_ids": input_ids, **self._idle_layer}
-        if self._with_tt:
+        if self.takes_token_type_ids:  # else dropped: the graph does not read them
             feeds["token_type_ids"] = token_type_ids if token_type_ids is not None else np.zeros_like(input_ids)
         return self._session.run(["hidden_out"], feeds)[0]
 

@@ -121,16 +121,15 @@ def resolve_rule(ckpt, threshold: float | None, thresholds: list | None, entropy
             n, src = patience, "--exit-policy patience"
         return PatienceRule(n, tolerance if regression else None, entropy), src
     if thresholds:
-        if len(thresholds) not in (L - 1, L):
-            raise UserError(f"--thresholds needs {L - 1} values (layers 1..{L - 1}; the last layer always exits), got {len(thresholds)}")
-        vals, src = list(thresholds) + [0.0] * (L - len(thresholds)), "--thresholds"
+        vals, src = per_layer_thresholds(thresholds, L), "--thresholds"
     elif threshold is not None:
         vals, src = [threshold] * L, "--threshold"
     elif ckpt.meta.get("thresholds"):
         stored = ckpt.meta["thresholds"]
         if stored.get("entropy", "normalized") != entropy:
             entropy = stored.get("entropy", "normalized")
-        vals, src = list(stored["values"]) + [0.0] * (L - len(stored["values"])), "thresholds stored in the checkpoint"
+        vals = per_layer_thresholds(stored["values"], L, f"the thresholds stored in '{ckpt.path}' (deebert.json)")
+        src = "thresholds stored in the checkpoint"
         if certified is not None and stored.get("search") == "guaranteed" and set(stored["values"]) == {certified}:
             src = _guaranteed(src, g)
     else:
@@ -147,3 +146,16 @@ def resolve_rule(ckpt, threshold: float | None, thresholds: list | None, entropy
 def _guaranteed(source: str, g) -> str:
     """The source of a stored setting, with what its guarantee promises."""
     return f"{source}; guaranteed: {g.describe()}"
+
+
+def per_layer_thresholds(values: list, num_layers: int, what: str = "--thresholds") -> list:
+    """The one rule for per-layer entropy thresholds, wherever they come from (--thresholds of predict,
+    serve and predict-dataset, the checkpoint's stored ones, analyze's per-layer search): exactly L-1
+    values, for layers 1..L-1. The last layer always exits and takes none: L values are refused rather
+    than the last one dropped unseen. -> the engine's L values (0 for the last layer); any other count is
+    a UserError naming ``what``."""
+    L = num_layers
+    if len(values) != L - 1:
+        raise UserError(f"{what} needs {L - 1} values (one per layer 1..{L - 1}: the last layer always exits, so it "
+                        f"takes none), got {len(values)}")
+    return [float(v) for v in values] + [0.0]

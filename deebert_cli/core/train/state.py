@@ -69,6 +69,16 @@ def latest_state(root: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name[len(STATE_PREFIX):]), default=None)
 
 
+def resume_hint(output: str) -> str:
+    """What rerunning an interrupted stage 1 writing ``output`` does, in words: resume from the newest
+    saved state (the one it was resumed from or wrote), or start over when there is none."""
+    path = latest_state(state_dir_for(output))
+    if path is None:
+        return ("no training state was saved, so rerunning starts over; --save-every N (optimizer steps, or "
+                "'1 epoch') makes a run resumable")
+    return f"rerun the same command to resume from step {int(path.name[len(STATE_PREFIX):])} (state in '{path.parent}')"
+
+
 # -- optimizer <-> safetensors + JSON -------------------------------------------------------------
 def flatten_optimizer(sd: dict) -> tuple:
     """``optimizer.state_dict()`` -> (tensors {"{param}.{key}": tensor}, JSON-able rest)."""
