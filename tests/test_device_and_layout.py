@@ -78,7 +78,7 @@ def test_help_shows_install_hints_with_their_extra():
 
     runner = CliRunner()
     hints = {}
-    for cmd in ("finetune", "train-exits", "predict", "analyze", "export", "serve", "predict-dataset"):
+    for cmd in ("finetune", "train-exits", "predict", "analyze", "calibrate", "export", "serve", "predict-dataset"):
         r = runner.invoke(app, [cmd, "--help"], terminal_width=100)
         assert r.exit_code == 0, r.output
         text = " ".join(r.output.split())
@@ -87,4 +87,4 @@ def test_help_shows_install_hints_with_their_extra():
     assert "onnx" in hints["export"] and "onnx" in hints["predict"] and "onnx" in hints["serve"]
     top = runner.invoke(app, ["--help"], terminal_width=100).output
     listed = [line.split()[0] for line in top.split("Commands:")[1].splitlines() if line.startswith("  ") and line.split()]
-    assert listed == ["finetune", "train-exits", "predict", "analyze", "export", "serve", "predict-dataset"]
+    assert listed == ["finetune", "train-exits", "predict", "analyze", "calibrate", "export", "serve", "predict-dataset"]
