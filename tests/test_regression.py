@@ -137,3 +137,34 @@ def test_regression_learned_exits_predict(reg_ckpt):
     assert r.exit_code == 0, r.output
     header, *rows = r.stdout.splitlines()
     assert header.split("\t") == ["value", "exit_layer", "empty"] and len(rows) == 2
+
+
+def test_regression_calibrate_patience_and_learned(reg_ckpt, tmp_path):
+    """A regression checkpoint's guarantee: error increase (labelled) or disagreement (unlabelled), for
+    the patience and learned policies; entropy is refused."""
+    import json
+    import shutil
+
+    from conftest import make_sentiment_rows, write_jsonl
+
+    from deebert_cli.core.model.guarantee import stored_guarantee
+
+    ck = str(tmp_path / "ck")
+    shutil.copytree(reg_ckpt, ck)
+    data = write_jsonl(tmp_path / "cal.jsonl", make_sentiment_rows(300, 21))
+    r = runner.invoke(app, ["calibrate", "--checkpoint", ck, "--dataset", data, "--label-column", "score",
+                            "--exit-policy", "patience", "--max-drop", "20", "--tolerance", "1.0", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    g = stored_guarantee(json.loads((tmp_path / "ck" / "deebert.json").read_text()))
+    got = " ".join(r.stdout.split())
+    if g is not None:
+        assert g.risk == "error_increase" and g.policy == "patience" and g.tolerance == 1.0
+    else:
+        assert "nothing certified" in got
+    txt = tmp_path / "t.txt"
+    txt.write_text("".join(row["text"] + "\n" for row in make_sentiment_rows(300, 22)))
+    r = runner.invoke(app, ["calibrate", "--checkpoint", ck, "--unlabeled", str(txt), "--exit-policy", "learned",
+                            "--max-disagreement", "0.3", "--tolerance", "1.0", "--device", "cpu", "--check"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["calibrate", "--checkpoint", ck, "--unlabeled", str(txt), "--device", "cpu"])
+    assert r.exit_code == 2 and "regression checkpoint" in r.output
