@@ -98,7 +98,7 @@ def test_export_never_replaces_what_is_not_an_export(trained_ckpt, tmp_path):
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
     for out, why in ((trained_ckpt, "is the checkpoint or holds it"), (os.path.dirname(trained_ckpt), "is the checkpoint or holds it"),
-                     (str(mine), "exists and is not a deebert export")):
+                     (str(mine), "is a folder of other files, not an earlier deebert export")):
         r = runner.invoke(app, ["export", "--checkpoint", trained_ckpt, "--output", out])
         assert r.exit_code == 2 and why in r.output and "--output" in r.output and "Traceback" not in r.output
     assert sorted(os.listdir(trained_ckpt)) == before and (mine / "notes.txt").read_text() == "keep"

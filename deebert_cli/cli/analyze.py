@@ -65,11 +65,13 @@ def analyze(
                 from ..core.errors import UserError
 
                 raise UserError("--plot needs matplotlib: pip install 'deebert-cli[plot]' (or pip install matplotlib)")
-        from ..core.files import atomic_text_file, check_output
+        from ..core.files import atomic_text_file, check_output, check_writable
 
         for flag, path in (("--json", cfg.json), ("--plot", cfg.plot)):
             if path:
                 check_output(path, flag=flag, checkpoint=cfg.checkpoint)
+        if cfg.store_thresholds:  # deebert.json is rewritten in the checkpoint folder
+            check_writable(Path(cfg.checkpoint) / "deebert.json", "--store-thresholds")
         a = run(cfg)
         if cfg.json:
             with atomic_text_file(cfg.json) as f:

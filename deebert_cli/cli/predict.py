@@ -64,7 +64,7 @@ def load_run(ctx: typer.Context, config: Optional[Path], values: dict) -> tuple:
     the main process announces them. -> (cfg, runtime, checkpoint, rule)."""
     from ..core.config import PredictConfig
     from ..core.errors import UserError
-    from ..core.files import check_output
+    from ..core.files import check_input_file, check_output
     from ..core.runtime.rules import resolve_rule
     from ..core.runtime.stream import load_for_inference
 
@@ -73,8 +73,8 @@ def load_run(ctx: typer.Context, config: Optional[Path], values: dict) -> tuple:
     quiet_libraries(transformers=not onnx)
     rt = onnx_process(cfg.device) if onnx else torch_runtime(cfg.device, cfg.precision)
     dev = rt.device
-    if cfg.input and not Path(cfg.input).is_file():
-        raise UserError(f"input file '{cfg.input}' does not exist")
+    if cfg.input:
+        check_input_file(cfg.input, "input file", "--input")
     if cfg.output:
         check_output(cfg.output, cfg.input, checkpoint=cfg.checkpoint)
     if rt.distributed and not cfg.input:

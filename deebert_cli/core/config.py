@@ -425,11 +425,11 @@ def default_of(cls, name: str):
 def read_yaml(path: str | Path) -> dict:
     import yaml
 
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file '{p}' does not exist")
+    from .files import check_input_file, read_text
+
+    p = check_input_file(path, "config file", "--config")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(read_text(p, "config file (--config)")) or {}
     except yaml.YAMLError as e:
         raise UserError(f"config file '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):

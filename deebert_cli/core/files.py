@@ -1,19 +1,139 @@
-"""Output files written whole or not at all: a temporary sibling renamed over the target when complete."""
+"""The files and folders a user names, read and written by one set of rules that every command uses.
+
+Reading: a file that is missing, a folder, unreadable or damaged is one :class:`UserError` line naming the
+file and what to do (:func:`check_input_file`, :func:`check_readable`, :func:`read_text`,
+:func:`read_json`, :func:`check_shape`).
+
+Writing: an output is checked before any work (:func:`check_output` for a file, :func:`check_output_folder`
+for a folder: what stands there now, and a probe that the place can be written), then written whole or not
+at all (:func:`atomic_file`, :func:`atomic_dir`: a temporary sibling renamed over the target when
+complete). A folder output never replaces a folder of the user's own, the current folder or one holding
+it; a folder it does replace (an earlier output of the same kind) keeps the entries the new one does not
+own. An I/O failure on the way (a full disk, a read-only place) is one line, and the temporary sibling is
+removed."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
+import shutil
 import stat
 import uuid
 from pathlib import Path
+from typing import Callable
 
 from .errors import UserError
 
 
+# -- why an I/O operation failed -------------------------------------------------------------------
+def io_reason(e: BaseException) -> str | None:
+    """The reason of an I/O failure in words ('No space left on device', 'Permission denied'), from an
+    OSError or from the text of a Rust library's I/O error ('... (os error 28)': safetensors, tokenizers);
+    None when ``e`` is no I/O failure."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e) or type(e).__name__
+    m = re.search(r"(?:I/O error: )?([^:]*?) \(os error \d+\)", str(e))
+    return m.group(1).strip() if m else None
+
+
+# -- reading -----------------------------------------------------------------------------------------
+def check_readable(path, what: str, todo: str = "") -> Path:
+    """``path`` opened for reading and closed again (libraries that read it later, some in Rust, report a
+    file they may not read as missing) -> Path; UserError naming ``what`` and the reason otherwise."""
+    p = Path(path).expanduser()
+    try:
+        with open(p, "rb"):
+            pass
+    except OSError as e:
+        raise UserError(_unreadable(p, what, e, todo)) from None
+    return p
+
+
+def _unreadable(p: Path, what: str, e: OSError, todo: str) -> str:
+    if isinstance(e, FileNotFoundError):
+        why = "does not exist"
+    elif isinstance(e, IsADirectoryError):
+        why = "is a folder, not a file"
+    elif isinstance(e, PermissionError):
+        why, todo = "cannot be read: permission denied", "check its permissions (it must be readable by this user)"
+    else:
+        why = f"cannot be read: {io_reason(e)}"
+    return f"{what} '{p}' {why}" + (f"; {todo}" if todo else "")
+
+
+def check_input_file(path, what: str, flag: str) -> Path:
+    """An input the user names as a file (``--input``, ``--config``): it exists, is a file, and can be read."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UserError(f"{what} '{path}' ({flag}) is a folder; give a file")
+    if not p.exists():
+        raise UserError(f"{what} '{path}' ({flag}) does not exist")
+    return check_readable(p, f"{what} ({flag})")
+
+
+def read_text(path, what: str, todo: str = "") -> str:
+    """The UTF-8 text of ``path``; one UserError line when it cannot be read or is not text."""
+    p = check_readable(path, what, todo)
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} '{p}' is not UTF-8 text (byte {e.start})" + (f"; {todo}" if todo else "")) from None
+    except OSError as e:
+        raise UserError(_unreadable(p, what, e, todo)) from None
+
+
+def read_json(path, what: str, todo: str = "", shape: dict | None = None) -> dict:
+    """A JSON file holding one object (``{...}``), its fields checked against ``shape`` (see
+    :func:`check_shape`); one UserError line naming the file when it is missing, unreadable, not JSON,
+    or of another shape."""
+    p = Path(path).expanduser()
+    try:
+        data = json.loads(read_text(p, what, todo))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{what} '{p}' is not valid JSON ({e})" + (f"; {todo}" if todo else "")) from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} '{p}' holds a JSON {_json_type(data)} where an object of fields belongs"
+                        + (f"; {todo}" if todo else ""))
+    check_shape(data, shape or {}, f"{what} '{p}'", todo)
+    return data
+
+
+def check_shape(data: dict, shape: dict, where: str, todo: str = "") -> None:
+    """Each field of ``shape`` (name -> type or tuple of types) that ``data`` holds, and is not null, has
+    that type (an int is no bool; a float field takes an int); UserError naming the field otherwise."""
+    for name, kind in shape.items():
+        value = data.get(name)
+        if value is None:
+            continue
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            want = " or ".join(_JSON_NAMES.get(k, k.__name__) for k in kinds)
+            raise UserError(f"{where} is damaged: '{name}' should be {want}, not a JSON {_json_type(value)}"
+                            + (f"; {todo}" if todo else ""))
+
+
+_JSON_NAMES = {dict: "an object", list: "a list", str: "a string", int: "a whole number", float: "a number",
+               bool: "true or false"}
+
+
+def _json_type(value) -> str:
+    for kind, name in ((bool, "boolean"), (dict, "object"), (list, "list"), (str, "string"), (int, "number"),
+                       (float, "number")):
+        if isinstance(value, kind):
+            return name
+    return "null"
+
+
+# -- checking an output before any work ---------------------------------------------------------------
 def check_output(output: str, input: str | None = None, flag: str = "--output", checkpoint: str | None = None) -> None:
     """UserError when ``output`` cannot be written as a file: its folder is missing, it is a folder, it
-    is the input file itself (writing it would destroy what is being read), or it is a file of
-    ``checkpoint`` (a file already inside that folder: its weights, configs, tokenizer ...)."""
+    is the input file itself (writing it would destroy what is being read), it is a file of
+    ``checkpoint`` (a file already inside that folder: its weights, configs, tokenizer ...), or its
+    folder cannot be written."""
     out = Path(output).expanduser()
     if out.is_dir():
         raise UserError(f"{flag} '{output}' is a folder; give a file name")
@@ -23,6 +143,8 @@ def check_output(output: str, input: str | None = None, flag: str = "--output", 
         raise UserError(f"{flag} '{output}' is the input file; write the results to another file")
     if checkpoint is not None and out.exists() and Path(checkpoint).expanduser().resolve() in out.resolve().parents:
         raise UserError(f"{flag} '{output}' is a file of the checkpoint '{checkpoint}'; write the results elsewhere")
+    if not (out.exists() and not stat.S_ISREG(out.stat().st_mode)):  # a special file (/dev/stdout) is written as it is
+        check_writable(out, flag)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -31,26 +153,183 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
+def check_output_folder(target, flag: str = "--output", owned: Callable[[Path], bool] | None = None,
+                        kind: str = "an earlier output") -> Path:
+    """UserError (before any work) unless folder ``target`` may be written as a whole: it is not the
+    current folder or one holding it (those cannot be replaced while in use), not a file, and either
+    absent, empty, or a folder this tool wrote (``owned(path)``: an earlier output of the same kind,
+    named by ``kind`` in the message); and the place can be written (:func:`check_writable`)."""
+    t = Path(target).expanduser()
+    here, where = Path.cwd().resolve(), t.resolve()
+    if where == here or where in here.parents:
+        raise UserError(f"{flag} '{target}' is the current folder or holds it, which cannot be replaced while in "
+                        f"use: give a folder of its own")
+    if t.exists() and not t.is_dir():
+        raise UserError(f"{flag} '{target}' is a file; give a folder")
+    if t.is_dir() and any(t.iterdir()) and not (owned is not None and owned(t)):
+        raise UserError(f"{flag} '{target}' is a folder of other files, not {kind}: give a new or empty folder "
+                        f"(nothing there is replaced)")
+    check_writable(t, flag, inside=True)
+    return t
+
+
+def check_writable(target, flag: str, inside: bool = False) -> None:
+    """Probe that ``target`` can be written where it will be: in the nearest existing folder above it (a
+    temporary sibling is written there, then renamed) and, with ``inside``, in ``target`` itself when it
+    is an existing folder (its files are replaced). A probe folder is made and removed at once, which
+    also catches a read-only file system (permission bits do not stop root)."""
+    t = Path(target).expanduser().absolute()
+    place = t.parent
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    places = [place] + ([t] if inside and t.is_dir() else [])
+    for p in places:
+        probe = p / f".deebert-probe-{uuid.uuid4().hex[:8]}"
+        try:
+            os.mkdir(probe)
+            os.rmdir(probe)
+        except OSError as e:
+            raise UserError(f"{flag} '{target}' cannot be written: '{p}' is not writable ({io_reason(e)})") from None
+
+
+# -- writing whole or not at all ------------------------------------------------------------------------
+class _Sink:
+    """A file object whose write and flush failures (a full disk) are one UserError naming ``path``."""
+
+    def __init__(self, f, path, special: bool = False):
+        self._f, self._path, self._special = f, path, special
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            raise UserError(write_failure(self._path, e, self._special)) from None
+
+    def flush(self):
+        try:
+            self._f.flush()
+        except OSError as e:
+            raise UserError(write_failure(self._path, e, self._special)) from None
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def write_failure(path, e: BaseException, special: bool = False) -> str:
+    """The one line of a failed write; a special file (a device, a pipe) was written directly."""
+    why = f"cannot write '{path}': {io_reason(e) or e}"
+    return why if special else why + "; nothing was written there (anything there before is as it was)"
+
+
 @contextlib.contextmanager
-def atomic_text_file(path: str):
-    """Yield a text file (UTF-8, '\\n' newlines) writing to a temporary sibling of ``path``, renamed over
+def atomic_file(path: str, binary: bool = False):
+    """Yield a file (text: UTF-8, '\\n' newlines) writing to a temporary sibling of ``path``, renamed over
     ``path`` when the block ends without error; on an error or Ctrl-C the sibling is removed and ``path``
     is as it was, so a file at ``path`` is always complete. A special file (``/dev/stdout``, a pipe) is
-    written directly."""
+    written directly. Failures to write (a full disk) are one UserError line."""
     target = Path(path).expanduser()
-    if target.exists() and not stat.S_ISREG(target.stat().st_mode):
-        with open(target, "w", encoding="utf-8", newline="\n") as f:
-            yield f
-        return
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    special = target.exists() and not stat.S_ISREG(target.stat().st_mode)
+    dest = target if special else target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        f = open(tmp, "w", encoding="utf-8", newline="\n")
+        f = open(dest, "wb") if binary else open(dest, "w", encoding="utf-8", newline="\n")
     except OSError as e:
-        raise UserError(f"cannot write '{path}': {e.strerror or e}") from None
+        raise UserError(f"cannot write '{path}': {io_reason(e)}") from None
     try:
-        with f:
-            yield f
-        os.replace(tmp, target)
+        yield _Sink(f, path, special)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            f.close()
+        if not special:
+            dest.unlink(missing_ok=True)
         raise
+    try:
+        f.close()
+        if not special:
+            os.replace(dest, target)
+    except OSError as e:
+        if not special:
+            dest.unlink(missing_ok=True)
+        raise UserError(write_failure(path, e, special)) from None
+
+
+def atomic_text_file(path: str):
+    """:func:`atomic_file` in text mode."""
+    return atomic_file(path)
+
+
+def atomic_dir(target: str | Path, owned: Callable[[str], bool] | None = None):
+    """Context manager yielding a temporary sibling folder; on success it replaces ``target``.
+
+    The previous ``target`` stays intact until the very end, so an interrupted write (Ctrl-C, kill, a
+    full disk) never leaves a half-written folder where a good one was, and no temporary folder is left
+    behind. Entries of the previous ``target`` that the new folder does not hold and ``owned(name)``
+    does not claim (the files of an earlier output of the same kind, which the new one replaces) are
+    carried over: a user's files there (an export in ``onnx/``, notes) are never lost. An I/O failure is
+    one UserError line."""
+    return _AtomicDir(Path(target), owned or (lambda name: False))
+
+
+class _AtomicDir:
+    def __init__(self, target: Path, owned: Callable[[str], bool]):
+        self.target, self.owned = target, owned
+        self.tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self) -> Path:
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp.mkdir()
+        except OSError as e:
+            raise UserError(write_failure(self.target, e)) from None
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            try:
+                self._carry_over()
+                self._swap()
+                return False
+            except OSError as e:
+                exc = e
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        if exc is not None and not isinstance(exc, UserError) and io_reason(exc) is not None:
+            raise UserError(write_failure(self.target, exc)) from None
+        if exc_type is None:
+            raise exc
+        return False
+
+    def _carry_over(self) -> None:
+        """Link (or copy) into the new folder what the old one holds that the new one does not own."""
+        if not self.target.is_dir():
+            return
+        for entry in self.target.iterdir():
+            dst = self.tmp / entry.name
+            if self.owned(entry.name) or dst.exists() or dst.is_symlink():
+                continue
+            if entry.is_symlink():
+                os.symlink(os.readlink(entry), dst)
+            elif entry.is_dir():
+                shutil.copytree(entry, dst, symlinks=True, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(entry, dst)
+
+    def _swap(self) -> None:
+        old = None
+        if self.target.exists():
+            old = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(self.target, old)
+        try:
+            os.replace(self.tmp, self.target)
+        except OSError:
+            if old is not None:
+                os.replace(old, self.target)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _link_or_copy(src, dst) -> None:
+    """A hard link (no copy of a big file) where the file system allows it, else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

@@ -40,7 +40,7 @@ def plot_regression(a: Analysis, path: str) -> None:
     ax.set_title("Correlation of each exit (no early exit)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -61,7 +61,7 @@ def plot_analysis(a: Analysis, path: str) -> None:
     _plot_layer_accuracy(axes[1], a)
     _plot_exit_histogram(axes[2], a)
     fig.suptitle(f"{a.model.get('base_model') or a.checkpoint} on {a.dataset['dataset']} ({a.dataset['evaluated_on']}, n={a.dataset['n']})")
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -147,3 +147,14 @@ def _plot_exit_histogram(ax, a: Analysis) -> None:
     ax.set_xlabel("exit layer")
     ax.set_ylabel("share of samples (%)")
     ax.grid(alpha=0.3, axis="y")
+
+
+def save_figure(fig, path: str) -> None:
+    """Write ``fig`` whole or not at all (a temporary sibling renamed when complete), in the format its
+    suffix names (PNG without one)."""
+    from pathlib import Path
+
+    from ..files import atomic_file
+
+    with atomic_file(path, binary=True) as f:
+        fig.savefig(f, dpi=120, format=Path(path).suffix.lstrip(".").lower() or "png")

@@ -108,7 +108,7 @@ def analyze(cfg: AnalyzeConfig, progress=None) -> Analysis:
 def _evaluation_split(cfg: AnalyzeConfig, ckpt) -> tuple:
     """The checkpoint's data spec with ``cfg``'s overrides, and the examples analyze evaluates on ->
     (DataSpec, Examples, their description, whether --dataset is one file evaluated whole)."""
-    spec = DataSpec(**ckpt.meta.get("data", {}))
+    spec = ckpt.data_spec()
     overrides = {k: getattr(cfg, k) for k in ("dataset", "text_column", "text_pair_column", "label_column") if getattr(cfg, k)}
     spec = dataclasses.replace(spec, **overrides)
     # a file given with --dataset is evaluated whole (it is one split; nothing is carved out of it)
@@ -366,11 +366,11 @@ def store_thresholds(path, thresholds: dict) -> None:
     import json
     from pathlib import Path
 
-    from ..files import atomic_text_file
-    from ..model.checkpoint import META_FILE
+    from ..files import atomic_text_file, read_json
+    from ..model.checkpoint import META_FILE, META_SHAPE, META_TODO
 
     meta_path = Path(path) / META_FILE
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path, "checkpoint metadata", META_TODO, META_SHAPE)
     meta["thresholds"] = thresholds
     meta.pop("guarantee", None)  # it certified the setting these replace
     with atomic_text_file(meta_path) as f:

@@ -11,13 +11,12 @@ Layout (every file readable without unpickling)::
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import atomic_dir, check_output_folder, check_readable, read_json
 
 FORMAT_VERSION = 1
 META_FILE = "deebert.json"
@@ -53,48 +52,63 @@ class Checkpoint:
         id2label = self.model.config.id2label
         return [id2label[i] for i in range(len(id2label))]
 
+    def data_spec(self, **overrides):
+        """The data the checkpoint was trained on (``deebert.json``'s ``data``), with ``overrides``."""
+        from ..data.examples import DataSpec
 
-def atomic_dir(target: str | Path):
-    """Context manager yielding a temporary sibling directory; on success it replaces ``target``.
+        try:
+            return DataSpec(**{**self.meta.get("data", {}), **overrides})
+        except TypeError as e:
+            raise UserError(f"checkpoint metadata '{Path(self.path or '.') / META_FILE}' is damaged: 'data' {e}; "
+                            f"{META_TODO}") from None
 
-    The previous ``target`` stays intact until the very end, so an interrupted write (Ctrl-C, kill)
-    never leaves a half-written checkpoint where a good one was."""
-    return _AtomicDir(Path(target))
+
+MODEL_FILE = "model.safetensors"
+RUN_CONFIGS = ("finetune_config.yaml", "train_exits_config.yaml")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "spm.model", "spiece.model", "sentencepiece.bpe.model",
+                   "chat_template.jinja")
+# what a checkpoint write owns and replaces; anything else in a folder it writes over (an export in onnx/,
+# a user's notes) is carried over into the new checkpoint
+OWNED = frozenset((META_FILE, RAMPS_FILE, MODEL_FILE, "model.safetensors.index.json", "config.json",
+                   "generation_config.json", *RUN_CONFIGS, *TOKENIZER_FILES))
+# the fields of deebert.json and their JSON types (a damaged or hand-edited file is refused in one line)
+META_SHAPE = {"stage": str, "task": str, "family": str, "num_layers": int, "max_length": int, "ramp": dict,
+              "data": dict, "thresholds": dict, "metrics": dict, "recipes": dict, "timing": dict,
+              "calibration": list, "learned_exits": list, "base_model": str, "eval_source": str,
+              "format_version": int}
+META_TODO = "restore the checkpoint from a copy, or make it again (`deebert finetune`, then `deebert train-exits`)"
 
 
-class _AtomicDir:
-    def __init__(self, target: Path):
-        self.target = target
-        self.tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+def owned_by_checkpoint(name: str) -> bool:
+    """Whether an entry of a checkpoint folder is one a checkpoint write replaces (weights, configs,
+    tokenizer, metadata, weight shards)."""
+    return name in OWNED or (name.startswith("model-") and name.endswith(".safetensors"))
 
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir()
-        return self.tmp
 
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        old = None
-        if self.target.exists():
-            old = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.target, old)
-        os.replace(self.tmp, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return False
+def is_checkpoint(path: Path) -> bool:
+    """A folder this tool wrote as a checkpoint (a later write may replace it)."""
+    return (Path(path) / META_FILE).is_file()
+
+
+def check_checkpoint_output(output, flag: str = "--output") -> None:
+    """Before any work: ``output`` may be written as a checkpoint folder (new, empty, or a checkpoint this
+    tool wrote, whose other files are then kept; never a folder of the user's own, the current folder or one
+    holding it) and its place can be written (:func:`..files.check_output_folder`)."""
+    check_output_folder(output, flag, owned=is_checkpoint, kind="a deebert checkpoint")
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | Path, extra_files: dict[str, str] | None = None,
                     keep_files_from: str | Path | None = None) -> Path:
     """Write ``ckpt`` to ``path`` atomically. ``extra_files`` maps file name -> text (e.g. configs);
-    ``keep_files_from`` names a checkpoint whose run configs (*.yaml) are carried over."""
+    ``keep_files_from`` names a checkpoint whose run configs (*.yaml) are carried over. What a checkpoint
+    already at ``path`` holds beyond a checkpoint's own files (an export in ``onnx/``, which then reads as
+    stale) is kept."""
     from safetensors.torch import save_file
 
     path = Path(path)
     model = ckpt.model
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, owned=owned_by_checkpoint) as tmp:
         # keep the configs of earlier runs (e.g. finetune_config.yaml) that this write does not replace
         if keep_files_from is not None and Path(keep_files_from).is_dir():
             for f in Path(keep_files_from).glob("*.yaml"):
@@ -120,53 +134,95 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path, extra_files: dict[str, s
     return path
 
 
-def load_checkpoint(path: str | Path, device=None) -> Checkpoint:
-    """Load a checkpoint directory written by :func:`save_checkpoint` (safetensors only, no pickles)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def read_meta(path: Path, ramps: bool = True) -> dict:
+    """The checkpoint folder's ``deebert.json``, checked: an object with fields of the right types, a
+    known stage, and every file that stage needs present and readable (:func:`check_files`; the trained
+    off-ramps only with ``ramps``)."""
+    meta = read_json(path / META_FILE, "checkpoint metadata", META_TODO, META_SHAPE)
+    if meta.get("stage", STAGE_FINETUNED) not in (STAGE_FINETUNED, STAGE_EXITS):
+        raise UserError(f"checkpoint metadata '{path / META_FILE}' is damaged: 'stage' is '{meta['stage']}' "
+                        f"({STAGE_FINETUNED} or {STAGE_EXITS}); {META_TODO}")
+    check_files(path, meta.get("stage", STAGE_FINETUNED) if ramps else STAGE_FINETUNED)
+    return meta
+
+
+def check_files(path: Path, stage: str) -> None:
+    """UserError naming the file when the checkpoint lacks one its stage needs (the final classifier's
+    config and weights; off-ramps once they are trained) or cannot read it."""
+    needed = [("config.json", "the model's config", "copy the whole checkpoint folder again")]
+    if not (path / "model.safetensors.index.json").is_file():
+        needed.append((MODEL_FILE, "the model's weights", "copy the whole checkpoint folder again"))
+    if stage == STAGE_EXITS:
+        needed.append((RAMPS_FILE, f"the trained off-ramps its stage ({STAGE_EXITS}) needs",
+                       f"copy the whole checkpoint folder again, or train them anew with "
+                       f"`deebert train-exits --checkpoint {path}`"))
+    for name, what, todo in needed:
+        if not (path / name).exists():
+            raise UserError(f"checkpoint '{path}' is missing {name}, {what}: {todo}")
+        check_readable(path / name, "checkpoint file", todo)
+
+
+def ramp_config(meta: dict, path: Path):
+    """The off-ramp config stored in ``deebert.json`` (one line naming the file when it does not fit)."""
+    from .policies import RampConfig
+
+    try:
+        return RampConfig(**meta.get("ramp", {}))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"checkpoint metadata '{path / META_FILE}' is damaged: 'ramp' {e}; {META_TODO}") from None
+
+
+def load_checkpoint(path: str | Path, device=None, ramps: bool = True) -> Checkpoint:
+    """Load a checkpoint directory written by :func:`save_checkpoint` (safetensors only, no pickles).
+    ``ramps=False``: its off-ramps are not needed (``train-exits`` trains new ones), so the model gets fresh
+    ones and a missing ``highway.safetensors`` is no error."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from .highway import HighwayModel, load_hf
-    from .policies import RampConfig
 
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"no checkpoint at '{path}' (run `deebert finetune` first, or pass --checkpoint DIR)")
-    meta_path = path / META_FILE
-    if not meta_path.is_file() or not (path / "config.json").is_file():
+    if not (path / META_FILE).is_file() or not (path / "config.json").is_file():
         raise UserError(f"'{path}' is not a deebert checkpoint (no {META_FILE}/config.json); run `deebert finetune` to make one")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"'{meta_path}' is not valid JSON: {e}") from None
-    import torch
-
+    meta = read_meta(path, ramps)
+    ramp_cfg = ramp_config(meta, path)
     model_hf = load_hf(AutoModelForSequenceClassification, str(path))
-    ramp_cfg = RampConfig(**meta.get("ramp", {}))
-    ramps_path = path / RAMPS_FILE
-    if not ramps_path.is_file():
+    if not ramps or not (path / RAMPS_FILE).is_file():  # or a stage-1 checkpoint of an older version: fresh off-ramps
         model = HighwayModel(model_hf, ramp_cfg, init_from_pooler=False)
     else:
-        # the off-ramps are built without memory or random init (meta device) and take the loaded tensors
-        # as they are (assign): no initialisation that the file then overwrites, no copies
-        with torch.device("meta"):
-            model = HighwayModel(model_hf, ramp_cfg, init_from_pooler=False)
-        try:
-            state = {k[len("ramps."):]: v for k, v in load_file(str(ramps_path)).items()}
-        except SafetensorError as e:
-            raise UserError(f"cannot read '{ramps_path}': {e}") from None
-        missing, unexpected = model.ramps.load_state_dict(state, strict=False, assign=True)
-        for ramp in model.ramps:  # older files: uncalibrated
-            if ramp.temperature.is_meta:
-                ramp.temperature = torch.ones(())
-        missing = [k for k in missing if not k.endswith("temperature")]
-        if missing or unexpected:
-            raise UserError(f"'{ramps_path}' does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    tokenizer = AutoTokenizer.from_pretrained(str(path)) if _has_tokenizer(path) else None
+        model = _with_ramps(model_hf, ramp_cfg, path / RAMPS_FILE)
+    tokenizer = load_hf(AutoTokenizer, str(path)) if _has_tokenizer(path) else None
     model.eval()
     if device is not None:
         model.to(device)
     return Checkpoint(model=model, tokenizer=tokenizer, meta=meta, path=path)
+
+
+def _with_ramps(model_hf, ramp_cfg, ramps_path: Path):
+    """The highway model with the off-ramps of ``ramps_path``. They are built without memory or random
+    init (meta device) and take the loaded tensors as they are (assign): no initialisation that the file
+    then overwrites, no copies."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .highway import HighwayModel
+
+    with torch.device("meta"):
+        model = HighwayModel(model_hf, ramp_cfg, init_from_pooler=False)
+    try:
+        state = {k[len("ramps."):]: v for k, v in load_file(str(ramps_path)).items()}
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"cannot read '{ramps_path}': {e}; copy the whole checkpoint folder again") from None
+    missing, unexpected = model.ramps.load_state_dict(state, strict=False, assign=True)
+    for ramp in model.ramps:  # older files: uncalibrated
+        if ramp.temperature.is_meta:
+            ramp.temperature = torch.ones(())
+    missing = [k for k in missing if not k.endswith("temperature")]
+    if missing or unexpected:
+        raise UserError(f"'{ramps_path}' does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model
 
 
 def _has_tokenizer(path: Path) -> bool:

@@ -186,19 +186,72 @@ def _hidden_dropout(cfg) -> float:
 
 
 def load_hf(loader, name_or_path: str, **kw):
-    """``loader.from_pretrained`` with safetensors only and one clear error when the model can't be had
-    (not a local folder and the hub unreachable)."""
+    """``loader.from_pretrained`` with safetensors only and one clear error when the model can't be had:
+    a local folder's file that cannot be read is named; a hub name fails at once, with advice that fits,
+    when the hub is off (HF_HUB_OFFLINE set) or cannot be reached (a copy in the cache still loads then)."""
     import os
 
     from safetensors import SafetensorError
 
+    local, unreachable = os.path.isdir(name_or_path), None
+    if local:
+        _check_folder_readable(name_or_path)
+    elif not _hub_offline():
+        unreachable = hub_unreachable()
+        if unreachable:  # no minute of retries: the cache or nothing
+            kw = {**kw, "local_files_only": True}
     try:
         return loader.from_pretrained(name_or_path, use_safetensors=True, **kw) if _is_model(loader) else loader.from_pretrained(name_or_path, **kw)
     except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a damaged weights file
-        where = "local folder" if os.path.isdir(name_or_path) else "hub name"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = "" if os.path.isdir(name_or_path) else " (no such local folder; offline? set HF_HUB_OFFLINE=0 and check the network)"
-        raise UserError(f"cannot load '{name_or_path}' ({where}){hint}: {first}") from None
+        raise UserError(_load_failure(name_or_path, local, unreachable, first)) from None
+
+
+def _load_failure(name: str, local: bool, unreachable: str | None, first: str) -> str:
+    if local:
+        return f"cannot load '{name}' (local folder): {first}"
+    if unreachable:
+        return (f"cannot load '{name}': it is neither a local folder nor reachable on the Hugging Face Hub "
+                f"({unreachable}), and no copy is in the cache; check the name and the network")
+    if _hub_offline():
+        return (f"cannot load '{name}': it is no local folder, and HF_HUB_OFFLINE is set (offline mode: the Hugging "
+                f"Face Hub is not asked and no copy is in the cache); give a local folder, or unset HF_HUB_OFFLINE")
+    return f"cannot load '{name}' (no such local folder; as a Hugging Face Hub name): {first}"
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face Hub (``HF_ENDPOINT``) cannot be reached, in a few seconds at most; None when
+    it can (a TCP connection to it opens)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host} cannot be reached: {e.strerror or e}"
+    return None
+
+
+def _check_folder_readable(folder: str) -> None:
+    """The model's files in ``folder`` (weights, configs, tokenizer) can be read: libraries report a file
+    they may not read as missing."""
+    from pathlib import Path
+
+    from ..files import check_readable
+
+    for f in sorted(Path(folder).iterdir()):
+        if f.is_file() and (f.suffix in (".safetensors", ".json", ".model") or f.name in ("vocab.txt", "merges.txt")):
+            check_readable(f, "model file", f"check its permissions (the folder '{folder}' is loaded whole)")
 
 
 def _is_model(loader) -> bool:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..config import PredictConfig, _check, parse_thresholds
 from ..errors import UserError
+from ..files import check_output_folder
 from .predictor import PREDICT_OPTIONS, DeeBertPredictor, require_ray
 from .readers import INPUT_FORMATS, PATH_COLUMN, ROW_COLUMN, check_columns, expand_inputs, read_files
 
@@ -118,6 +119,7 @@ def predict_dataset(cfg: PredictDatasetConfig, log=lambda msg: None) -> DatasetS
     out = Path(cfg.output)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise UserError(f"--output '{out}' already exists; give a new folder (nothing is overwritten)")
+    check_output_folder(out, "--output")  # not the current folder, and writable: before any worker starts
     # one probe on this machine checks checkpoint and exit options before any worker starts (on the CPU:
     # the driver may have no GPU; device and precision are checked in each actor)
     probe = DeeBertPredictor(cfg.checkpoint, text_column=cfg.text_column, text_pair_column=cfg.text_pair_column,

@@ -31,10 +31,13 @@ from torch import nn
 
 from ..config import ExportConfig
 from ..errors import UserError
-from ..model.checkpoint import META_FILE, atomic_dir, load_checkpoint
+from ..files import atomic_dir, check_output_folder
+from ..model.checkpoint import META_FILE, load_checkpoint
 from .onnx_backend import EXPORT_DIR, EXPORT_FORMAT, INSTALL_HINT, MANIFEST, MODEL_GRAPH, STEP_OUTPUTS, source_fingerprint
 
 COPIED = ("config.json", "tokenizer.json", "tokenizer_config.json", META_FILE)
+# what an export owns and replaces; anything else in the folder it writes over is carried over
+EXPORT_OWNED = frozenset((MANIFEST, "fp32", "int8", "parts", *COPIED))
 SAMPLE_TEXTS = ("a short one", "a somewhat longer example text, so that the batch has padding in it")
 
 
@@ -139,7 +142,7 @@ def export_checkpoint(cfg: ExportConfig, log=None) -> dict:
     enc = ckpt.tokenizer(list(SAMPLE_TEXTS), padding=True, return_tensors="pt")
     sample = (enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"))  # what the tokenizer emits
     t0 = time.perf_counter()
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, owned=EXPORT_OWNED.__contains__) as tmp:
         log(f"exporting embeddings and {model.num_layers} layers with their exits (opset {cfg.opset})")
         parts = tmp / "parts"  # the per-step graphs, composed below, then removed
         names, fused = write_graphs(model, parts / "fp32", sample, learned, cfg.opset, cfg.optimize)
@@ -188,13 +191,11 @@ def export_checkpoint(cfg: ExportConfig, log=None) -> dict:
 
 def check_export_folder(target: Path, ckdir: Path) -> None:
     """The export replaces ``target`` as a whole: only an earlier export may stand there, and never the
-    checkpoint itself or a folder holding it."""
+    checkpoint itself or a folder holding it; and the place must be writable."""
     t, ck = target.resolve(), ckdir.resolve()
     if t == ck or t in ck.parents:
         raise UserError(f"export folder '{target}' (--output) is the checkpoint or holds it: pick a folder of its own")
-    if target.exists() and not (target / MANIFEST).is_file():
-        raise UserError(f"export folder '{target}' (--output) exists and is not a deebert export: pick a new "
-                        f"folder (only an earlier export there is replaced)")
+    check_output_folder(target, "--output", owned=lambda p: (p / MANIFEST).is_file(), kind="an earlier deebert export")
 
 
 def write_graphs(model, out: Path, sample: tuple, learned: bool, opset: int = 17, optimize: bool = True) -> tuple:

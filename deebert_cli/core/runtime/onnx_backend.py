@@ -27,8 +27,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from ..errors import UserError
-from ..model.checkpoint import META_FILE, RAMPS_FILE, Checkpoint
-from ..model.policies import RampConfig
+from ..files import check_readable, read_json
+from ..model.checkpoint import META_FILE, RAMPS_FILE, Checkpoint, ramp_config
 
 EXPORT_DIR = "onnx"
 MANIFEST = "manifest.json"
@@ -40,6 +40,9 @@ MODEL_FILE = "model.safetensors"
 META_KEYS = ("family", "num_layers", "ramp", "stage", "task")
 PRECISIONS = ("fp32", "int8")
 INSTALL_HINT = "pip install 'deebert-cli[onnx]'"
+# the manifest's fields the loader reads, and their JSON types
+MANIFEST_SHAPE = {"format": int, "precisions": list, "num_layers": int, "num_labels": int, "family": str,
+                  "inputs": dict, "graphs": dict, "pad_token_id": int, "learned_exit": bool, "max_tokens": int}
 
 
 def require_onnxruntime():
@@ -126,11 +129,12 @@ def load_onnx(path, precision: str = "fp32", threads: int | None = None) -> Chec
         raise UserError(f"unknown ONNX precision '{precision}': use {' or '.join(PRECISIONS)}")
     ort = require_onnxruntime()
     odir, ckdir = find_export(Path(path))
-    try:
-        manifest = json.loads((odir / MANIFEST).read_text())
-        meta = json.loads(((ckdir or odir) / META_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read the ONNX export in '{odir}': {e}") from None
+    again = f"run `deebert export --checkpoint {ckdir or '<checkpoint>'}` again"
+    manifest = read_json(odir / MANIFEST, "ONNX export manifest", again, MANIFEST_SHAPE)
+    missing = sorted(set(MANIFEST_SHAPE) - set(manifest) - {"learned_exit", "max_tokens"})
+    if missing:
+        raise UserError(f"ONNX export manifest '{odir / MANIFEST}' is damaged: no {', '.join(missing)}; {again}")
+    meta = read_json((ckdir or odir) / META_FILE, "checkpoint metadata", again, {"ramp": dict})
     if ckdir is not None:
         reasons = stale_reasons(ckdir, manifest, meta)
         if reasons:
@@ -139,7 +143,7 @@ def load_onnx(path, precision: str = "fp32", threads: int | None = None) -> Chec
     if precision not in manifest["precisions"]:
         raise UserError(f"the ONNX export in '{odir}' has no {precision} graphs: "
                         f"run `deebert export --checkpoint {ckdir or '<checkpoint>'} --quantize {precision}`")
-    config = json.loads((odir / "config.json").read_text())
+    config = read_json(odir / "config.json", "model config", again, {"id2label": dict})
     model = OnnxModel(ort, odir, manifest, precision, config, meta, threads)
     tok = None
     if (odir / "tokenizer.json").is_file():
@@ -159,6 +163,24 @@ def session_options(ort, threads: int | None = None):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
     return so
+
+
+def open_session(ort, graph: Path, options):
+    """An ONNX Runtime session of ``graph`` on the CPU; a missing, unreadable or damaged graph or weights
+    file (``model.onnx.data`` cut short) is one UserError line saying to export again."""
+    odir = graph.parent.parent
+    again = f"run `deebert export --checkpoint {odir.parent if odir.name == EXPORT_DIR else '<checkpoint>'}` again"
+    for f in (graph, graph.with_name(graph.name + ".data")):
+        if not f.is_file():
+            raise UserError(f"the ONNX export is missing '{f}': {again}")
+        check_readable(f, "ONNX export file", again)
+    try:
+        return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's own exception types (Fail, InvalidProtobuf, ...) derive from Exception
+        if not type(e).__module__.startswith("onnxruntime"):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"the ONNX export '{graph}' is damaged or incomplete ({first[:300]}): {again}") from None
 
 
 def _cores() -> int:
@@ -184,11 +206,11 @@ class OnnxModel:
         self.num_labels = manifest["num_labels"]
         self.max_tokens = manifest.get("max_tokens")  # the longest input the position embeddings cover
         self.family = manifest["family"]
-        self.ramp_cfg = RampConfig(**meta.get("ramp", {}))
+        self.ramp_cfg = ramp_config(meta, odir)
         id2label = {int(k): v for k, v in config.get("id2label", {}).items()} or {i: str(i) for i in range(self.num_labels)}
         self.config = SimpleNamespace(id2label=id2label, num_labels=self.num_labels, model_type=config.get("model_type"))
-        self._session = ort.InferenceSession(str(odir / precision / manifest["graphs"]["model"]),
-                                             session_options(ort, threads), providers=["CPUExecutionProvider"])
+        self._session = open_session(ort, odir / precision / str(manifest["graphs"].get("model", MODEL_GRAPH)),
+                                     session_options(ort, threads))
         self._steps = [np.array(k, dtype=np.int64) for k in range(self.num_layers + 1)]
         # the graph's own inputs say whether it reads token type ids (DeBERTa-v3, DistilBERT: not, though
         # their tokenizers may emit them; those are dropped in embed)

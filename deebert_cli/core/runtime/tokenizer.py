@@ -12,7 +12,14 @@ class FastTokenizer:
     def __init__(self, path: str | Path, pad_token_id: int, token_type_ids: bool):
         from tokenizers import Tokenizer
 
-        self._tok = Tokenizer.from_file(str(path))
+        from ..errors import UserError
+        from ..files import check_readable
+
+        check_readable(path, "tokenizer file", "run `deebert export` again")
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a plain Exception for a file it cannot parse
+            raise UserError(f"tokenizer file '{path}' is damaged ({str(e)[:200]}): run `deebert export` again") from None
         self._tok.no_padding()
         self._tok.no_truncation()
         self._max_length = None

@@ -18,7 +18,8 @@ from ..data.encoding import encode, pad_batch
 from ..data.examples import prepare_data
 from ..errors import UserError
 from ..launch import Runtime
-from ..model.checkpoint import STAGE_FINETUNED, Checkpoint, save_checkpoint
+from ..files import check_writable
+from ..model.checkpoint import STAGE_FINETUNED, Checkpoint, check_checkpoint_output, save_checkpoint
 from ..model.highway import HighwayModel
 from ..runtime.passes import collect_sharded
 from .common import EvalReport, Progress, TrainResult, eval_report, resolve_model_path, seed_everything
@@ -41,6 +42,9 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> TrainResu
     """Stage 1: fine-tune backbone + final classifier, evaluating after every epoch, and write the best
     epoch's weights to ``cfg.output``. With ``cfg.save_every`` resumable state is written beside the output;
     a run that finds such state (same options) resumes from it."""
+    check_checkpoint_output(cfg.output, "--output")  # before any work: hours of training are not lost at the end
+    if cfg.report_to != "none":
+        check_writable(cfg.logging_dir or f"{cfg.output}.logs", "--logging-dir", inside=True)
     run = _Stage1(cfg, progress)
     run.resume_if_found()
     run.train()

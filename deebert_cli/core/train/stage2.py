@@ -18,7 +18,8 @@ from ..data.encoding import encode
 from ..data.examples import DataSpec, prepare_data, read_unlabeled
 from ..errors import UserError
 from ..launch import Runtime
-from ..model.checkpoint import STAGE_EXITS, STAGE_FINETUNED, Checkpoint, load_checkpoint, save_checkpoint
+from ..model.checkpoint import (STAGE_EXITS, STAGE_FINETUNED, Checkpoint, check_checkpoint_output, load_checkpoint,
+                                save_checkpoint)
 from ..model.highway import HighwayModel
 from ..model.policies import RampConfig
 from ..runtime.passes import collect_sharded
@@ -40,6 +41,8 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
     points is stored for predict (classification)."""
     from . import recipes as rc
 
+    # before any work: the folder written at the end (by default the checkpoint itself) can be written
+    check_checkpoint_output(cfg.output or cfg.checkpoint, "--output" if cfg.output else "--checkpoint")
     rt = Runtime(cfg.device, cfg.precision)
     device = rt.device
     progress = progress if progress is not None and rt.is_main else Progress()  # only the main process reports
@@ -155,14 +158,14 @@ def _try_recipes(model: HighwayModel, todo: list, cache: dict, cfg: TrainExitsCo
 def _stage1_inputs(cfg: TrainExitsConfig) -> tuple:
     """The stage-1 checkpoint and its data (or ``cfg.dataset`` with the same columns) -> (checkpoint,
     DataSpec, PreparedData, training Examples after ``max_train_samples``); UserErrors for what does not fit."""
-    ckpt = load_checkpoint(cfg.checkpoint)
+    ckpt = load_checkpoint(cfg.checkpoint, ramps=False)  # the off-ramps are trained anew
     if ckpt.stage not in (STAGE_FINETUNED, STAGE_EXITS) or "data" not in ckpt.meta:
         raise UserError(f"'{cfg.checkpoint}' is not a stage-1 checkpoint (run `deebert finetune` first)")
     if ckpt.tokenizer is None:
         raise UserError(f"'{cfg.checkpoint}' has no tokenizer files")
     if ckpt.task == "regression" and (cfg.distill or cfg.calibrate):
         raise UserError("--distill and --calibrate need class probabilities; they do not apply to a regression checkpoint")
-    spec = DataSpec(**{**ckpt.meta["data"], "task": ckpt.task})
+    spec = ckpt.data_spec(task=ckpt.task)
     if cfg.dataset:
         spec = dataclasses.replace(spec, dataset=cfg.dataset)
     data = prepare_data(spec)

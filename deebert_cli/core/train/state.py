@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
+from ..files import read_json
 
 STATE_PREFIX = "step-"
 
@@ -167,16 +169,28 @@ def save_state(root: Path, rt, module, optimizer, scheduler, state: TrainState, 
     return final
 
 
+STATE_TODO = "remove it to start afresh"
+STATE_SHAPE = {"position": dict, "history": list, "optimizer": dict, "scheduler": dict, "python_rng": list,
+               "processes": int, "config": dict}
+
+
 def read_state_meta(path: Path) -> dict:
-    try:
-        return json.loads((path / "state.json").read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"training state '{path}' cannot be read ({e}); remove it to start afresh") from None
+    return read_json(path / "state.json", "training state", f"{STATE_TODO} (the folder '{path.parent}')", STATE_SHAPE)
 
 
 def load_state(path: Path, rt, module, optimizer, scheduler) -> tuple:
     """Load a state written by :func:`save_state` into ``module``, ``optimizer``, ``scheduler`` and the RNGs.
-    Returns (TrainState, best weights or None, the sampler generator's epoch-start state)."""
+    Returns (TrainState, best weights or None, the sampler generator's epoch-start state); a state that
+    cannot be read or does not fit is one UserError line."""
+    try:
+        return _load_state(path, rt, module, optimizer, scheduler)
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        # a damaged or hand-edited state: an unreadable file, a missing field, tensors that do not fit
+        raise UserError(f"training state '{path}' cannot be loaded ({type(e).__name__}: {str(e)[:200]}); "
+                        f"{STATE_TODO} (the folder '{path.parent}')") from None
+
+
+def _load_state(path: Path, rt, module, optimizer, scheduler) -> tuple:
     meta = read_state_meta(path)
     if meta["processes"] != rt.world:
         raise UserError(f"training state '{path}' was written by {meta['processes']} process(es); "
