@@ -182,6 +182,11 @@ class RichProgress:
     def log(self, message: str) -> None:
         err.print(f"[dim]{message}[/]")
 
+    def warn(self, message: str) -> None:
+        from rich.markup import escape
+
+        err.print(f"[yellow]warning:[/] {escape(message)}")
+
 
 def pct(x: float) -> str:
     return f"{100 * x:.2f}%"

@@ -64,6 +64,7 @@ def load_run(ctx: typer.Context, config: Optional[Path], values: dict) -> tuple:
     the main process announces them. -> (cfg, runtime, checkpoint, rule)."""
     from ..core.config import PredictConfig
     from ..core.errors import UserError
+    from ..core.data.encoding import fit_max_length
     from ..core.files import check_input_file, check_output
     from ..core.runtime.rules import resolve_rule
     from ..core.runtime.stream import load_for_inference
@@ -80,11 +81,9 @@ def load_run(ctx: typer.Context, config: Optional[Path], values: dict) -> tuple:
     if rt.distributed and not cfg.input:
         raise UserError("under accelerate launch every process reads the input: pass --input FILE (not stdin)")
     ckpt = load_for_inference(cfg.checkpoint, cfg.runtime, dev, **({"precision": cfg.onnx_precision} if onnx else {}))
-    limit = ckpt.model.max_tokens
-    if cfg.max_length and limit and cfg.max_length > limit and rt.is_main:
-        err.print(f"[yellow]warning:[/] --max-length {cfg.max_length} is more than this model takes "
-                  f"({limit} tokens, its position embeddings); using {limit}")
-    cfg.max_length = min(cfg.max_length, limit) if cfg.max_length and limit else cfg.max_length
+    cfg.max_length, warning = fit_max_length(cfg.max_length, ckpt.model.max_tokens)
+    if warning and rt.is_main:
+        err.print(f"[yellow]warning:[/] {warning}")
     rule, source = resolve_rule(ckpt, cfg.threshold, cfg.thresholds, cfg.entropy, policy=cfg.exit_policy,
                                 patience=cfg.patience, tolerance=cfg.tolerance)
     if rt.is_main:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import AnalyzeConfig
-from ..data.encoding import encode
+from ..data.encoding import encode, fit_max_length
 from ..data.examples import DataSpec, eval_examples, to_examples
 from ..data.readers import load_splits
 from ..device import resolve_device
@@ -91,6 +91,8 @@ def analyze(cfg: AnalyzeConfig, progress=None) -> Analysis:
     ckpt = load_checkpoint(cfg.checkpoint)
     if not ckpt.exits_trained:
         raise UserError(f"the off-ramps of '{cfg.checkpoint}' are not trained: run `deebert train-exits` first")
+    max_length, warning = fit_max_length(ckpt.meta.get("max_length", 128), ckpt.model.max_tokens, "the checkpoint's max_length")
+    ckpt.meta = {**ckpt.meta, "max_length": max_length}  # what the passes below tokenise to
     spec, ex, source, whole_file = _evaluation_split(cfg, ckpt)
     # [L, n, C], [L, n, H], learned exit scores [L-1, n] of the evaluation split (None without learned exits)
     logits, cls_states, scores = _all_exits(cfg, ckpt, device, ex, cls=True)
@@ -100,9 +102,11 @@ def analyze(cfg: AnalyzeConfig, progress=None) -> Analysis:
     if ckpt.task == "regression":
         a = _analyze_regression(cfg, ckpt, spec, source, ex, logits)
         a.learned_sweep = learned_sweep(logits, ex.labels, scores, lgrid, regression=True) if learned else []
-        return a
-    lrows = learned_sweep(logits, ex.labels, scores, lgrid) if learned else []
-    return _analyze_classification(cfg, ckpt, device, spec, ex, source, whole_file, want, logits, cls_states, lrows)
+    else:
+        lrows = learned_sweep(logits, ex.labels, scores, lgrid) if learned else []
+        a = _analyze_classification(cfg, ckpt, device, spec, ex, source, whole_file, want, logits, cls_states, lrows)
+    a.warnings = ([warning] if warning else []) + a.warnings
+    return a
 
 
 def _evaluation_split(cfg: AnalyzeConfig, ckpt) -> tuple:

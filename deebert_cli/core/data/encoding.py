@@ -24,6 +24,15 @@ class Encoded:
         return Encoded([self.input_ids[i] for i in idx], tt)
 
 
+def fit_max_length(requested: int, limit: int | None, what: str = "--max-length") -> tuple:
+    """Tokens per input: ``requested``, but at most ``limit`` (what the model takes: its position
+    embeddings) -> (tokens, the warning to show when it was lowered, else None). Every command that
+    tokenises for a model uses this one rule."""
+    if limit and requested and requested > limit:
+        return limit, f"{what} {requested} is more than this model takes ({limit} tokens, its position embeddings); using {limit}"
+    return requested, None
+
+
 def encode(tokenizer, texts: list, pairs: list | None, max_length: int) -> Encoded:
     """Tokenise with truncation to ``max_length`` and count the texts that were cut."""
     kw = dict(truncation=True, max_length=max_length, padding=False)

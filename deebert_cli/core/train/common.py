@@ -25,6 +25,10 @@ class Progress:
 
     def log(self, message: str) -> None: ...
 
+    def warn(self, message: str) -> None:
+        """Something the user should know (a value that was lowered): a log line unless shown otherwise."""
+        self.log(f"warning: {message}")
+
 
 @dataclass
 class EvalReport:

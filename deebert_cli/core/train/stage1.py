@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..config import FinetuneConfig, to_yaml
-from ..data.encoding import encode, pad_batch
+from ..data.encoding import encode, fit_max_length, pad_batch
 from ..data.examples import prepare_data
 from ..errors import UserError
 from ..launch import Runtime
@@ -75,6 +75,10 @@ class _Stage1:
         self.model = HighwayModel.from_backbone(model_path, self.data.label_names, task=self.spec.task).to(rt.device)
         if cfg.lr is None:
             cfg = dataclasses.replace(cfg, lr=default_lr(self.model.hidden_size))
+        max_length, warning = fit_max_length(cfg.max_length, self.model.max_tokens)
+        if warning:
+            self.progress.warn(warning)
+            cfg = dataclasses.replace(cfg, max_length=max_length)
         self.cfg = cfg
         self.enc = encode(self.tokenizer, train.texts, train.pairs, cfg.max_length)
         self.lengths = self.enc.lengths()

@@ -14,7 +14,7 @@ import torch
 
 from ..analysis.sweep import layer_metrics
 from ..config import TrainExitsConfig, to_yaml
-from ..data.encoding import encode
+from ..data.encoding import encode, fit_max_length
 from ..data.examples import DataSpec, prepare_data, read_unlabeled
 from ..errors import UserError
 from ..launch import Runtime
@@ -189,7 +189,9 @@ def _cache_states(cfg: TrainExitsConfig, rt: Runtime, ckpt: Checkpoint, spec: Da
     "eval_final" [n_ev, C], "seconds", "n"} on the run's device (eval_final on the CPU)."""
     model, tokenizer, task = ckpt.model, ckpt.tokenizer, ckpt.task
     device, pad, ways = rt.device, ckpt.tokenizer.pad_token_id, tuple(sorted(poolings))
-    max_length = ckpt.meta.get("max_length", 128)
+    max_length, warning = fit_max_length(ckpt.meta.get("max_length", 128), model.max_tokens, "the checkpoint's max_length")
+    if warning:
+        progress.warn(warning)
     t0 = time.perf_counter()
     enc_tr = encode(tokenizer, train.texts, train.pairs, max_length)
     enc_ev = encode(tokenizer, evals.texts, evals.pairs, max_length)
