@@ -2,6 +2,8 @@
 evaluation split (a stratified share of train when there is none), as :class:`Examples`."""
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 from dataclasses import dataclass
@@ -25,6 +27,19 @@ class Examples:
     def subset(self, idx) -> "Examples":
         return Examples([self.texts[i] for i in idx], None if self.pairs is None else [self.pairs[i] for i in idx],
                         [self.labels[i] for i in idx])
+
+
+def fingerprint(*splits: Examples, label_names: list | None = None) -> str:
+    """A sha256 of the examples themselves (texts, second texts, labels, in order) and the label names:
+    it changes when the data at a path changes, whatever the file's name or time stamps say."""
+    h = hashlib.sha256()
+    h.update(json.dumps(label_names or [], ensure_ascii=False).encode())
+    for ex in splits:
+        h.update(b"\x1esplit")
+        for i in range(len(ex)):
+            pair = "" if ex.pairs is None else str(ex.pairs[i])
+            h.update(f"{ex.texts[i]}\x1f{pair}\x1f{ex.labels[i]!r}\x1e".encode("utf-8", "replace"))
+    return h.hexdigest()
 
 
 @dataclass

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import FinetuneConfig, to_yaml
 from ..data.encoding import encode, fit_max_length, pad_batch
-from ..data.examples import prepare_data
+from ..data.examples import fingerprint, prepare_data
 from ..errors import UserError
 from ..launch import Runtime
 from ..files import check_writable
@@ -80,6 +80,7 @@ class _Stage1:
             self.progress.warn(warning)
             cfg = dataclasses.replace(cfg, max_length=max_length)
         self.cfg = cfg
+        self.data_fingerprint = fingerprint(self.data.train, self.data.eval, label_names=self.data.label_names)
         self.enc = encode(self.tokenizer, train.texts, train.pairs, cfg.max_length)
         self.lengths = self.enc.lengths()
         self.labels = torch.tensor(train.labels, dtype=torch.float32 if self.regression else torch.long)
@@ -104,12 +105,16 @@ class _Stage1:
         path = latest_state(self.state_root)
         if path is None:
             return
-        saved = read_state_meta(path).get("config", {})
-        diff = config_mismatch(saved, dataclasses.asdict(self.cfg), RESUME_MAY_CHANGE)
+        saved = read_state_meta(path)
+        diff = config_mismatch(saved.get("config", {}), dataclasses.asdict(self.cfg), RESUME_MAY_CHANGE)
         if diff:
             flags = ", ".join("--" + d.replace("_", "-") for d in diff)
             raise UserError(f"'{self.state_root}' holds the state of an interrupted run with other options ({flags}); "
                             f"rerun with the same options to resume it, or remove that directory to start afresh")
+        if saved.get("data_fingerprint") not in (None, self.data_fingerprint):  # states of older versions have none
+            raise UserError(f"'{self.state_root}' holds the state of an interrupted run on other data: the examples of "
+                            f"--dataset '{self.cfg.dataset}' (texts or labels) changed since; resume on the data it "
+                            f"was trained on, or remove that directory to start afresh")
         self.state, self.best_weights, gen_state = load_state(path, self.rt, self.model.model, self.opt, self.sched)
         self.gen.set_state(gen_state)
         pos = self.state.position
@@ -118,7 +123,7 @@ class _Stage1:
 
     def save(self, epoch_gen_state: torch.Tensor) -> None:
         save_state(self.state_root, self.rt, self.model.model, self.opt, self.sched, self.state, self.best_weights,
-                   epoch_gen_state, dataclasses.asdict(self.cfg))
+                   epoch_gen_state, dataclasses.asdict(self.cfg), self.data_fingerprint)
 
     def _save_due(self, unit: str, count: int) -> bool:
         every = self.cfg.save_every_parsed()

@@ -136,8 +136,9 @@ def _restore_python_rng(x) -> None:
 
 # -- save / load ----------------------------------------------------------------------------------
 def save_state(root: Path, rt, module, optimizer, scheduler, state: TrainState, best_weights: dict | None,
-               epoch_gen_state: torch.Tensor, config: dict) -> Path:
-    """Write the state of every process to ``root/step-<N>`` atomically (collective under a launcher)."""
+               epoch_gen_state: torch.Tensor, config: dict, data_fingerprint: str | None = None) -> Path:
+    """Write the state of every process to ``root/step-<N>`` atomically (collective under a launcher).
+    ``data_fingerprint`` (of the examples trained on) lets a resumed run notice changed data."""
     name = f"{STATE_PREFIX}{state.position.step:09d}"
     tmp, final = root / f".tmp-{name}", root / name
     if rt.is_main:
@@ -157,6 +158,7 @@ def save_state(root: Path, rt, module, optimizer, scheduler, state: TrainState, 
             "seconds": state.seconds, "eval_seconds": state.eval_seconds,
             "optimizer": opt_rest, "scheduler": scheduler.state_dict(), "scaler": rt.scaler_state(),
             "python_rng": _python_rng_json(), "processes": rt.world, "config": config,
+            "data_fingerprint": data_fingerprint,
         }
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     rt.wait_for_everyone()
@@ -171,7 +173,7 @@ def save_state(root: Path, rt, module, optimizer, scheduler, state: TrainState, 
 
 STATE_TODO = "remove it to start afresh"
 STATE_SHAPE = {"position": dict, "history": list, "optimizer": dict, "scheduler": dict, "python_rng": list,
-               "processes": int, "config": dict}
+               "processes": int, "config": dict, "data_fingerprint": str}
 
 
 def read_state_meta(path: Path) -> dict:
