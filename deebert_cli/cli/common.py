@@ -124,7 +124,7 @@ def make_config(ctx: typer.Context, cls, config_file, values: dict[str, Any], pa
     from ..core.config import build_config, read_yaml
 
     file_values = read_yaml(config_file) if config_file else {}
-    return build_config(cls, file_values, explicit_flags(ctx, values, params))
+    return build_config(cls, file_values, explicit_flags(ctx, values, params), f"config file '{config_file}'")
 
 
 def live_progress() -> bool:

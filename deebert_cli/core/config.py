@@ -13,6 +13,7 @@ from pathlib import Path
 from .data.readers import DEFAULT_DATASET
 from .data.examples import DataSpec
 from .errors import UserError
+from .files import typed_values
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_CHECKPOINT = "deebert-checkpoint"  # the checkpoint folder every command reads or writes by default
@@ -437,15 +438,16 @@ def read_yaml(path: str | Path) -> dict:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def build_config(cls, file_values: dict | None = None, flags: dict | None = None):
-    """defaults < file_values < flags -> a validated ``cls``; bad keys or values raise UserError."""
+def build_config(cls, file_values: dict | None = None, flags: dict | None = None, source: str = "config file"):
+    """defaults < file_values < flags -> a validated ``cls``; bad keys or values raise UserError. The
+    file's values are checked against the fields' types first (``source`` names the file)."""
     known = set(field_names(cls))
     merged: dict = {}
-    for source, values in (("config file", file_values or {}), ("flags", flags or {})):
+    for origin, values in ((source, file_values or {}), ("flags", flags or {})):
         unknown = sorted(set(values) - known)
         if unknown:
-            raise UserError(f"unknown option(s) in {source}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        merged.update(values)
+            raise UserError(f"unknown option(s) in {origin}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        merged.update(typed_values(cls, values, source) if origin == source else values)
     try:
         return cls(**merged)
     except (TypeError, ValueError) as e:

@@ -2,7 +2,8 @@
 
 Reading: a file that is missing, a folder, unreadable or damaged is one :class:`UserError` line naming the
 file and what to do (:func:`check_input_file`, :func:`check_readable`, :func:`read_text`,
-:func:`read_json`, :func:`check_shape`).
+:func:`read_json`, :func:`check_shape`); option values read from a file take the types of the options
+they set, or name the option (:func:`typed_values`).
 
 Writing: an output is checked before any work (:func:`check_output` for a file, :func:`check_output_folder`
 for a folder: what stands there now, and a probe that the place can be written), then written whole or not
@@ -126,6 +127,56 @@ def _json_type(value) -> str:
         if isinstance(value, kind):
             return name
     return "null"
+
+
+# -- option values read from a file -------------------------------------------------------------------
+TYPE_WORDS = {"int": "a whole number", "float": "a number", "str": "text", "bool": "true or false",
+              "list": "a list or comma-separated text"}
+
+
+def typed_values(cls, values: dict, source: str) -> dict:
+    """``values`` read from a file (``--config x.yaml``) in the types of dataclass ``cls``'s fields: a
+    number where text belongs becomes text, text that reads as a number ('1e-3': YAML 1.1 reads no float
+    there) a number; anything else of another type is a UserError naming the option and the type it takes."""
+    import dataclasses
+
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    out = {}
+    for name, value in values.items():
+        kinds = [k.strip() for k in types[name].split("|")]
+        if value is None and "None" in kinds:
+            out[name] = None
+            continue
+        for kind in kinds:
+            ok, converted = _as_type(value, kind)
+            if ok:
+                out[name] = converted
+                break
+        else:
+            words = " or ".join(TYPE_WORDS.get(k, k) for k in kinds if k != "None")
+            got = "nothing" if value is None else repr(value)
+            raise UserError(f"invalid option in {source}: {name} (--{name.replace('_', '-')}) takes {words}, got {got}")
+    return out
+
+
+def _as_type(value, kind: str) -> tuple:
+    """(fits, value converted) for one annotation word; unknown words are left to the dataclass."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "bool":
+        return isinstance(value, bool), value
+    if kind in ("int", "float"):
+        if isinstance(value, str):
+            try:
+                value = int(value) if kind == "int" else float(value)
+            except ValueError:
+                return False, value
+            number = True
+        return number and (kind == "float" or isinstance(value, int)), value
+    if kind == "str":
+        return isinstance(value, str) or number, value if isinstance(value, str) else str(value)
+    if kind == "list":
+        return isinstance(value, (list, tuple, str)) or number, value
+    return kind != "None", value
 
 
 # -- checking an output before any work ---------------------------------------------------------------
