@@ -350,6 +350,8 @@ def test_a_hub_name_offline_by_network_fails_fast_and_advises_right(tiny, tmp_pa
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # not set: the network is what is missing
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)  # behind a proxy the hub is not probed directly
 
     def no_network(*a, **k):
         raise OSError(errno.ENETUNREACH, "Network is unreachable")

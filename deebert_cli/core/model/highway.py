@@ -227,12 +227,15 @@ def _hub_offline() -> bool:
 
 def hub_unreachable(timeout: float = 3.0) -> str | None:
     """Why the Hugging Face Hub (``HF_ENDPOINT``) cannot be reached, in a few seconds at most; None when
-    it can (a TCP connection to it opens)."""
+    it can (a TCP connection to it opens), or when a proxy is set (the way there is then the proxy's)."""
+    import os
     import socket
     from urllib.parse import urlparse
 
     from huggingface_hub import constants
 
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+        return None
     url = urlparse(constants.ENDPOINT)
     host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
     try:
