@@ -378,6 +378,15 @@ class _AtomicDir:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def usual_mode(path) -> None:
+    """Give a file the mode a plain ``open()`` would (0666 less the umask): libraries that write 0600
+    (safetensors, onnx's external data) would leave it unreadable to other users, who are then told the
+    file does not exist."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _link_or_copy(src, dst) -> None:
     """A hard link (no copy of a big file) where the file system allows it, else a copy."""
     try:

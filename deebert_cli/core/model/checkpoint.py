@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from ..files import atomic_dir, check_output_folder, check_readable, read_json
+from ..files import atomic_dir, check_output_folder, check_readable, read_json, usual_mode
 
 FORMAT_VERSION = 1
 META_FILE = "deebert.json"
@@ -129,6 +129,8 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path, extra_files: dict[str, s
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        for weights in tmp.glob("*.safetensors"):  # safetensors writes 0600: others could not read the checkpoint
+            usual_mode(weights)
     ckpt.path = path
     ckpt.meta = meta
     return path

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from torch import nn
 
 from ..config import ExportConfig
 from ..errors import UserError
-from ..files import atomic_dir, check_output_folder
+from ..files import atomic_dir, check_output_folder, usual_mode
 from ..model.checkpoint import META_FILE, load_checkpoint
 from .onnx_backend import EXPORT_DIR, EXPORT_FORMAT, INSTALL_HINT, MANIFEST, MODEL_GRAPH, STEP_OUTPUTS, source_fingerprint
 
@@ -269,9 +268,7 @@ def compose_steps(files: list, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=out.name + ".data", size_threshold=1024)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(out.parent / (out.name + ".data"), 0o666 & ~umask)  # onnx writes it 0600
+    usual_mode(out.parent / (out.name + ".data"))  # onnx writes it 0600
 
 
 def _free_dims(value_info):
