@@ -51,6 +51,7 @@ def no_work(monkeypatch):
     def started(*a, **k):
         raise AssertionError("the command started its work before refusing")
 
+    import deebert_cli.core.analysis.calibrate as calibrate
     import deebert_cli.core.analysis.report as report
     import deebert_cli.core.runtime.export as export
     import deebert_cli.core.runtime.stream as stream
@@ -60,6 +61,7 @@ def no_work(monkeypatch):
     monkeypatch.setattr(stage1._Stage1, "__init__", started)
     monkeypatch.setattr(stage2, "Runtime", started)
     monkeypatch.setattr(report, "analyze", started)
+    monkeypatch.setattr(calibrate, "calibrate", started)
     monkeypatch.setattr(stream, "load_for_inference", started)
     monkeypatch.setattr(export, "load_checkpoint", started)
 
@@ -138,11 +140,13 @@ def lock(folder: Path, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("command", ["finetune", "train-exits", "train-exits-in-place", "export", "predict", "analyze-json",
-                                     "analyze-store"])
+                                     "analyze-store", "calibrate-store"])
 def test_an_unwritable_output_is_refused_before_any_work(command, tiny, trained_ckpt, tmp_path, monkeypatch):
     ro = tmp_path / "ro"
     inside = ro / "ck"
     shutil.copytree(trained_ckpt, inside)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("good film\nbad plot\n")
     lock(ro, monkeypatch)
     no_work(monkeypatch)
     args, flag = {
@@ -153,6 +157,7 @@ def test_an_unwritable_output_is_refused_before_any_work(command, tiny, trained_
         "predict": (["predict", "--checkpoint", trained_ckpt, "--output", ro / "out.txt"], "--output"),
         "analyze-json": (["analyze", "--checkpoint", trained_ckpt, "--json", ro / "a.json"], "--json"),
         "analyze-store": (["analyze", "--checkpoint", inside, "--store-thresholds"], "--store-thresholds"),
+        "calibrate-store": (["calibrate", "--checkpoint", inside, "--unlabeled", texts], "--checkpoint"),
     }[command]
     one_line_error(invoke(*args, input="good\n"), flag, "not writable", "Read-only file system")
 

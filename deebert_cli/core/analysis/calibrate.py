@@ -7,7 +7,6 @@ The statistics are :mod:`.risk`; this module reads texts, runs the all-exits pas
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from ..config import CalibrateConfig
 from ..data.examples import DataSpec, Examples, eval_examples, read_unlabeled
 from ..device import resolve_device
 from ..errors import UserError
-from ..model.checkpoint import META_FILE, load_checkpoint
+from ..model.checkpoint import load_checkpoint, update_meta
 from ..model.guarantee import Guarantee, stored_guarantee
 from . import risk
 
@@ -134,16 +133,11 @@ def advice(g: Guarantee, logits, labels, scores=None) -> dict:
 def store_guarantee(path, g: Guarantee, num_layers: int) -> None:
     """Write ``g`` into the checkpoint's deebert.json (atomically), with, for the entropy policy, the
     thresholds predict uses when given none."""
-    from ..files import atomic_text_file
-
-    meta_path = Path(path) / META_FILE
-    meta = json.loads(meta_path.read_text())
-    meta["guarantee"] = g.to_dict()
+    fields = {"guarantee": g.to_dict()}
     if g.policy == "entropy":
-        meta["thresholds"] = {"entropy": g.entropy, "values": [g.value] * (num_layers - 1), "search": "guaranteed",
-                              "chosen_on": g.calibrated_on, "by": g.by}
-    with atomic_text_file(meta_path) as f:
-        f.write(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        fields["thresholds"] = {"entropy": g.entropy, "values": [g.value] * (num_layers - 1), "search": "guaranteed",
+                                "chosen_on": g.calibrated_on, "by": g.by}
+    update_meta(path, fields)
 
 
 def recommend_guaranteed(ckpt, logits, labels, source: str, epsilon: float, risk_kind: str, delta: float,

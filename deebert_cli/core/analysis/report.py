@@ -367,16 +367,7 @@ def _analyze_regression(cfg: AnalyzeConfig, ckpt, spec: DataSpec, source: str, e
 def store_thresholds(path, thresholds: dict) -> None:
     """Write ``thresholds`` into the checkpoint's deebert.json (atomically: temp file, then rename);
     predict uses them when no threshold is given."""
-    import json
-    from pathlib import Path
+    from ..model.checkpoint import update_meta
 
-    from ..files import atomic_text_file, read_json
-    from ..model.checkpoint import META_FILE, META_SHAPE, META_TODO
-
-    meta_path = Path(path) / META_FILE
-    meta = read_json(meta_path, "checkpoint metadata", META_TODO, META_SHAPE)
-    meta["thresholds"] = thresholds
-    meta.pop("guarantee", None)  # it certified the setting these replace
-    with atomic_text_file(meta_path) as f:
-        f.write(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    update_meta(path, {"thresholds": thresholds}, drop=("guarantee",))  # it certified the setting these replace
 

@@ -76,7 +76,7 @@ OWNED = frozenset((META_FILE, RAMPS_FILE, MODEL_FILE, "model.safetensors.index.j
 META_SHAPE = {"stage": str, "task": str, "family": str, "num_layers": int, "max_length": int, "ramp": dict,
               "data": dict, "thresholds": dict, "metrics": dict, "recipes": dict, "timing": dict,
               "calibration": list, "learned_exits": list, "base_model": str, "eval_source": str,
-              "format_version": int}
+              "format_version": int, "guarantee": dict}
 META_TODO = "restore the checkpoint from a copy, or make it again (`deebert finetune`, then `deebert train-exits`)"
 
 
@@ -134,6 +134,22 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path, extra_files: dict[str, s
     ckpt.path = path
     ckpt.meta = meta
     return path
+
+
+def update_meta(path, fields: dict, drop: tuple = ()) -> dict:
+    """Set ``fields`` (and remove ``drop``) in checkpoint ``path``'s ``deebert.json``, written atomically
+    (a temporary sibling renamed over it) -> the new metadata. Every command that stores something in a
+    checkpoint (stored thresholds, a guarantee) goes through here."""
+    from ..files import atomic_text_file
+
+    meta_path = Path(path) / META_FILE
+    meta = read_json(meta_path, "checkpoint metadata", META_TODO, META_SHAPE)
+    meta.update(fields)
+    for name in drop:
+        meta.pop(name, None)
+    with atomic_text_file(meta_path) as f:
+        f.write(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return meta
 
 
 def read_meta(path: Path, ramps: bool = True) -> dict:
