@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import shutil
 import time
 import uuid
@@ -16,7 +15,7 @@ from pathlib import Path
 from ..config import PredictConfig, _check, parse_thresholds
 from ..errors import UserError
 from .predictor import PREDICT_OPTIONS, DeeBertPredictor, require_ray
-from .readers import INPUT_FORMATS, PATH_COLUMN, ROW_COLUMN, check_columns, expand_inputs, read_files
+from .readers import INPUT_FORMATS, PATH_COLUMN, ROW_COLUMN, check_columns, expand_inputs, input_error, read_dataset
 
 OUTPUT_FORMATS = ("parquet", "jsonl")
 OUTPUT_NAMES = {"label", "confidence", "exit_layer", "entropy", "empty", "value"}  # prediction columns
@@ -109,8 +108,9 @@ def predict_dataset(cfg: PredictDatasetConfig, log=lambda msg: None) -> DatasetS
     written. ``log`` receives progress lines."""
     files = expand_inputs(cfg.input, cfg.input_format)
     ids = not cfg.id_column
-    columns = (cfg.id_column or []) + [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
-    check_columns(files, columns)
+    texts = (cfg.text_column,) + ((cfg.text_pair_column,) if cfg.text_pair_column else ())
+    columns = (cfg.id_column or []) + list(texts)
+    check_columns(files, columns, texts)
     clash = sorted(set(cfg.id_column or []) & OUTPUT_NAMES)
     if clash:
         raise UserError(f"--id-column {', '.join(clash)}: the output has a prediction column of that name; "
@@ -143,9 +143,8 @@ def predict_dataset(cfg: PredictDatasetConfig, log=lambda msg: None) -> DatasetS
 
 
 def build_dataset(cfg: PredictDatasetConfig, files: list, columns: list, ids: bool):
-    """The lazy Ray Dataset: one read task per file -> predictor actor pool -> kept columns + predictions."""
-    import ray.data
-
+    """The lazy Ray Dataset: the input rows (:func:`~.readers.read_dataset`) -> predictor actor pool ->
+    kept columns + predictions."""
     retries = cfg.max_retries
     keep = cfg.id_column or [PATH_COLUMN, ROW_COLUMN]
     ctor = dict(checkpoint=str(Path(cfg.checkpoint).resolve()), text_column=cfg.text_column,
@@ -155,11 +154,8 @@ def build_dataset(cfg: PredictDatasetConfig, files: list, columns: list, ids: bo
         # Ray 2.60 takes the retry limits (max_retries of tasks; max_restarts / max_task_retries of
         # actors) only as "ray_remote_args", which it marks deprecated without a named replacement yet
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
-        paths = ray.data.from_items([{"path": p, "format": f} for p, f in files], override_num_blocks=len(files))
-        # reads reserve no CPU: with the actors holding every CPU (concurrency x num_cpus = the cluster's),
-        # a read task asking for one would never be scheduled; the actors' backpressure paces the reads
-        rows = paths.map_batches(read_files, batch_size=1, batch_format="pyarrow", num_cpus=0, max_retries=retries,
-                                 fn_kwargs=dict(columns=columns, text_column=cfg.text_column, ids=ids))
+        texts = (cfg.text_column,) + ((cfg.text_pair_column,) if cfg.text_pair_column else ())
+        rows = read_dataset(files, columns, texts, ids, retries)
         return rows.map_batches(DeeBertPredictor, fn_constructor_kwargs=ctor, batch_size=cfg.rows_per_batch,
                                 batch_format="pyarrow", compute=actor_pool(cfg.concurrency_value()),
                                 num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus or None,
@@ -178,17 +174,17 @@ def actor_pool(concurrency):
 
 
 def _write(ds, fmt: str, path: str) -> None:
-    """Run the pipeline into ``path``; an error a worker raised about the user's input becomes a UserError."""
+    """Run the pipeline into ``path``; a UserError a worker raised about the input comes out as itself."""
     try:
         if fmt == "parquet":
             ds.write_parquet(path)
         else:
             ds.write_json(path, force_ascii=False)
     except Exception as e:
-        m = re.search(r"UserError: (.+)", str(e))
-        if m:
-            raise UserError(m.group(1).strip()) from None
-        raise
+        bad = input_error(e)
+        if bad is None:
+            raise
+        raise bad from None
 
 
 def summarise(folder: Path, fmt: str, num_layers: int, seconds: float):
