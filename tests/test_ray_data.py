@@ -257,6 +257,34 @@ def test_null_texts_are_empty_rows_and_every_row_is_kept(local_ray, trained_ckpt
     assert sorted((r["row"], r["empty"]) for r in read_output(tmp_path / "out2")) == [(0, True), (1, False)]
 
 
+def test_a_fresh_run_prints_only_its_own_lines(trained_ckpt, tmp_path):
+    """A new process starting its own local Ray: no token-auth warning, no core_worker line, no "no
+    available CPUs ... will hang" warning; a bad file gives its one error line and exit 2, with no Ray
+    traceback before it (a CSV parse error, an invalid JSON line)."""
+    import subprocess
+
+    (tmp_path / "a.jsonl").write_text('{"text": "good film"}\n{"text": "awful"}\n')
+    (tmp_path / "b.csv").write_text("text,id\ngood,1\nbad,2,3\n")
+    (tmp_path / "c.jsonl").write_text('{"text": "good film"}\n{"text": oops}\n')
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    errors = {"b.csv": "line 3 has 3 fields; the header has 2", "c.jsonl": "line 2 is not valid JSON: Expecting value at column 10"}
+    for name in ("a.jsonl", "b.csv", "c.jsonl"):
+        proc = subprocess.run([sys.executable, "-m", "deebert_cli", "predict-dataset", "--checkpoint", trained_ckpt,
+                               "--input", str(tmp_path / name), "--output", str(tmp_path / f"out-{name}"), "--device", "cpu",
+                               "--local-cpus", "2", "--object-store-mb", "256", "--threshold", "0"],
+                              capture_output=True, text=True, env=env, timeout=400)
+        assert proc.returncode == (2 if name in errors else 0), proc.stderr
+        lines = [l for l in proc.stderr.splitlines() if l.strip()]
+        assert lines[0].startswith("deebert predict-dataset: 1 file(s)"), proc.stderr
+        if name in errors:
+            assert lines[1:] == [f"error: '{tmp_path / name}' {errors[name]}"], proc.stderr
+        else:
+            assert lines[1].startswith("wrote 2 row(s)") and len(lines) <= 6, proc.stderr
+            for noise in ("WARNING", "core_worker", "available CPUs", "Traceback", "ERROR"):
+                assert noise not in proc.stderr, proc.stderr
+
+
 def test_missing_extra_names_the_pip_command(monkeypatch, tmp_path, trained_ckpt):
     monkeypatch.setitem(sys.modules, "ray", None)
     (tmp_path / "a.txt").write_text("good\n")
@@ -344,3 +372,47 @@ def test_texts_holding_line_breaks_stay_one_row(fmt, tmp_path):
             csv.writer(f, delimiter="\t" if fmt == "tsv" else ",").writerows([["text"]] + [[t] for t in texts])
     got = [x for t in read_one(str(path), fmt, ["text"], ("text",)) for x in t.column("text").to_pylist()]
     assert got == texts
+
+
+def test_quiet_stderr_drops_only_the_known_line(capfd):
+    """Ray's C++ line about actor arguments in the object store goes; every other line passes, in order."""
+    from deebert_cli.core.ray_data.quiet import quiet_stderr
+
+    noise = (b"[2026-01-01 00:00:00,000 E 1 1] core_worker.cc:2465: Actor with class name: 'MapWorker(X)' and ID: 'ab' "
+             b"has constructor arguments in the object store and max_restarts > 0. If the arguments ...\n")
+    with quiet_stderr():
+        os.write(2, b"before\n" + noise + b"[2026-01-01 E 1 1] core_worker.cc:10: a real error\nno newline at the end")
+    os.write(2, b"\nafter\n")
+    assert capfd.readouterr().err.splitlines() == ["before", "[2026-01-01 E 1 1] core_worker.cc:10: a real error",
+                                                   "no newline at the end", "after"]
+
+
+def test_ray_data_console_keeps_real_errors(local_ray):
+    """The filter on Ray Data's console drops the false "will hang" warning and Ray's report of a worker's
+    UserError (the command prints that in one line); any other record passes."""
+    import logging
+
+    from deebert_cli.core.errors import UserError
+    from deebert_cli.core.ray_data.quiet import quiet_ray
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    log = logging.getLogger("ray.data._internal.test_quiet")
+    keep = Keep()
+    logging.getLogger("ray.data").addHandler(keep)
+    try:
+        with quiet_ray():
+            log.warning("Warning: The Ray cluster currently does not have any available CPUs. The Dataset job will hang")
+            try:
+                raise RuntimeError("task failed") from UserError("'a.jsonl' line 2 has no key 'text'")
+            except RuntimeError as e:
+                log.error("An exception was raised from a task", exc_info=e)
+            log.error("a real error")
+            log.info("an info line")
+    finally:
+        logging.getLogger("ray.data").removeHandler(keep)
+    assert seen == ["a real error"]

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..config import PredictConfig, _check, parse_thresholds
 from ..errors import UserError
 from .predictor import PREDICT_OPTIONS, DeeBertPredictor, require_ray
+from .quiet import quiet_ray, quiet_stderr
 from .readers import INPUT_FORMATS, PATH_COLUMN, ROW_COLUMN, check_columns, expand_inputs, input_error, read_dataset
 
 OUTPUT_FORMATS = ("parquet", "jsonl")
@@ -176,10 +177,11 @@ def actor_pool(concurrency):
 def _write(ds, fmt: str, path: str) -> None:
     """Run the pipeline into ``path``; a UserError a worker raised about the input comes out as itself."""
     try:
-        if fmt == "parquet":
-            ds.write_parquet(path)
-        else:
-            ds.write_json(path, force_ascii=False)
+        with quiet_stderr():
+            if fmt == "parquet":
+                ds.write_parquet(path)
+            else:
+                ds.write_json(path, force_ascii=False)
     except Exception as e:
         bad = input_error(e)
         if bad is None:
@@ -222,33 +224,42 @@ def _write_run_file(folder: Path, cfg: PredictDatasetConfig, stats) -> None:
 class ray_session:
     """Context manager: connect to ``address`` (else ``RAY_ADDRESS``, else a new local instance without
     dashboard, with ``local_cpus`` and ``object_store_mb`` when given) unless Ray is already
-    initialised; shut down only what it started. Yields a description of the cluster."""
+    initialised; shut down only what it started. Ray's messages a user cannot act on are kept off the
+    terminal while it lasts (:class:`~.quiet.quiet_ray`). Yields a description of the cluster."""
 
     def __init__(self, address: str | None = None, local_cpus: int | None = None, object_store_mb: int | None = None):
-        self.address, self.started = address, False
+        self.address, self.started, self.quiet = address, False, quiet_ray()
         self.local = dict(num_cpus=local_cpus, object_store_memory=object_store_mb * 2**20 if object_store_mb else None)
 
     def __enter__(self) -> str:
         import logging
 
         ray = require_ray()
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-        if not ray.is_initialized():
-            address = self.address or os.environ.get("RAY_ADDRESS") or None
-            local = {} if address else {k: v for k, v in self.local.items() if v is not None}
-            try:
-                ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, **local)
-            except (ConnectionError, RuntimeError, ValueError) as e:
-                raise UserError(f"could not connect to Ray at '{address}' (--address / RAY_ADDRESS): {str(e).splitlines()[0]}") from None
-            self.started = True
-        res = ray.cluster_resources()
-        nodes = len([n for n in ray.nodes() if n.get("Alive")])
+        self.quiet.__enter__()
+        try:
+            if not ray.is_initialized():
+                address = self.address or os.environ.get("RAY_ADDRESS") or None
+                local = {} if address else {k: v for k, v in self.local.items() if v is not None}
+                try:
+                    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, **local)
+                except (ConnectionError, RuntimeError, ValueError) as e:
+                    raise UserError(f"could not connect to Ray at '{address}' (--address / RAY_ADDRESS): {str(e).splitlines()[0]}") from None
+                self.started = True
+            res = ray.cluster_resources()
+            nodes = len([n for n in ray.nodes() if n.get("Alive")])
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         gpus = f", {res['GPU']:g} GPUs" if res.get("GPU") else ""
         return f"{nodes} node(s), {res.get('CPU', 0):g} CPUs{gpus}"
 
     def __exit__(self, *exc):
-        if self.started:
-            import ray
+        try:
+            if self.started:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
+                self.started = False
+        finally:
+            self.quiet.__exit__(None, None, None)
         return False
