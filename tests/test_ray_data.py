@@ -163,43 +163,126 @@ def test_predictor_maps_pandas_batches_like_predict(trained_ckpt):
     assert list(out["empty"]) == [False] * 30 + [True] * 3 and out["label"][30:].isna().all()
     with pytest.raises(Exception, match="would be overwritten"):
         pred(pd.DataFrame({"text": ["good"], "label": ["x"]}))
+    with pytest.raises(Exception, match="column 'text' holds int64, not text"):  # no str(12345) for a text
+        pred(pd.DataFrame({"text": [12345, 6]}))
     with pytest.raises(Exception, match="not trained on pairs"):
         DeeBertPredictor(trained_ckpt, text_pair_column="second", threshold=thr, device="cpu")
 
 
-@pytest.mark.parametrize("case", ["glob", "column", "id_text", "output_exists", "bad_json", "format", "id_clash"])
+# the bad inputs: what the file holds (None: a.jsonl as written), extra arguments, the error's words
+BAD_INPUTS = {
+    "glob": (None, ["--input", "{c}/*.parquet"], "matches no files"),
+    "column": (None, ["--text-column", "body"], "no column 'body'"),
+    "id_text": ({"b.txt": "good\n"}, ["--input", "{c}/b.txt", "--id-column", "uid"], "text file"),
+    "output_exists": (None, [], "already exists"),
+    "format": ({"a.doc": "x"}, ["--input", "{c}/a.doc"], "unknown file type"),
+    "id_clash": ({"a.jsonl": '{"text": "good film", "label": "positive"}\n'}, ["--id-column", "label"], "--id-column label"),
+    # a record of a JSONL file (not the first) without its text, or with a text that is no string
+    "missing_key": ({"a.jsonl": '{"text": "good film"}\n{"id": 2}\n'}, [], "a.jsonl' line 2 has no key 'text'"),
+    "number": ({"a.jsonl": '{"text": "good film"}\n{"text": 12345}\n'}, [], "a.jsonl' line 2: 'text' holds a number (12345)"),
+    "list": ({"a.jsonl": '{"text": "good film"}\n{"text": ["a", "b"]}\n'}, [], "line 2: 'text' holds a list"),
+    "dict": ({"a.jsonl": '{"text": "good film"}\n{"text": {"a": 1}}\n'}, [], "line 2: 'text' holds an object"),
+    "bool": ({"a.jsonl": '{"text": "good film"}\n{"text": true}\n'}, [], "line 2: 'text' holds a boolean (true)"),
+    # parse and encoding errors: the file and the line, no echo of the bytes
+    "bad_json": ({"a.jsonl": '{"text": "good film"}\n{"text": oops}\n'}, [], "a.jsonl' line 2 is not valid JSON"),
+    "not_object": ({"a.jsonl": '{"text": "good film"}\n[1, 2]\n'}, [], "a.jsonl' line 2 is not a JSON object"),
+    "binary": ({"a.csv": b"\x7fELF\x02\x01\x01\x00\x00\x00\x00\n\x00\x03\x00>\x00"}, ["--input", "{c}/a.csv"],
+               "a.csv' line 1 holds a NUL byte"),
+    "binary_body": ({"a.csv": b"text,id\n" + bytes(range(256)) * 4}, ["--input", "{c}/a.csv"], "a.csv' line 2 "),
+    "latin1": ({"a.csv": "text,id\ncafé ok,1\n".encode("latin-1")}, ["--input", "{c}/a.csv"],
+               "a.csv' line 2 is not UTF-8 (byte 0xe9 at column 4)"),
+    "ragged": ({"a.csv": "text,id\ngood,1\nbad,2,3\nfine,4\n"}, ["--input", "{c}/a.csv"], "a.csv' line 3 has 3 fields; the header has 2"),
+    "ragged_tsv": ({"a.tsv": "text\tid\ngood\t1\n\nbad\n"}, ["--input", "{c}/a.tsv"], "a.tsv' line 4 has 1 field; the header has 2"),
+    # ids: one type per column, in a file and across files; a Parquet text column of numbers
+    "id_mixed": ({"a.jsonl": '{"uid": 1, "text": "good"}\n{"uid": "b", "text": "bad"}\n'}, ["--id-column", "uid"],
+                 "a.jsonl' line 2: 'uid' holds a string (\"b\"), unlike the lines before it"),
+    "id_types": ({"a.jsonl": '{"uid": 1, "text": "good"}\n', "b.csv": "uid,text\nx,bad\n"}, ["--input", "{c}/*", "--id-column", "uid"],
+                 "--id-column uid: "),
+    "parquet_number_text": ({"a.parquet": {"text": [1, 2]}}, ["--input", "{c}/a.parquet"], "a.parquet': column 'text' holds int64, not text"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_inputs_give_one_error_line(case, local_ray, trained_ckpt, tmp_path):
+    """Each ends in one `error:` line naming the file (and the line), exit 2: no traceback, none of Ray's
+    messages (the CLI runner catches what Ray Data logs to stderr), nothing written."""
     corpus = tmp_path / "c"
     corpus.mkdir()
-    (corpus / "a.jsonl").write_text('{"text": "good film"}\n')
+    files, extra, expect = BAD_INPUTS[case]
+    for name, data in (files or {"a.jsonl": '{"text": "good film"}\n'}).items():
+        if isinstance(data, dict):
+            pq.write_table(pa.table(data), corpus / name)
+        elif isinstance(data, bytes):
+            (corpus / name).write_bytes(data)
+        else:
+            (corpus / name).write_text(data, encoding="utf-8")
+    args = [a.format(c=corpus) for a in extra]
+    if "--input" not in args:
+        args += ["--input", str(corpus / "*.jsonl")]
     out = tmp_path / "out"
-    args = ["--input", str(corpus / "*.jsonl")]
-    expect = {"glob": "matches no files", "column": "no column 'body'", "id_text": "text file",
-              "output_exists": "already exists", "bad_json": "line 2 is not valid JSON", "format": "unknown file type",
-              "id_clash": "--id-column label"}[case]
-    if case == "glob":
-        args = ["--input", str(corpus / "*.parquet")]
-    elif case == "column":
-        args += ["--text-column", "body"]
-    elif case == "id_text":
-        (corpus / "b.txt").write_text("good\n")
-        args = ["--input", str(corpus / "b.txt"), "--id-column", "uid"]
-    elif case == "output_exists":
+    if case == "output_exists":
         out.mkdir()
         (out / "mine.txt").write_text("keep me")
-    elif case == "bad_json":
-        (corpus / "a.jsonl").write_text('{"text": "good film"}\n{"text": oops}\n')
-    elif case == "id_clash":
-        (corpus / "a.jsonl").write_text('{"text": "good film", "label": "positive"}\n')
-        args += ["--id-column", "label"]
-    elif case == "format":
-        (corpus / "a.doc").write_text("x")
-        args = ["--input", str(corpus / "a.doc")]
     res = runner.invoke(app, ["predict-dataset", "--checkpoint", trained_ckpt, *args, "--output", str(out), "--device", "cpu"])
     assert res.exit_code == 2, res.output
-    assert "error:" in res.output and expect in res.output and "Traceback" not in res.output
+    lines = [l for l in res.output.splitlines() if l.strip() and not l.startswith("deebert predict-dataset: ")]
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.output
+    assert expect in lines[0], lines[0]
+    assert lines[0].isprintable() and len(lines[0]) < 300, "no bytes of the file echoed"
     if case == "output_exists":
         assert (out / "mine.txt").read_text() == "keep me"
+    else:
+        assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_null_texts_are_empty_rows_and_every_row_is_kept(local_ray, trained_ckpt, tmp_path):
+    """The refusals above leave what is allowed alone: a null text (JSONL, Parquet) and an empty CSV cell
+    are rows marked empty; ids keep their types."""
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text('{"uid": 1, "text": "good film"}\n{"uid": 2, "text": null}\n\n{"uid": 3, "text": "awful"}\n')
+    (corpus / "b.csv").write_text("uid,text\n4,\n5,fine\n")
+    pq.write_table(pa.table({"uid": pa.array([6, 7], pa.int32()), "text": pa.array(["nice", None], pa.large_string())}),
+                   corpus / "c.parquet")
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["predict-dataset", "--checkpoint", trained_ckpt, "--input", str(corpus / "a.jsonl"),
+                              "--input", str(corpus / "c.parquet"), "--output", str(out), "--device", "cpu",
+                              "--id-column", "uid", "--format", "jsonl", "--threshold", "0"])
+    assert res.exit_code == 0, res.output
+    got = sorted(read_output(out), key=lambda r: r["uid"])
+    assert [(r["uid"], r["empty"]) for r in got] == [(1, False), (2, True), (3, False), (6, False), (7, True)]
+    res = runner.invoke(app, ["predict-dataset", "--checkpoint", trained_ckpt, "--input", str(corpus / "b.csv"),
+                              "--output", str(tmp_path / "out2"), "--device", "cpu", "--threshold", "0"])
+    assert res.exit_code == 0, res.output
+    assert sorted((r["row"], r["empty"]) for r in read_output(tmp_path / "out2")) == [(0, True), (1, False)]
+
+
+def test_a_fresh_run_prints_only_its_own_lines(trained_ckpt, tmp_path):
+    """A new process starting its own local Ray: no token-auth warning, no core_worker line, no "no
+    available CPUs ... will hang" warning; a bad file gives its one error line and exit 2, with no Ray
+    traceback before it (a CSV parse error, an invalid JSON line)."""
+    import subprocess
+
+    (tmp_path / "a.jsonl").write_text('{"text": "good film"}\n{"text": "awful"}\n')
+    (tmp_path / "b.csv").write_text("text,id\ngood,1\nbad,2,3\n")
+    (tmp_path / "c.jsonl").write_text('{"text": "good film"}\n{"text": oops}\n')
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    errors = {"b.csv": "line 3 has 3 fields; the header has 2", "c.jsonl": "line 2 is not valid JSON: Expecting value at column 10"}
+    for name in ("a.jsonl", "b.csv", "c.jsonl"):
+        proc = subprocess.run([sys.executable, "-m", "deebert_cli", "predict-dataset", "--checkpoint", trained_ckpt,
+                               "--input", str(tmp_path / name), "--output", str(tmp_path / f"out-{name}"), "--device", "cpu",
+                               "--local-cpus", "2", "--object-store-mb", "256", "--threshold", "0"],
+                              capture_output=True, text=True, env=env, timeout=400)
+        assert proc.returncode == (2 if name in errors else 0), proc.stderr
+        lines = [l for l in proc.stderr.splitlines() if l.strip()]
+        assert lines[0].startswith("deebert predict-dataset: 1 file(s)"), proc.stderr
+        if name in errors:
+            assert lines[1:] == [f"error: '{tmp_path / name}' {errors[name]}"], proc.stderr
+        else:
+            assert lines[1].startswith("wrote 2 row(s)") and len(lines) <= 6, proc.stderr
+            for noise in ("WARNING", "core_worker", "available CPUs", "Traceback", "ERROR"):
+                assert noise not in proc.stderr, proc.stderr
 
 
 def test_missing_extra_names_the_pip_command(monkeypatch, tmp_path, trained_ckpt):
@@ -245,12 +328,14 @@ def test_text_files_are_read_by_predicts_line_rules(tmp_path):
     import io
 
     from deebert_cli.core.runtime.stream import read_lines
-    from deebert_cli.core.ray_data.readers import _text_chunks
+    from deebert_cli.core.ray_data.records import _text_chunks
 
-    raw = b"one\r\ntwo\n\n\xff bad \xfe\r\n  \nlast without newline"
+    # U+0085 (NEL), U+2028 and the like end a line for str.splitlines, not for predict: one row
+    raw = b"one\r\ntwo\n\n\xff bad \xfe\r\n  \n" + "NEL\u0085 LS\u2028 VT\x0b FF\x0c FS\x1c end\n".encode() + b"last without newline"
     (tmp_path / "t.txt").write_bytes(raw)
     got = [x for t in _text_chunks(str(tmp_path / "t.txt"), "text") for x in t.column("text").to_pylist()]
-    assert got == list(read_lines(io.BytesIO(raw))) and len(got) == 6
+    assert got == list(read_lines(io.BytesIO(raw))) and len(got) == 7
+    assert got[5] == "NEL\u0085 LS\u2028 VT\x0b FF\x0c FS\x1c end"
 
 
 def test_predictor_on_the_onnx_runtime_equals_torch(trained_ckpt, exported_ckpt):
@@ -268,3 +353,66 @@ def test_predictor_on_the_onnx_runtime_equals_torch(trained_ckpt, exported_ckpt)
     assert list(on_onnx["exit_layer"]) == list(on_torch["exit_layer"]) and len(set(on_torch["exit_layer"])) >= 2
     with pytest.raises(Exception, match="deebert export"):
         DeeBertPredictor(trained_ckpt, threshold=thr, runtime="onnx")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "tsv", "parquet"])
+def test_texts_holding_line_breaks_stay_one_row(fmt, tmp_path):
+    """U+0085, U+2028 and the other characters str.splitlines breaks at stay inside their row, in every
+    format (Ray's read_text would split them: one reason the per-file readers stay)."""
+    from deebert_cli.core.ray_data.records import read_one
+
+    texts = [f"a{c}b" for c in ["\u0085", "\u2028", "\u2029", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e"]] + ["plain"]
+    path = tmp_path / f"d.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    elif fmt == "parquet":
+        pq.write_table(pa.table({"text": texts}), path)
+    else:
+        with path.open("w", newline="", encoding="utf-8") as f:
+            csv.writer(f, delimiter="\t" if fmt == "tsv" else ",").writerows([["text"]] + [[t] for t in texts])
+    got = [x for t in read_one(str(path), fmt, ["text"], ("text",)) for x in t.column("text").to_pylist()]
+    assert got == texts
+
+
+def test_quiet_stderr_drops_only_the_known_line(capfd):
+    """Ray's C++ line about actor arguments in the object store goes; every other line passes, in order."""
+    from deebert_cli.core.ray_data.quiet import quiet_stderr
+
+    noise = (b"[2026-01-01 00:00:00,000 E 1 1] core_worker.cc:2465: Actor with class name: 'MapWorker(X)' and ID: 'ab' "
+             b"has constructor arguments in the object store and max_restarts > 0. If the arguments ...\n")
+    with quiet_stderr():
+        os.write(2, b"before\n" + noise + b"[2026-01-01 E 1 1] core_worker.cc:10: a real error\nno newline at the end")
+    os.write(2, b"\nafter\n")
+    assert capfd.readouterr().err.splitlines() == ["before", "[2026-01-01 E 1 1] core_worker.cc:10: a real error",
+                                                   "no newline at the end", "after"]
+
+
+def test_ray_data_console_keeps_real_errors(local_ray):
+    """The filter on Ray Data's console drops the false "will hang" warning and Ray's report of a worker's
+    UserError (the command prints that in one line); any other record passes."""
+    import logging
+
+    from deebert_cli.core.errors import UserError
+    from deebert_cli.core.ray_data.quiet import quiet_ray
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    log = logging.getLogger("ray.data._internal.test_quiet")
+    keep = Keep()
+    logging.getLogger("ray.data").addHandler(keep)
+    try:
+        with quiet_ray():
+            log.warning("Warning: The Ray cluster currently does not have any available CPUs. The Dataset job will hang")
+            try:
+                raise RuntimeError("task failed") from UserError("'a.jsonl' line 2 has no key 'text'")
+            except RuntimeError as e:
+                log.error("An exception was raised from a task", exc_info=e)
+            log.error("a real error")
+            log.info("an info line")
+    finally:
+        logging.getLogger("ray.data").removeHandler(keep)
+    assert seen == ["a real error"]

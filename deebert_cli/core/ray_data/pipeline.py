@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import shutil
 import time
 import uuid
@@ -17,7 +16,8 @@ from ..config import PredictConfig, _check, parse_thresholds
 from ..errors import UserError
 from ..files import check_output_folder
 from .predictor import PREDICT_OPTIONS, DeeBertPredictor, require_ray
-from .readers import INPUT_FORMATS, PATH_COLUMN, ROW_COLUMN, check_columns, expand_inputs, read_files
+from .quiet import quiet_ray, quiet_stderr
+from .readers import INPUT_FORMATS, PATH_COLUMN, ROW_COLUMN, check_columns, expand_inputs, input_error, read_dataset
 
 OUTPUT_FORMATS = ("parquet", "jsonl")
 OUTPUT_NAMES = {"label", "confidence", "exit_layer", "entropy", "empty", "value"}  # prediction columns
@@ -110,8 +110,9 @@ def predict_dataset(cfg: PredictDatasetConfig, log=lambda msg: None) -> DatasetS
     written. ``log`` receives progress lines."""
     files = expand_inputs(cfg.input, cfg.input_format)
     ids = not cfg.id_column
-    columns = (cfg.id_column or []) + [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
-    check_columns(files, columns)
+    texts = (cfg.text_column,) + ((cfg.text_pair_column,) if cfg.text_pair_column else ())
+    columns = (cfg.id_column or []) + list(texts)
+    check_columns(files, columns, texts)
     clash = sorted(set(cfg.id_column or []) & OUTPUT_NAMES)
     if clash:
         raise UserError(f"--id-column {', '.join(clash)}: the output has a prediction column of that name; "
@@ -145,9 +146,8 @@ def predict_dataset(cfg: PredictDatasetConfig, log=lambda msg: None) -> DatasetS
 
 
 def build_dataset(cfg: PredictDatasetConfig, files: list, columns: list, ids: bool):
-    """The lazy Ray Dataset: one read task per file -> predictor actor pool -> kept columns + predictions."""
-    import ray.data
-
+    """The lazy Ray Dataset: the input rows (:func:`~.readers.read_dataset`) -> predictor actor pool ->
+    kept columns + predictions."""
     retries = cfg.max_retries
     keep = cfg.id_column or [PATH_COLUMN, ROW_COLUMN]
     ctor = dict(checkpoint=str(Path(cfg.checkpoint).resolve()), text_column=cfg.text_column,
@@ -157,11 +157,8 @@ def build_dataset(cfg: PredictDatasetConfig, files: list, columns: list, ids: bo
         # Ray 2.60 takes the retry limits (max_retries of tasks; max_restarts / max_task_retries of
         # actors) only as "ray_remote_args", which it marks deprecated without a named replacement yet
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
-        paths = ray.data.from_items([{"path": p, "format": f} for p, f in files], override_num_blocks=len(files))
-        # reads reserve no CPU: with the actors holding every CPU (concurrency x num_cpus = the cluster's),
-        # a read task asking for one would never be scheduled; the actors' backpressure paces the reads
-        rows = paths.map_batches(read_files, batch_size=1, batch_format="pyarrow", num_cpus=0, max_retries=retries,
-                                 fn_kwargs=dict(columns=columns, text_column=cfg.text_column, ids=ids))
+        texts = (cfg.text_column,) + ((cfg.text_pair_column,) if cfg.text_pair_column else ())
+        rows = read_dataset(files, columns, texts, ids, retries)
         return rows.map_batches(DeeBertPredictor, fn_constructor_kwargs=ctor, batch_size=cfg.rows_per_batch,
                                 batch_format="pyarrow", compute=actor_pool(cfg.concurrency_value()),
                                 num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus or None,
@@ -180,17 +177,18 @@ def actor_pool(concurrency):
 
 
 def _write(ds, fmt: str, path: str) -> None:
-    """Run the pipeline into ``path``; an error a worker raised about the user's input becomes a UserError."""
+    """Run the pipeline into ``path``; a UserError a worker raised about the input comes out as itself."""
     try:
-        if fmt == "parquet":
-            ds.write_parquet(path)
-        else:
-            ds.write_json(path, force_ascii=False)
+        with quiet_stderr():
+            if fmt == "parquet":
+                ds.write_parquet(path)
+            else:
+                ds.write_json(path, force_ascii=False)
     except Exception as e:
-        m = re.search(r"UserError: (.+)", str(e))
-        if m:
-            raise UserError(m.group(1).strip()) from None
-        raise
+        bad = input_error(e)
+        if bad is None:
+            raise
+        raise bad from None
 
 
 def summarise(folder: Path, fmt: str, num_layers: int, seconds: float):
@@ -228,33 +226,42 @@ def _write_run_file(folder: Path, cfg: PredictDatasetConfig, stats) -> None:
 class ray_session:
     """Context manager: connect to ``address`` (else ``RAY_ADDRESS``, else a new local instance without
     dashboard, with ``local_cpus`` and ``object_store_mb`` when given) unless Ray is already
-    initialised; shut down only what it started. Yields a description of the cluster."""
+    initialised; shut down only what it started. Ray's messages a user cannot act on are kept off the
+    terminal while it lasts (:class:`~.quiet.quiet_ray`). Yields a description of the cluster."""
 
     def __init__(self, address: str | None = None, local_cpus: int | None = None, object_store_mb: int | None = None):
-        self.address, self.started = address, False
+        self.address, self.started, self.quiet = address, False, quiet_ray()
         self.local = dict(num_cpus=local_cpus, object_store_memory=object_store_mb * 2**20 if object_store_mb else None)
 
     def __enter__(self) -> str:
         import logging
 
         ray = require_ray()
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-        if not ray.is_initialized():
-            address = self.address or os.environ.get("RAY_ADDRESS") or None
-            local = {} if address else {k: v for k, v in self.local.items() if v is not None}
-            try:
-                ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, **local)
-            except (ConnectionError, RuntimeError, ValueError) as e:
-                raise UserError(f"could not connect to Ray at '{address}' (--address / RAY_ADDRESS): {str(e).splitlines()[0]}") from None
-            self.started = True
-        res = ray.cluster_resources()
-        nodes = len([n for n in ray.nodes() if n.get("Alive")])
+        self.quiet.__enter__()
+        try:
+            if not ray.is_initialized():
+                address = self.address or os.environ.get("RAY_ADDRESS") or None
+                local = {} if address else {k: v for k, v in self.local.items() if v is not None}
+                try:
+                    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, **local)
+                except (ConnectionError, RuntimeError, ValueError) as e:
+                    raise UserError(f"could not connect to Ray at '{address}' (--address / RAY_ADDRESS): {str(e).splitlines()[0]}") from None
+                self.started = True
+            res = ray.cluster_resources()
+            nodes = len([n for n in ray.nodes() if n.get("Alive")])
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         gpus = f", {res['GPU']:g} GPUs" if res.get("GPU") else ""
         return f"{nodes} node(s), {res.get('CPU', 0):g} CPUs{gpus}"
 
     def __exit__(self, *exc):
-        if self.started:
-            import ray
+        try:
+            if self.started:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
+                self.started = False
+        finally:
+            self.quiet.__exit__(None, None, None)
         return False

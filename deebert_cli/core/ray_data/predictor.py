@@ -136,9 +136,18 @@ class DeeBertPredictor:
 
 
 def _column_values(table, name: str) -> list:
+    """The texts of column ``name``: strings or nulls; a column of another type is refused, not read as
+    the text of its values (a number, a list or a struct is no text)."""
+    import pyarrow as pa
+
     if name not in table.column_names:
         raise UserError(f"no column '{name}' in the batch (columns: {', '.join(table.column_names)})")
-    return table.column(name).to_pylist()
+    col = table.column(name)
+    t = col.type.value_type if pa.types.is_dictionary(col.type) else col.type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+            or getattr(pa.types, "is_string_view", lambda _: False)(t)):
+        raise UserError(f"column '{name}' holds {col.type}, not text: give the texts as strings")
+    return col.to_pylist()
 
 
 def _to_arrow(batch) -> tuple:

@@ -1,19 +1,27 @@
-"""Reading the input files of ``deebert predict-dataset`` in Ray Data tasks: files, folders and globs
-expanded, their columns checked up front, then read in chunks of ``READ_CHUNK`` rows (text lines, JSONL,
-CSV/TSV, Parquet) with each row's file and position."""
+"""The input files of ``deebert predict-dataset``: files, folders and globs expanded and their columns
+checked on the driver (:func:`expand_inputs`, :func:`check_columns`), then the lazy Ray Dataset of their
+rows (:func:`read_dataset`), read in Ray tasks by the per-file readers of :mod:`.records`, and a failure
+about the input unwrapped from Ray's error (:func:`input_error`).
+
+Ray Data's own readers (``read_text``, ``read_json``, ``read_csv``, ``read_parquet``) were checked against
+Ray 2.60 and none meets the guarantees here; each reader in :mod:`.records` says which one its Ray
+counterpart breaks. The first, for all four: none numbers a row within its file, which the default ids
+(path and row) need: ``include_paths`` gives the file, ``read_parquet``'s ``include_row_hash`` a hash, not
+a position, and Ray's blocks keep nothing else of where a row came from.
+"""
 from __future__ import annotations
 
+import csv
 import glob
-import json
 from pathlib import Path
 
 from ..errors import UserError
+from .records import PATH_COLUMN, ROW_COLUMN, csv_text_lines, first_line, json_record, plain_type, read_files
 
 FORMATS_BY_SUFFIX = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
                      ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 INPUT_FORMATS = ("auto", "text", "jsonl", "csv", "tsv", "parquet")
-PATH_COLUMN, ROW_COLUMN = "path", "row"
-READ_CHUNK = 4096  # rows per block a reader yields
+__all__ = ["PATH_COLUMN", "ROW_COLUMN", "expand_inputs", "check_columns", "read_dataset", "input_error", "about_input"]
 
 
 def expand_inputs(patterns: list, input_format: str = "auto") -> list:
@@ -48,144 +56,104 @@ def _format_of(path: str, input_format: str) -> str:
     return fmt
 
 
-def check_columns(files: list, needed: list) -> None:
-    """Every tabular file must have the needed columns (Parquet schema, CSV header, first JSONL record);
-    a text file has one column, the text, and no other columns."""
+def check_columns(files: list, needed: list, texts: tuple = ()) -> None:
+    """Every tabular file must have the needed columns (Parquet schema, CSV header, first JSONL record); a
+    Parquet text column must hold strings; an id column must hold one type in every file (Ray joins rows
+    of several files in one batch, and Arrow cannot join a column of numbers to one of strings); a text
+    file has one column, the text, and no other columns. Runs on the driver, before any worker starts."""
+    first: dict = {}  # id column -> (its type, the first file that gave it one)
     for path, fmt in files:
-        cols = _columns_of(path, fmt, needed)
-        missing = [c for c in needed if c not in cols]
+        types = _types_of(path, fmt, needed, texts)
+        missing = [c for c in needed if c not in types]
         if missing and fmt == "text":
             raise UserError(f"'{path}' is a text file (one text per line): it has no column {', '.join(missing)}; "
                             "use path and row as ids (no --id-column)")
         if missing:
-            raise UserError(f"'{path}' has no column {', '.join(repr(m) for m in missing)} (columns: {', '.join(cols)})")
+            raise UserError(f"'{path}' has no column {', '.join(repr(m) for m in missing)} (columns: {', '.join(types)})")
+        for c in needed:
+            if c in texts or types[c] is None:
+                continue
+            t, where = first.setdefault(c, (types[c], path))
+            if t != types[c]:
+                raise UserError(f"--id-column {c}: '{where}' holds it as {t}, '{path}' as {types[c]}; one run takes "
+                                "one type (convert a file, or predict them in separate runs)")
 
 
-def _columns_of(path: str, fmt: str, needed: list) -> list:
+def _types_of(path: str, fmt: str, needed: list, texts: tuple) -> dict:
+    """Column -> its Arrow type as text (None where the first record does not tell)."""
     try:
         if fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            return pq.ParquetFile(path).schema_arrow.names
-        if fmt in ("csv", "tsv"):
-            import csv
-
-            with open(path, newline="", encoding="utf-8", errors="replace") as f:
-                return next(csv.reader(f, delimiter="\t" if fmt == "tsv" else ","), [])
+            return _parquet_types(path, texts)
+        if fmt in ("csv", "tsv"):  # read as strings
+            return {c: "string" for c in next(csv.reader(csv_text_lines(path), delimiter="\t" if fmt == "tsv" else ","), [])}
         if fmt == "jsonl":
             with open(path, "rb") as f:
                 for n, raw in enumerate(f, 1):
                     if raw.strip():
-                        return list(_json_record(raw, path, n))
-            return list(needed)  # no records: nothing to check
+                        return {k: _json_type(v) for k, v in json_record(raw, path, n).items()}
+            return {c: None for c in needed}  # no records: nothing to check
     except UserError:
         raise
     except Exception as e:  # unreadable or not the format its name says
-        raise UserError(f"'{path}' could not be read as {fmt}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    return [needed[0]] if needed else []  # text: the line is the text column
+        raise UserError(f"'{path}' could not be read as {fmt}: {first_line(e)}") from None
+    return {needed[0]: "string"} if needed else {}  # text: the line is the text column
 
 
-def _json_record(raw: bytes, path: str, n: int) -> dict:
-    try:
-        rec = json.loads(raw)
-    except ValueError as e:
-        raise UserError(f"'{path}' line {n} is not valid JSON ({e})") from None
-    if not isinstance(rec, dict):
-        raise UserError(f"'{path}' line {n} is not a JSON object")
-    return rec
+def _json_type(v) -> str | None:
+    """The Arrow type the JSONL reader gives a value (pa.array's inference); None: not told by one value."""
+    if isinstance(v, bool):
+        return "bool"
+    return {str: "string", int: "int64", float: "double"}.get(type(v))
 
 
-def read_files(batch, *, columns: list, text_column: str, ids: bool):
-    """map_batches generator over a batch of (path, format) rows: yields pyarrow Tables of at most
-    ``READ_CHUNK`` rows with ``columns`` (text and pair columns as strings) and, when ``ids``, ``path``
-    and ``row`` (0-based position in its file). Row order within a file is kept."""
-    import pyarrow as pa
-
-    paths, fmts = batch["path"].to_pylist(), batch["format"].to_pylist()
-    for path, fmt in zip(paths, fmts):
-        start = 0
-        for chunk in _read_chunks(path, fmt, columns, text_column):
-            if ids:
-                n = chunk.num_rows
-                chunk = chunk.append_column(PATH_COLUMN, pa.array([path] * n, pa.string()))
-                chunk = chunk.append_column(ROW_COLUMN, pa.array(range(start, start + n), pa.int64()))
-                start += n
-            yield chunk
-
-
-def _read_chunks(path: str, fmt: str, columns: list, text_column: str):
-    if fmt == "text":
-        yield from _text_chunks(path, text_column)
-    elif fmt == "jsonl":
-        yield from _jsonl_chunks(path, columns)
-    elif fmt in ("csv", "tsv"):
-        yield from _csv_chunks(path, columns, "\t" if fmt == "tsv" else ",")
-    else:
-        yield from _parquet_chunks(path, columns)
-
-
-def _text_chunks(path: str, text_column: str):
-    """One row per line, read by ``deebert predict``'s own line reader; empty lines kept as rows."""
-    import pyarrow as pa
-
-    from ..runtime.stream import read_lines  # torch-free: cheap in a read worker
-
-    with open(path, "rb") as f:
-        buf = []
-        for line in read_lines(f):
-            buf.append(line)
-            if len(buf) == READ_CHUNK:
-                yield pa.table({text_column: pa.array(buf, pa.string())})
-                buf = []
-        if buf:
-            yield pa.table({text_column: pa.array(buf, pa.string())})
-
-
-def _jsonl_chunks(path: str, columns: list):
-    """One row per JSON object (blank lines are not records); a missing key reads as null."""
-    with open(path, "rb") as f:
-        buf = []
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            rec = _json_record(raw, path, n)
-            buf.append([rec.get(c) for c in columns])
-            if len(buf) == READ_CHUNK:
-                yield _rows_table(buf, columns)
-                buf = []
-        if buf:
-            yield _rows_table(buf, columns)
-
-
-def _rows_table(rows: list, columns: list):
-    import pyarrow as pa
-
-    arrays = []
-    for j in range(len(columns)):
-        vals = [r[j] for r in rows]
-        try:
-            arrays.append(pa.array(vals))
-        except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types in one column: keep them as text
-            arrays.append(pa.array([None if v is None else str(v) for v in vals], pa.string()))
-    return pa.Table.from_arrays(arrays, names=columns)
-
-
-def _csv_chunks(path: str, columns: list, delimiter: str):
-    """CSV/TSV with a header; the needed columns read as strings (as written in the file)."""
-    import pyarrow as pa
-    from pyarrow import csv
-
-    reader = csv.open_csv(path, parse_options=csv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-                          convert_options=csv.ConvertOptions(include_columns=columns,
-                                                             column_types={c: pa.string() for c in columns}))
-    for rb in reader:
-        if rb.num_rows:
-            yield pa.Table.from_batches([rb]).select(columns)
-
-
-def _parquet_chunks(path: str, columns: list):
+def _parquet_types(path: str, texts: tuple) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    for rb in pq.ParquetFile(path).iter_batches(batch_size=READ_CHUNK, columns=columns):
-        yield pa.Table.from_batches([rb])
+    schema = pq.ParquetFile(path).schema_arrow
+    types = {f.name: plain_type(f.type) for f in schema}
+    for name in texts:
+        t = types.get(name)
+        if t is not None and not (pa.types.is_string(t) or pa.types.is_null(t)):
+            raise UserError(f"'{path}': column '{name}' holds {schema.field(name).type}, not text; give a column of strings")
+    return {k: None if pa.types.is_null(t) else str(t) for k, t in types.items()}
+
+
+def read_dataset(files: list, columns: list, texts: tuple, ids: bool, retries: int):
+    """The lazy Ray Dataset of the input rows: one read task per file (:func:`~.records.read_files`)
+    with ``columns`` (the ``texts`` among them as strings) and, when ``ids``, ``path`` and ``row`` (0-based
+    position in its file). Reads reserve no CPU: with the actors holding every CPU (concurrency x
+    num_cpus = the cluster's), a read task asking for one would never be scheduled; the actors'
+    backpressure paces the reads. ``retries``: a read task's retries."""
+    import ray.data
+
+    paths = ray.data.from_items([{"path": p, "format": f} for p, f in files], override_num_blocks=len(files))
+    return paths.map_batches(read_files, batch_size=1, batch_format="pyarrow", num_cpus=0, max_retries=retries,
+                             fn_kwargs=dict(columns=columns, texts=texts, ids=ids))
+
+
+def input_error(error: BaseException) -> UserError | None:
+    """The UserError a worker raised about the input (a reader, the predictor), unwrapped from Ray's task
+    error, or None when the failure is not about the input."""
+    for e in _chain(error):
+        if isinstance(e, UserError) and not hasattr(e, "cause"):  # not Ray's RayTaskError(UserError) twin
+            # our messages are one line; Ray appends its retry notes to the exception's message
+            return UserError(first_line(e))
+    return None
+
+
+def about_input(error: BaseException) -> bool:
+    """Whether a failure is about the input: a UserError raised in a worker."""
+    return input_error(error) is not None
+
+
+def _chain(error: BaseException):
+    """The error, the cause Ray keeps in ``.cause`` (the worker's exception) and Python's cause/context."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [c for c in (getattr(e, "cause", None), e.__cause__, e.__context__) if isinstance(c, BaseException)]
