@@ -265,3 +265,45 @@ def mixed_lines(n: int, seed: int = 5) -> list:
         reps = rng.choice([1, 1, 2, 4])
         out.append(" ".join(words * reps))
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI checks shared by the tests of bad inputs
+# ------------------------------------------------------------------------------------------------
+def invoke(*args, **kw):
+    """`deebert ARGS` in-process (every argument as text)."""
+    from typer.testing import CliRunner
+
+    from deebert_cli.cli.app import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], **kw)
+
+
+def one_line_error(r, *needles, alone: bool = True):
+    """Exit 2, no traceback, and one ``error:`` line holding ``needles``; ``alone``: nothing else was
+    printed (no work was done), else the error line comes last after the command's own progress."""
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
+    lines = [l for l in r.output.splitlines() if l.strip()]
+    if alone:
+        assert len(lines) == 1, r.output
+    assert lines[-1].startswith("error:") and sum(l.startswith("error:") for l in lines) == 1, r.output
+    for n in needles:
+        assert n in lines[-1], lines[-1]
+    return lines[-1]
+
+
+def interrupt_after_first_save(monkeypatch, args) -> None:
+    """Run `deebert ARGS` (a finetune with --save-every) and stop it like Ctrl-C right after it first
+    saves its resumable state."""
+    import deebert_cli.core.train.stage1 as stage1
+
+    real = stage1.save_state
+
+    def save_then_stop(*a, **k):
+        real(*a, **k)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(stage1, "save_state", save_then_stop)
+        assert invoke(*args).exit_code == 130

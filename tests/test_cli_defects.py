@@ -4,25 +4,12 @@ import json
 import shutil
 
 import pytest
-from typer.testing import CliRunner
 
+from conftest import invoke, one_line_error
 from deebert_cli.cli.app import app
 
-runner = CliRunner()
 
 
-def invoke(*args, **kw):
-    return runner.invoke(app, [str(a) for a in args], **kw)
-
-
-def one_line_error(r, *needles):
-    assert r.exit_code == 2, r.output
-    assert "Traceback" not in r.output and (r.exception is None or isinstance(r.exception, SystemExit))
-    lines = [l for l in r.output.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 # 6. per-layer thresholds: exactly L-1, never one dropped unseen --------------------------------------

@@ -10,28 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import export_copy, make_data_dir, make_sentiment_rows, make_tiny_backbone, write_jsonl
+from conftest import (export_copy, interrupt_after_first_save, invoke, make_data_dir, make_sentiment_rows, make_tiny_backbone,
+                      one_line_error, write_jsonl)
 from deebert_cli.cli.app import app
 
-runner = CliRunner()
 
 
-def invoke(*args, **kw):
-    return runner.invoke(app, [str(a) for a in args], **kw)
-
-
-def one_line_error(r, *needles, alone: bool = True):
-    """Exit 2 and one error line holding ``needles``; ``alone``: nothing else was printed (no work was done)."""
-    assert r.exit_code == 2, r.output
-    assert "Traceback" not in r.output and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
-    lines = [l for l in r.output.splitlines() if l.strip() and not l.startswith("deebert predict:")]
-    assert lines[-1].startswith("error:") and sum(l.startswith("error:") for l in lines) == 1, r.output
-    assert len(lines) == 1 or not alone, r.output
-    for n in needles:
-        assert n in lines[-1], lines[-1]
-    return lines[-1]
 
 
 @pytest.fixture(scope="module")
@@ -183,21 +168,11 @@ def test_a_checkpoint_without_its_weights_is_refused(trained_ckpt, tmp_path):
 
 # 7. a resumed finetune notices that its data changed ---------------------------------------------------
 def test_resume_refuses_changed_data(tmp_path, monkeypatch):
-    import deebert_cli.core.train.stage1 as stage1
-
     backbone, data = make_tiny_backbone(tmp_path), make_data_dir(tmp_path, n_train=40, n_val=12)
     out = tmp_path / "ck"
     args = ["finetune", "--model", backbone, "--dataset", data, "--output", out, "--epochs", 2, "--batch-size", 8,
             "--save-every", 2, "--device", "cpu"]
-    real = stage1.save_state
-
-    def save_then_stop(*a, **k):
-        real(*a, **k)
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(stage1, "save_state", save_then_stop)
-        assert invoke(*args).exit_code == 130
+    interrupt_after_first_save(monkeypatch, args)
     state = Path(f"{out}.train-state")
     assert any(p.name.startswith("step-") for p in state.iterdir())
     rows = [json.loads(l) for l in open(f"{data}/train.jsonl")]
@@ -211,21 +186,11 @@ def test_resume_refuses_changed_data(tmp_path, monkeypatch):
 
 
 def test_a_damaged_training_state_is_one_line(tiny, tmp_path, monkeypatch):
-    import deebert_cli.core.train.stage1 as stage1
-
     backbone, data = tiny
     out = tmp_path / "ck"
     args = ["finetune", "--model", backbone, "--dataset", data, "--output", out, "--epochs", 1, "--batch-size", 8,
             "--save-every", 2, "--device", "cpu"]
-    real = stage1.save_state
-
-    def save_then_stop(*a, **k):
-        real(*a, **k)
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(stage1, "save_state", save_then_stop)
-        assert invoke(*args).exit_code == 130
+    interrupt_after_first_save(monkeypatch, args)
     step = next(Path(f"{out}.train-state").glob("step-*"))
     (step / "optimizer.safetensors").write_bytes(b"cut short")
     one_line_error(invoke(*args), "training state", str(step), "remove it to start afresh", alone=False)
@@ -272,7 +237,8 @@ def test_a_damaged_onnx_export_is_one_line(plain_export, tmp_path, damage, needl
 @pytest.mark.skipif(not (os.path.exists("/dev/full") and stat.S_ISCHR(os.stat("/dev/full").st_mode)), reason="no /dev/full")
 def test_predict_to_a_full_disk_is_one_line(trained_ckpt):
     one_line_error(invoke("predict", "--checkpoint", trained_ckpt, "--output", "/dev/full", "--device", "cpu",
-                          input="good\n" * 50), "/dev/full", "No space left on device")
+                          input="good\n" * 50), "/dev/full", "No space left on device",
+                   alone=False)  # after the header line predict prints before it reads its input
 
 
 def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_leaves_no_temp_folder(tiny, trained_ckpt, tmp_path, monkeypatch):
