@@ -371,3 +371,22 @@ def test_port_in_use_and_bad_options_are_user_errors(trained_ckpt):
     pytest.importorskip("onnxruntime", reason="the onnx runtime needs pip install 'deebert-cli[onnx]'")
     r = runner.invoke(app, ["serve", "--checkpoint", trained_ckpt, "--runtime", "onnx", "--port", "0"])
     assert r.exit_code == 2 and "deebert export" in r.output
+
+
+def test_config_file_values_of_the_wrong_type_are_one_line(trained_ckpt, tmp_path, monkeypatch):
+    """A --config file can hold a string, a list or a boolean where a number or a flag is meant: one line
+    naming the flag, never a traceback or a silently different setting (`batching: "no"` is truthy)."""
+    import deebert_cli.core.serve.http as http
+
+    def started(*a, **k):
+        raise AssertionError("a server started with this config")
+
+    monkeypatch.setattr(http, "serve", started)
+    for text, flag in (('batching: "no"', "--batching"), ("host: 1234", "--host"), ('batch_size: "32"', "--batch-size"),
+                       ("auto_truncate: 0", "--auto-truncate"), ("max_client_batch_size: 2.5", "--max-client-batch-size"),
+                       ("max_lag: true", "--max-lag")):
+        path = tmp_path / "serve.yaml"
+        path.write_text(text + "\n")
+        r = runner.invoke(app, ["serve", "--checkpoint", trained_ckpt, "--config", str(path), "--port", str(free_port())])
+        assert r.exit_code == 2 and flag in r.output and "Traceback" not in r.output, (text, r.output)
+        assert len(r.output.strip().splitlines()) == 1, r.output
