@@ -352,6 +352,7 @@ class ServeConfig:
     max_client_batch_size: int = 32  # inputs per request; more get 413
     max_input_bytes: int = 16384  # UTF-8 bytes per input text; more get 413
     auto_truncate: bool = True  # over-long inputs are truncated as predict does (False: 413)
+    access_log: bool = True  # one log line per request (with its id) on stderr
 
     def __post_init__(self):
         _check_types(self)
