@@ -54,11 +54,16 @@ def test_tokenizer_matches_transformers(exported_ckpt):
     fast = load_for_inference(exported_ckpt, "onnx").tokenizer
     lines = mixed_lines(60, seed=4) + ["", "   ", "UPPER Case, punctuation!? and [unk]s", "good " * 300]
     pairs = list(reversed(lines))
-    for max_length in (128, 12):
-        for p in (None, pairs):
-            a, b = encode(ref.tokenizer, lines, p, max_length), encode(fast, lines, p, max_length)
-            assert a.input_ids == b.input_ids and a.token_type_ids == b.token_type_ids
-            assert a.truncated == b.truncated and (max_length == 128 or b.truncated > 10)
+    cut = {}
+    for side in ("right", "left"):  # left (deebert serve's truncation_direction) keeps a long text's end
+        ref.tokenizer.truncation_side = fast.truncation_side = side
+        for max_length in (128, 12):
+            for p in (None, pairs):
+                a, b = encode(ref.tokenizer, lines, p, max_length), encode(fast, lines, p, max_length)
+                assert a.input_ids == b.input_ids and a.token_type_ids == b.token_type_ids
+                assert a.truncated == b.truncated and (max_length == 128 or b.truncated > 10)
+                cut[side, max_length, p is None] = b.input_ids
+    assert cut["left", 12, True] != cut["right", 12, True] and cut["left", 128, True] == cut["right", 128, True]
 
 
 def test_stale_export_is_refused(trained_ckpt, tmp_path_factory):

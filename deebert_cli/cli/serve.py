@@ -32,6 +32,7 @@ def serve(
     max_client_batch_size: int = typer.Option(32, help="Inputs per request; more get 413."),
     max_input_bytes: int = typer.Option(16384, help="UTF-8 bytes per input text; more get 413."),
     auto_truncate: bool = typer.Option(True, "--auto-truncate/--no-auto-truncate", help="Truncate over-long inputs as predict does when a request does not say (`truncate`); otherwise they get 413."),
+    access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log one line per request on stderr: its id (X-Request-Id), client, method, path, status and time."),
     device: str = DEVICE_OPT,
     precision: str = PRECISION_OPT,
     runtime: str = RUNTIME_OPT,
@@ -41,7 +42,8 @@ def serve(
     """Serve the checkpoint over HTTP, compatible with text-embeddings-inference: POST /predict
     {"inputs": "text" | ["t1", "t2"] | [["a", "b"]]} answers every label with its score, plus exit_layer
     and entropy; GET / is a page to try it, /health, /info, /metrics (Prometheus). One worker owns the
-    model and batches rows across concurrent requests. SIGTERM or Ctrl-C finishes accepted requests, then stops."""
+    model and batches rows across concurrent requests. SIGTERM or Ctrl-C drains: new requests get 503
+    with Retry-After while the admitted ones finish, then it stops (SIGTERM: exit status 0)."""
     values = dict(locals())
     for k in ("ctx", "config"):
         values.pop(k)
@@ -55,4 +57,6 @@ def serve(
         check_serve_extra()
         from ..core.serve.http import serve as run_server
 
-        run_server(cfg, announce=lambda message: err.print(f"[dim]{message}[/]"))
+        from .. import __version__
+
+        run_server(cfg, announce=lambda message: err.print(f"[dim]{message}[/]"), version=__version__)

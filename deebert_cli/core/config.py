@@ -200,6 +200,25 @@ RUNTIMES = ("torch", "onnx")  # same as core.runtime.stream.RUNTIMES
 ONNX_PRECISIONS = ("fp32", "int8")
 
 
+_FIELD_TYPES = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,), "list": (list, str)}
+_TYPE_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string", "list": "a list"}
+
+
+def _check_types(cfg) -> None:
+    """Each field holds its annotated type: a --config file can give a string, a list or a boolean where
+    a number or a flag is meant (``batching: "no"`` is no False; a boolean is no number here)."""
+    for f in dataclasses.fields(cfg):
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        value = getattr(cfg, f.name)
+        allowed = tuple(t for k in kinds for t in _FIELD_TYPES.get(k, ()))
+        if (value is None and "None" in kinds) or not allowed:
+            continue
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            shown = repr(value)
+            raise TypeError(f"{f.name} must be {' or '.join(_TYPE_WORDS.get(k, k) for k in kinds if k != 'None')}, "
+                            f"got {shown if len(shown) <= 40 else shown[:37] + '...'}")
+
+
 def _check_runtime(cfg) -> None:
     """runtime / onnx_precision (and, where the config has it, precision) go together."""
     _check(cfg.runtime in RUNTIMES, f"runtime must be one of {', '.join(RUNTIMES)}, got '{cfg.runtime}'")
@@ -396,8 +415,10 @@ class ServeConfig:
     max_client_batch_size: int = 32  # inputs per request; more get 413
     max_input_bytes: int = 16384  # UTF-8 bytes per input text; more get 413
     auto_truncate: bool = True  # over-long inputs are truncated as predict does (False: 413)
+    access_log: bool = True  # one log line per request (with its id) on stderr
 
     def __post_init__(self):
+        _check_types(self)
         PredictConfig(checkpoint=self.checkpoint, threshold=self.threshold, thresholds=self.thresholds,
                       entropy=self.entropy, exit_policy=self.exit_policy, patience=self.patience,
                       tolerance=self.tolerance, batch_size=self.batch_size, max_length=self.max_length,

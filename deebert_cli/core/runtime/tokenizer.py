@@ -22,18 +22,19 @@ class FastTokenizer:
             raise UserError(f"tokenizer file '{path}' is damaged ({str(e)[:200]}): run `deebert export` again") from None
         self._tok.no_padding()
         self._tok.no_truncation()
-        self._max_length = None
+        self._truncation = None  # (max_length, side) the tokenizer is set to
+        self.truncation_side = "right"  # as transformers' tokenizers: "left" keeps a long text's end
         self.pad_token_id = pad_token_id
         self.with_token_type_ids = token_type_ids  # transformers returns them only for some families
 
     def _truncate_at(self, max_length: int | None) -> None:
-        if max_length == self._max_length:
+        if (max_length, self.truncation_side) == self._truncation:
             return
         if max_length is None:
             self._tok.no_truncation()
         else:
-            self._tok.enable_truncation(max_length, stride=0, strategy="longest_first", direction="right")
-        self._max_length = max_length
+            self._tok.enable_truncation(max_length, stride=0, strategy="longest_first", direction=self.truncation_side)
+        self._truncation = (max_length, self.truncation_side)
 
     def __call__(self, texts: list, pairs: list | None = None, truncation: bool = False, max_length: int | None = None,
                  padding: bool = False, verbose: bool = True) -> dict:

@@ -53,7 +53,7 @@ class Draining(Exception):
 
 
 class InputError(Exception):
-    """A request the server refuses: ``status`` 413 (too large) or 422 (invalid), TEI's ``error_type``."""
+    """A request the server refuses: ``status`` 400 (empty), 413 (too large) or 422 (invalid), TEI's ``error_type``."""
 
     def __init__(self, message: str, status: int = 422, error_type: str = "validation"):
         super().__init__(message)
@@ -79,15 +79,29 @@ class Request:
 
     rows: list  # (key, position, ids, token_type_ids|None)
     truncated: list  # per input: was it cut to max_length
+    tokenization: float = 0.0  # seconds spent tokenising it
     results: list = field(default_factory=list)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     remaining: int = 0
     cancelled: bool = False
-    started: float = field(default_factory=time.perf_counter)
+    started: float = field(default_factory=time.perf_counter)  # admitted (after tokenising)
+    entered: float | None = None  # its first row entered the engine
+    finished: float | None = None  # its last row was done
 
     def __post_init__(self):
         self.results = [None] * len(self.rows)
         self.remaining = len(self.rows)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(r[2]) for r in self.rows)
+
+    def timings(self) -> dict:
+        """Seconds spent tokenising, queued (admitted until its first row ran) and in inference (until
+        its last row was done): TEI's x-tokenization-time, x-queue-time and x-inference-time."""
+        entered = self.entered if self.entered is not None else self.started
+        finished = self.finished if self.finished is not None else entered
+        return {"tokenization": self.tokenization, "queue": entered - self.started, "inference": finished - entered}
 
 
 class _ObservedPolicy:
@@ -115,6 +129,8 @@ class BatchingServer:
             raise UserError(f"'{ckpt.path}' has no tokenizer files")
         self.ckpt, self.rule = ckpt, rule
         self.max_length = max_length or ckpt.meta.get("max_length", 128)
+        limit = getattr(ckpt.model, "max_tokens", None)  # never past the position embeddings (as predict)
+        self.max_length = min(self.max_length, limit or self.max_length)
         self.pairs = bool(ckpt.meta.get("data", {}).get("text_pair_column"))
         # a token budget per step: rows are capped so that rows x max_length fits it
         rows_cap = max(1, min(batch_size, max_batch_tokens // self.max_length))
@@ -155,22 +171,32 @@ class BatchingServer:
         self._thread.start()
         return self
 
-    def submit(self, inputs: list, truncate: bool = True) -> Request:
-        """Tokenise ``inputs`` (texts, or (a, b) pairs on a pair checkpoint) and queue them. Raises
-        :class:`InputError` for inputs the model cannot take, :class:`Overloaded` when full,
-        :class:`Draining` after :meth:`drain`."""
+    def submit(self, inputs: list, truncate: bool = True, direction: str | None = None) -> Request:
+        """Tokenise ``inputs`` (texts, or (a, b) pairs on a pair checkpoint) and queue them. Over-long
+        inputs lose their end (``direction`` "right") or their start ("left"; None: the tokenizer's own
+        side, as predict). Raises :class:`InputError` for inputs the model cannot take,
+        :class:`Overloaded` when full, :class:`Draining` after :meth:`drain`."""
+        if direction not in (None, "left", "right"):
+            raise InputError(f"truncation direction must be 'left' or 'right', got {direction!a}")
         firsts, seconds = self._split(inputs)
         self._admit_check()
+        t0 = time.perf_counter()
         with self._tok_lock:
-            enc = encode(self.ckpt.tokenizer, firsts, seconds, self.max_length)
-            cut = self._truncated(firsts, seconds, enc)
+            tok = self.ckpt.tokenizer
+            side = getattr(tok, "truncation_side", "right")
+            tok.truncation_side = direction or side  # special tokens stay: [CLS] + the kept part + [SEP]
+            try:
+                enc = encode(tok, firsts, seconds, self.max_length)
+                cut = self._truncated(firsts, seconds, enc)
+            finally:
+                tok.truncation_side = side
         if any(cut) and not truncate:
             raise InputError(f"input {cut.index(True)} is longer than {self.max_length} tokens and truncate is false",
                              413, "validation")
         tt = enc.token_type_ids
         rows = [(next(self._keys), j, enc.input_ids[j], tt[j] if tt is not None else None) for j in range(len(inputs))]
         rows.sort(key=lambda r: len(r[2]))  # as predict: rows of similar length together, less padding
-        req = Request(rows, cut)
+        req = Request(rows, cut, tokenization=time.perf_counter() - t0)
         with self._lock:
             self._admit_check()
             self._admitted += 1
@@ -251,6 +277,8 @@ class BatchingServer:
                     continue
                 self._by_key[key] = (req, pos)
                 self._in_engine += 1
+                if req.entered is None:
+                    req.entered = time.perf_counter()
                 linger = True
                 yield key, ids, tt
                 continue
@@ -279,6 +307,7 @@ class BatchingServer:
                 for _ in req.rows:
                     self._row_done(req)
                 continue
+            req.entered = time.perf_counter()
             for s in range(0, len(req.rows), B):
                 part = req.rows[s : s + B]
                 layer, logits, ent = self.engine.run_rows([r[2] for r in part],
@@ -312,6 +341,7 @@ class BatchingServer:
             self.observer.load(self._waiting_rows, self._admitted)
         if req.cancelled:
             return
+        req.finished = time.perf_counter()
         results = [r[0] for r in req.results]
         self.observer.request_done(time.perf_counter() - req.started, [r.exit_layer for r in results])
         try:

@@ -1,24 +1,28 @@
 """The HTTP API of `deebert serve` (Starlette + uvicorn, Prometheus metrics): the `[serve]` extra.
 
 Compatible with Hugging Face text-embeddings-inference (TEI): ``POST /predict`` takes ``{"inputs": ...,
-"truncate": bool, "raw_scores": bool}`` and answers with TEI's shape (every label with its score, best
-first; a list of such lists for a batch), each entry carrying deebert's ``exit_layer``, ``entropy`` and
-``truncated``. Errors are ``{"error", "error_type"}`` with TEI's status codes. Imported only by
-`deebert serve` (see :func:`.batching.check_serve_extra`)."""
+"truncate": bool, "truncation_direction": "left"|"right", "raw_scores": bool}`` and answers with TEI's
+shape (every label with its score, best first; a list of such lists for a batch), each entry carrying
+deebert's ``exit_layer``, ``entropy`` and ``truncated``, and TEI's ``x-*-time`` headers. Errors are
+``{"error", "error_type"}`` with TEI's status codes (:mod:`.tei` reads requests, :mod:`.context` gives
+every request an id, a log line, a metric and JSON errors). Imported only by `deebert serve` (see
+:func:`.batching.check_serve_extra`)."""
 from __future__ import annotations
 
 import asyncio
-import json
-import math
+import hashlib
+import signal
 import socket
 import time
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import uvicorn
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -27,137 +31,25 @@ from ..config import ServeConfig
 from ..device import check_precision, resolve_device
 from ..errors import UserError
 from ..runtime.rules import resolve_rule
-from .batching import BatchingServer, Draining, InputError, Observer, Overloaded, load_model
+from .batching import BatchingServer, Draining, InputError, Overloaded, load_model
+from .context import error, log_error, make_app, setup_logging
+from .metrics import PrometheusObserver
+from .tei import parse_request, read_body, render, tei_headers
 
-RULE_FIELDS = ("threshold", "thresholds", "exit_policy", "patience", "entropy")
 PAGE = Path(__file__).with_name("page.html")
 INLINE_BODY = 4096  # bytes: a request this small is tokenised on the event loop (tens of microseconds)
+RETRY_AFTER_DRAINING = 5  # seconds
 
 
-class PrometheusObserver(Observer):
-    """The worker's hooks as Prometheus metrics, in a registry of their own."""
-
-    def __init__(self, num_layers: int):
-        r = self.registry = CollectorRegistry()
-        self.requests = Counter("deebert_requests", "HTTP /predict requests by status code", ["status"], registry=r)
-        self.examples = Counter("deebert_examples", "Inputs predicted", registry=r)
-        self.exit_layer = Histogram("deebert_exit_layer", "Exit layer (1-based) of each input",
-                                    buckets=list(range(1, num_layers + 1)), registry=r)
-        self.latency = Histogram("deebert_request_duration_seconds", "Time from admission to result",
-                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=r)
-        self.batch = Histogram("deebert_batch_size", "Rows per layer step",
-                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
-        self.queue = Gauge("deebert_queue_rows", "Rows waiting to enter the model", registry=r)
-        self.in_progress = Gauge("deebert_requests_in_progress", "Requests admitted and not finished", registry=r)
-
-    def step(self, layer: int, rows: int) -> None:
-        self.batch.observe(rows)
-
-    def request_done(self, seconds: float, exit_layers: list) -> None:
-        self.latency.observe(seconds)
-        self.examples.inc(len(exit_layers))
-        for layer in exit_layers:
-            self.exit_layer.observe(layer)
-
-    def load(self, rows_waiting: int, requests: int) -> None:
-        self.queue.set(rows_waiting)
-        self.in_progress.set(requests)
-
-
-def error(status: int, message: str, error_type: str, retry_after: int | None = None) -> JSONResponse:
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)
-
-
-# ------------------------------------------------------------------------------------------------
-# request parsing
-# ------------------------------------------------------------------------------------------------
-def parse_inputs(inputs, pairs: bool) -> tuple:
-    """TEI's ``inputs`` -> (list of texts or (a, b) pairs, single: answer with one flat list).
-
-    A string is one input. A list of lists is a batch (each inner list one text or a pair). A flat list
-    of strings is, on a pair checkpoint, one input as TEI reads it (``[a]`` or ``[a, b]``); on a
-    single-text checkpoint a batch of texts."""
-    if isinstance(inputs, str):
-        return [inputs], True
-    if not isinstance(inputs, list):
-        raise InputError("`inputs` must be a string, a list of strings or a list of [text] / [text, text_pair]")
-    if not inputs:
-        raise InputError("`inputs` cannot be empty")
-    if all(isinstance(x, str) for x in inputs):
-        if not pairs:
-            return list(inputs), False
-        if len(inputs) > 2:
-            raise InputError("a pair is [text, text_pair]; send a batch as [[a, b], [c, d], ...]")
-        return [inputs[0] if len(inputs) == 1 else (inputs[0], inputs[1])], True
-    out = []
-    for k, x in enumerate(inputs):
-        if not (isinstance(x, list) and len(x) in (1, 2) and all(isinstance(t, str) for t in x)):
-            raise InputError(f"inputs[{k}] must be [text] or [text, text_pair] (strings)")
-        out.append(x[0] if len(x) == 1 else (x[0], x[1]))
-    return out, False
-
-
-def check_sizes(items: list, cfg: ServeConfig) -> None:
-    if len(items) > cfg.max_client_batch_size:
-        raise InputError(f"batch size {len(items)} > maximum allowed batch size {cfg.max_client_batch_size}", 413)
-    for k, x in enumerate(items):
-        for t in (x if isinstance(x, tuple) else (x,)):
-            if not t.strip():
-                raise InputError(f"input {k} is empty")
-            if len(t.encode("utf-8")) > cfg.max_input_bytes:
-                raise InputError(f"input {k} is longer than {cfg.max_input_bytes} bytes (--max-input-bytes)", 413)
-
-
-def check_rule_overrides(payload: dict, cfg: ServeConfig) -> None:
-    """The engine runs one exit rule for every row it batches: a request may restate it, not change it."""
-    server_rule = {"threshold": cfg.threshold, "thresholds": cfg.thresholds, "exit_policy": cfg.exit_policy,
-                   "patience": cfg.patience, "entropy": cfg.entropy}
-    for name in RULE_FIELDS:
-        if name in payload and payload[name] != server_rule[name]:
-            raise InputError(f"`{name}` cannot be set per request: the server batches rows of every request "
-                             f"under one exit rule (start it with --{name.replace('_', '-')})")
-
-
-def parse_request(body: bytes, cfg: ServeConfig, pairs: bool) -> tuple:
-    """Raw body -> (inputs, single, truncate, raw_scores); InputError for anything malformed."""
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"invalid JSON: {e}") from None
-    if not isinstance(payload, dict) or "inputs" not in payload:
-        raise InputError("the body must be a JSON object with `inputs`")
-    items, single = parse_inputs(payload["inputs"], pairs)
-    check_sizes(items, cfg)
-    truncate = payload.get("truncate")
-    truncate = cfg.auto_truncate if truncate is None else truncate
-    raw = payload.get("raw_scores", False)
-    if not isinstance(truncate, bool) or not isinstance(raw, bool):
-        raise InputError("`truncate` and `raw_scores` must be true or false")
-    check_rule_overrides(payload, cfg)
-    return items, single, truncate, raw
-
-
-def render(served, names: list, raw_scores: bool) -> list:
-    """One input's TEI answer: every label with its score, best first, plus deebert's fields."""
-    p = served.prediction
-    extra = {"exit_layer": p.exit_layer, "entropy": None if math.isnan(p.entropy) else p.entropy,
-             "truncated": served.truncated}
-    if p.probs is None:  # regression: the value, as TEI answers a one-output model
-        return [{"label": names[0], "score": p.value, **extra}]
-    scores = served.logits if raw_scores else p.probs
-    out = [{"label": n, "score": s, **extra} for n, s in zip(names, scores)]
-    out.sort(key=lambda d: d["score"], reverse=True)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
-# the app
-# ------------------------------------------------------------------------------------------------
 async def _disconnected(request: HttpRequest) -> None:
     """Returns when the client goes away (the body has been read: the next message is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def draining(message: str = "the server is shutting down") -> JSONResponse:
+    """503 while draining: try again (elsewhere) later, and do not keep this connection."""
+    return error(503, message, "unhealthy", retry_after=RETRY_AFTER_DRAINING, headers={"Connection": "close"})
 
 
 def build_app(server: BatchingServer, cfg: ServeConfig, info: dict, metrics: PrometheusObserver,
@@ -166,26 +58,21 @@ def build_app(server: BatchingServer, cfg: ServeConfig, info: dict, metrics: Pro
     max_body = cfg.max_client_batch_size * (6 * cfg.max_input_bytes + 16) + 4096  # JSON escapes grow text
 
     async def predict(request: HttpRequest):
-        resp = await _predict(request)
-        metrics.requests.labels(str(resp.status_code)).inc()
-        return resp
-
-    async def _predict(request: HttpRequest):
+        start = time.perf_counter()
         try:
-            body = await request.body()
-            if len(body) > max_body:
-                raise InputError(f"request body of {len(body)} bytes is too large", 413)
-            items, single, truncate, raw = parse_request(body, cfg, server.pairs)
-            if len(body) <= INLINE_BODY:  # tokenising a few short texts costs less than a thread hop
-                req = server.submit(items, truncate)
-            else:  # a large batch: tokenise off the event loop
-                req = await run_in_threadpool(server.submit, items, truncate)
+            body = await read_body(request, max_body)
+            parsed = parse_request(body, cfg, server.pairs)
+            submit = partial(server.submit, parsed.items, parsed.truncate, parsed.direction)
+            # a few short texts cost less to tokenise than a thread hop; a large batch goes off the event loop
+            req = submit() if len(body) <= INLINE_BODY else await run_in_threadpool(submit)
+        except ClientDisconnect:  # the client went away before its body was in: nobody to answer
+            return Response(status_code=499)
         except InputError as e:
             return error(e.status, str(e), e.error_type)
         except Overloaded as e:
             return error(429, str(e), "overloaded", retry_after=1)
         except Draining as e:
-            return error(503, str(e), "unhealthy", retry_after=5)
+            return draining(str(e))
         fut = asyncio.wrap_future(req.future)
         watcher = asyncio.ensure_future(_disconnected(request))
         await asyncio.wait({fut, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -196,12 +83,13 @@ def build_app(server: BatchingServer, cfg: ServeConfig, info: dict, metrics: Pro
         try:
             results = fut.result()
         except Exception as e:  # the worker failed (a bug or a device error)
+            log_error("inference failed: %r", e)
             return error(500, f"inference failed: {e}", "backend")
-        answers = [render(s, names, raw) for s in results]
-        return JSONResponse(answers[0] if single else answers)
+        answers = [render(s, names, parsed.raw_scores) for s in results]
+        return JSONResponse(answers[0] if parsed.single else answers, headers=tei_headers(req, parsed, start))
 
     async def health(request: HttpRequest):
-        return JSONResponse({}) if server.alive else error(503, "not serving", "unhealthy", retry_after=5)
+        return JSONResponse({}) if server.alive else draining("not serving")
 
     async def info_route(request: HttpRequest):
         return JSONResponse(info)
@@ -223,46 +111,128 @@ def build_app(server: BatchingServer, cfg: ServeConfig, info: dict, metrics: Pro
 
     routes = [Route("/predict", predict, methods=["POST"]), Route("/health", health), Route("/info", info_route),
               Route("/metrics", prometheus), Route("/", root, methods=["GET", "POST"])]
-    return Starlette(routes=routes, lifespan=lifespan)
+    return make_app(routes, metrics, lifespan=lifespan)
 
 
-def _check_port(host: str, port: int) -> None:
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with a drain before its shutdown. The first SIGTERM or SIGINT stops admitting
+    requests while the port stays open: new requests and /health answer 503 with Retry-After (so a load
+    balancer takes the server out instead of meeting a refused connection), admitted requests finish.
+    Then uvicorn's own shutdown (stop listening, close connections, lifespan). Signals are not re-raised
+    (uvicorn's habit, which made a clean SIGTERM exit 143): :attr:`stop_signal` tells the caller which
+    came. A second signal goes straight to uvicorn's shutdown; a third Ctrl-C forces it."""
+
+    def __init__(self, config: uvicorn.Config, server: BatchingServer, announce):
+        super().__init__(config)
+        self._batching, self._announce = server, announce
+        self.stop_signal: int | None = None
+        self._drain: asyncio.Future | None = None
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self.stop_signal is None:
+            self.stop_signal = sig  # on_tick starts the drain: a signal handler must not wait on locks
+        elif self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.stop_signal is not None and self._drain is None:
+            self._announce(f"deebert serve: draining ({signal.Signals(self.stop_signal).name}): finishing the "
+                           "admitted requests; new ones get 503 with Retry-After")
+            self._drain = asyncio.ensure_future(run_in_threadpool(self._batching.drain))
+        if self._drain is not None and self._drain.done():
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket (bound here, so --port 0 is known and no other process takes it meanwhile)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise UserError(f"cannot listen on --host {host} --port {port}: {e.strerror}") from None
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((host, port))
+    except OSError as e:
+        s.close()
+        raise UserError(f"cannot listen on --host {host} --port {port}: {e.strerror or e}") from None
+    return s
 
 
-def serve(cfg: ServeConfig, announce=lambda message: None) -> None:
-    """Load the model, start the worker and serve HTTP until SIGINT/SIGTERM (then drain and return)."""
-    _check_port(cfg.host, cfg.port)
-    device = "cpu" if cfg.runtime == "onnx" else resolve_device(cfg.device)
-    if cfg.runtime == "torch":
-        check_precision(cfg.precision, device)
-    ckpt = load_model(cfg.checkpoint, device, cfg.runtime, cfg.onnx_precision)
-    rule, source = resolve_rule(ckpt, cfg.threshold, cfg.thresholds, cfg.entropy, policy=cfg.exit_policy,
-                                patience=cfg.patience, tolerance=cfg.tolerance)
-    metrics = PrometheusObserver(ckpt.model.num_layers)
-    server = BatchingServer(ckpt, rule, device, batch_size=cfg.batch_size, max_batch_tokens=cfg.max_batch_tokens,
-                            max_concurrent_requests=cfg.max_concurrent_requests, max_wait_ms=cfg.max_wait_ms,
-                            batching=cfg.batching, max_length=cfg.max_length, precision=cfg.precision,
-                            observer=metrics, max_lag=cfg.max_lag).start()
-    info = {
-        "model_id": str(cfg.checkpoint), "model_type": {"classifier": {"id2label": dict(enumerate(ckpt.label_names))}},
+def weights_sha(path: str, runtime: str, onnx_precision: str) -> str | None:
+    """sha256 over the weights files the server loads (each file's name, a NUL byte, its bytes; in name
+    order): the safetensors files, or the ONNX graphs of the precision served. None when there are none."""
+    folder = Path(path)
+    if runtime == "onnx":
+        from ..runtime.onnx_backend import find_export
+
+        folder = find_export(folder)[0] / onnx_precision
+        files = sorted(f for f in folder.glob("model.onnx*") if f.is_file())
+    else:
+        files = sorted(f for f in folder.glob("*.safetensors") if f.is_file())
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def server_info(cfg: ServeConfig, server: BatchingServer, rule, source: str, device, version: str | None) -> dict:
+    """GET /info: TEI's fields (model_id, model_sha, version, limits) and deebert's (exit rule, layers)."""
+    ckpt = server.ckpt
+    return {
+        "model_id": str(cfg.checkpoint), "model_sha": weights_sha(cfg.checkpoint, cfg.runtime, cfg.onnx_precision),
+        "model_type": {"classifier": {"id2label": dict(enumerate(ckpt.label_names))}}, "version": version,
         "max_concurrent_requests": cfg.max_concurrent_requests, "max_input_length": server.max_length,
         "max_batch_tokens": cfg.max_batch_tokens, "max_client_batch_size": cfg.max_client_batch_size,
+        # rows of at most this many requests share a layer step (each request brings at least one row)
+        "max_batch_requests": server.engine.batch_size if cfg.batching else 1,
         "auto_truncate": cfg.auto_truncate, "num_layers": server.num_layers, "task": ckpt.task,
         "exit_rule": rule.describe(), "exit_rule_source": source, "batching": cfg.batching,
-        "rows_per_step": server.engine.batch_size, "max_lag": server.max_lag, "device": str(device), "runtime": cfg.runtime, "config": vars(cfg),
+        "rows_per_step": server.engine.batch_size, "max_lag": server.max_lag, "device": str(device),
+        "runtime": cfg.runtime, "config": vars(cfg),
     }
+
+
+def serve(cfg: ServeConfig, announce=lambda message: None, version: str | None = None) -> None:
+    """Load the model, start the worker and serve HTTP until SIGINT/SIGTERM (then drain and return;
+    after SIGINT raise KeyboardInterrupt, once every admitted request is answered)."""
+    sock = _listen(cfg.host, cfg.port)
+    try:
+        device = "cpu" if cfg.runtime == "onnx" else resolve_device(cfg.device)
+        if cfg.runtime == "torch":
+            check_precision(cfg.precision, device)
+        ckpt = load_model(cfg.checkpoint, device, cfg.runtime, cfg.onnx_precision)
+        rule, source = resolve_rule(ckpt, cfg.threshold, cfg.thresholds, cfg.entropy, policy=cfg.exit_policy,
+                                    patience=cfg.patience, tolerance=cfg.tolerance)
+        metrics = PrometheusObserver(ckpt.model.num_layers)
+        server = BatchingServer(ckpt, rule, device, batch_size=cfg.batch_size, max_batch_tokens=cfg.max_batch_tokens,
+                                max_concurrent_requests=cfg.max_concurrent_requests, max_wait_ms=cfg.max_wait_ms,
+                                batching=cfg.batching, max_length=cfg.max_length, precision=cfg.precision,
+                                observer=metrics, max_lag=cfg.max_lag)
+        info = server_info(cfg, server, rule, source, device, version)
+    except BaseException:
+        sock.close()
+        raise
+    if cfg.max_length and server.max_length < cfg.max_length:
+        announce(f"warning: --max-length {cfg.max_length} is more than this model takes ({server.max_length} tokens, "
+                 f"its position embeddings); using {server.max_length}")
     announce(f"deebert serve: {rule.describe()} ({source}); {server.num_layers} layers; device {device}; "
              f"{'batching across requests' if cfg.batching else 'each request alone'}, up to "
              f"{server.engine.batch_size} rows per step")
-    announce(f"listening on http://{cfg.host}:{cfg.port} (POST /predict, GET /, /health, /info, /metrics)")
-    app = build_app(server, cfg, info, metrics, on_stop=lambda: announce("deebert serve: stopped (accepted requests finished)"))
-    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False, lifespan="on")
-    uvicorn.Server(config).run()  # on SIGTERM/SIGINT: stop listening, finish requests, lifespan shutdown
+    host, port = sock.getsockname()[:2]
+    announce(f"listening on http://{f'[{host}]' if ':' in host else host}:{port} "
+             "(POST /predict, GET /, /health, /info, /metrics)")
+    setup_logging(cfg.access_log)
+    app = build_app(server.start(), cfg, info, metrics,
+                    on_stop=lambda: announce("deebert serve: stopped (accepted requests finished)"))
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    userver = DrainingServer(config, server, announce)
+    userver.run(sockets=[sock])  # on SIGTERM/SIGINT: drain (port open, 503s), then uvicorn's shutdown
     server.drain()
+    if userver.stop_signal == signal.SIGINT:
+        raise KeyboardInterrupt  # Ctrl-C: the CLI's "interrupted" line and status 130; SIGTERM returns (0)
