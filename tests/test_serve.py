@@ -617,14 +617,15 @@ def test_port_in_use_and_bad_options_are_user_errors(trained_ckpt):
 
 def test_config_file_values_of_the_wrong_type_are_one_line(trained_ckpt, tmp_path, monkeypatch):
     """A --config file can hold a string, a list or a boolean where a number or a flag is meant: one line
-    naming the flag, never a traceback or a silently different setting (`batching: "no"` is truthy)."""
+    naming the flag, never a traceback or a silently different setting (`batching: "no"` is truthy). Text
+    that reads as the number meant ('"32"') is taken as that number, as every command's --config does."""
     import deebert_cli.core.serve.http as http
 
     def started(*a, **k):
         raise AssertionError("a server started with this config")
 
     monkeypatch.setattr(http, "serve", started)
-    for text, flag in (('batching: "no"', "--batching"), ("host: 1234", "--host"), ('batch_size: "32"', "--batch-size"),
+    for text, flag in (('batching: "no"', "--batching"), ("host: 1234", "--host"), ('batch_size: "many"', "--batch-size"),
                        ("auto_truncate: 0", "--auto-truncate"), ("max_client_batch_size: 2.5", "--max-client-batch-size"),
                        ("max_lag: true", "--max-lag"), ("access_log: maybe", "--access-log")):
         path = tmp_path / "serve.yaml"

@@ -50,7 +50,7 @@ def serve(
     values["checkpoint"] = str(checkpoint)
     quiet_libraries()
     with user_errors("accepted requests were finished"):
-        from ..core.config import ServeConfig
+        from ..core.serve.config import ServeConfig
         from ..core.serve.batching import check_serve_extra
 
         cfg = make_config(ctx, ServeConfig, config, values)

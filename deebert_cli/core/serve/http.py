@@ -27,7 +27,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from ..config import ServeConfig
+from .config import ServeConfig
 from ..device import check_precision, resolve_device
 from ..errors import UserError
 from ..runtime.rules import resolve_rule

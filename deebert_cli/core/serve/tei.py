@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from ..config import ServeConfig
+from .config import ServeConfig
 from .batching import InputError, Request
 
 RULE_FIELDS = ("threshold", "thresholds", "exit_policy", "patience", "entropy")
