@@ -5,14 +5,15 @@ The packages follow the data path, and each imports only its own package or the 
 of at most 80 unless their docstring says why)::
 
     cli (deebert_cli/cli: one module per command)              may import anything
-      train      finetune, train_exits, recipes, state        analysis (sweep only), runtime, model, leaves
-      analysis   sweeps, analyze, plots                       runtime, model, leaves
-      serve      batching server, HTTP app, page              runtime, model, leaves
+      train      finetune, train_exits, recipes, state        analysis (sweep, risk), runtime, model, leaves
+      analysis   sweeps, risk control (the guarantee),        runtime, model, leaves
+                 calibrate, analyze, plots
+      serve      config, batching server, HTTP app, page      runtime, model, leaves
       ray_data   predictor, readers, pipeline                 runtime, model, leaves
       runtime    rules, engine, stream, backends, export,     model, leaves
                  tokenizer, the all-exits pass
       model      policies, ramps, families, highway,          leaves
-                 checkpoint
+                 checkpoint, the stored guarantee
       leaves     config (over data), launch (over device),    errors only, but for the two noted
                  data, files, device, metrics, errors
 
@@ -24,8 +25,10 @@ of at most 80 unless their docstring says why)::
   checkpoint folder.
 * ``runtime``: inference: exit rules, the early-exit engines, predicting a stream of lines, the torch and
   ONNX backends (the ONNX path imports no torch), export, and the all-exits pass.
-* ``analysis``: pure sweeps over an all-exits logits cache, and ``deebert analyze`` on top of them.
-* ``train``: stage 1 and stage 2; it uses ``analysis.sweep`` to choose an off-ramp recipe.
+* ``analysis``: pure sweeps and risk control (Learn then Test) over an all-exits logits cache, and
+  ``deebert analyze`` and ``deebert calibrate`` on top of them.
+* ``train``: stage 1 and stage 2; it uses ``analysis.sweep`` and ``analysis.risk`` to choose an off-ramp
+  recipe and certify its threshold.
 * ``serve`` and ``ray_data``: serving and batch prediction over ``runtime``; they never import
   ``analysis`` or ``train``.
 
