@@ -576,12 +576,12 @@ def run_jobs(args) -> int:
                 print(f"row '{r.label}': could not be formatted ({err!r}); it keeps its figures", flush=True)
         kept.append(f"{r.label} ({', '.join(why_not.get(j, 'not selected') for j in r.jobs)})")
     if not new_rows:
-        print("no row was measured; docs/BENCHMARKS.md is unchanged", flush=True)
+        print(f"no row was measured; {doc} is unchanged", flush=True)
         return 1
     text = rewrite(doc.read_text(encoding="utf-8"), new_rows, machine, str(ck), kept)
     problems = check(text)
     if problems:
-        print("error: the rewritten table would be broken; docs/BENCHMARKS.md is unchanged:\n  " + "\n  ".join(problems),
+        print(f"error: the rewritten table would be broken; {doc} is unchanged:\n  " + "\n  ".join(problems),
               file=sys.stderr)
         return 1
     tmp = doc.with_name(doc.name + ".tmp")
