@@ -7,6 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 CKPT   ?= deebert-checkpoint
+BENCH_ARGS ?=
 
 .PHONY: setup demo test bench clean
 
@@ -31,8 +32,9 @@ demo: setup
 test: setup
 	$(PY) -m pytest
 
+# the headline table of docs/BENCHMARKS.md, rerun on the checkpoint `make demo` wrote (BENCH_ARGS: e.g. --only runtime)
 bench: setup
-	$(PY) benchmarks/bench_predict.py
+	$(PY) benchmarks/headline.py --checkpoint $(CKPT) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(CKPT) .pytest_cache
