@@ -13,6 +13,14 @@ from ..model.ramps import OffRamp
 from .common import Progress
 
 
+def shuffled_batches(n: int, batch_size: int, gen: torch.Generator, device):
+    """Row indices [batch_size] on ``device`` in random batches, pass after pass over the n rows (a fresh
+    permutation from ``gen`` each pass, the last batch of a pass possibly smaller), without end."""
+    while True:
+        for idx in torch.randperm(n, generator=gen).split(batch_size):
+            yield idx.to(device)
+
+
 def fit_ramps(model: HighwayModel, feats: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor, cfg: TrainExitsConfig,
               task: str, distill: bool, progress: Progress, title: str = "stage 2: train off-ramps") -> tuple:
     """Train the off-ramps on cached states feats [L-1, n, H] for ``cfg.epochs``: the mean over off-ramps
@@ -24,13 +32,9 @@ def fit_ramps(model: HighwayModel, feats: torch.Tensor, y: torch.Tensor, teacher
     gen = torch.Generator().manual_seed(cfg.seed)
     model.ramps.train()
     progress.start(title, total)
-    t1, step, seen, batches = time.perf_counter(), 0, 0, iter(())
+    t1, step, seen, batches = time.perf_counter(), 0, 0, shuffled_batches(n_rows, cfg.batch_size, gen, feats.device)
     while step < total:
-        idx = next(batches, None)
-        if idx is None:
-            batches = iter(torch.randperm(n_rows, generator=gen).split(cfg.batch_size))
-            continue
-        idx = idx.to(feats.device)
+        idx = next(batches)
         losses = [ramp_loss(r.classify(feats[i, idx]), y[idx], teacher[idx], cfg, task, distill)
                   for i, r in enumerate(model.ramps)]
         loss = torch.stack(losses).mean()
@@ -83,13 +87,9 @@ def train_exit_heads(model: HighwayModel, feats: torch.Tensor, y: torch.Tensor, 
     total = max(1, math.ceil(cfg.epochs * math.ceil(n / cfg.batch_size)))
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     progress.start("learned exits", total)
-    step, batches = 0, iter(())
+    step, batches = 0, shuffled_batches(n, cfg.batch_size, gen, y.device)
     while step < total:
-        idx = next(batches, None)
-        if idx is None:
-            batches = iter(torch.randperm(n, generator=gen).split(cfg.batch_size))
-            continue
-        idx = idx.to(y.device)
+        idx = next(batches)
         loss = torch.stack([_exit_head_loss(r, xs[i][idx], targets[i][idx], task) for i, r in enumerate(ramps)]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
