@@ -276,25 +276,18 @@ class Row:
     machine: str = "cpu"  # "cpu": this machine's cores; "gpu": the GPU named in the JSON
 
 
+GUARANTEE_JOBS = ("guarantee-movie", "guarantee-sms")
+RUNTIME_SOURCE = f"{ONNX_CPU}, `benchmarks/bench_runtime.py`"
+GUARANTEE_SOURCE = f"{GUARANTEE}, `benchmarks/bench_guarantee.py`"
+CPU_RUNTIMES = (("ONNX Runtime int8", "onnx int8"), ("ONNX Runtime fp32", "onnx fp32"), ("PyTorch", "torch"))
+
 ROWS = [
-    Row("CPU, batch 1: ONNX Runtime int8, early exit", ("runtime",), cpu_early_exit(1, "onnx int8"),
-        f"{ONNX_CPU}, `benchmarks/bench_runtime.py`"),
-    Row("CPU, batch 32: ONNX Runtime int8, early exit", ("runtime",), cpu_early_exit(32, "onnx int8"),
-        f"{ONNX_CPU}, `benchmarks/bench_runtime.py`"),
-    Row("CPU, batch 1: ONNX Runtime fp32, early exit", ("runtime",), cpu_early_exit(1, "onnx fp32"),
-        f"{ONNX_CPU}, `benchmarks/bench_runtime.py`"),
-    Row("CPU, batch 32: ONNX Runtime fp32, early exit", ("runtime",), cpu_early_exit(32, "onnx fp32"),
-        f"{ONNX_CPU}, `benchmarks/bench_runtime.py`"),
-    Row("CPU, batch 1: PyTorch, early exit", ("runtime",), cpu_early_exit(1, "torch"),
-        f"{ONNX_CPU}, `benchmarks/bench_runtime.py`"),
-    Row("CPU, batch 32: PyTorch, early exit", ("runtime",), cpu_early_exit(32, "torch"),
-        f"{ONNX_CPU}, `benchmarks/bench_runtime.py`"),
-    Row("CPU, batch 32: refill engine against shrink", ("runtime",), refill_vs_shrink,
-        f"{ONNX_CPU}, `benchmarks/bench_runtime.py`"),
-    Row("Cold start, one line: ONNX Runtime", ("runtime",), cold_start, f"{ONNX_CPU}, `benchmarks/bench_runtime.py`"),
+    *(Row(f"CPU, batch {bs}: {name}, early exit", ("runtime",), cpu_early_exit(bs, runtime), RUNTIME_SOURCE)
+      for name, runtime in CPU_RUNTIMES for bs in (1, 32)),
+    Row("CPU, batch 32: refill engine against shrink", ("runtime",), refill_vs_shrink, RUNTIME_SOURCE),
+    Row("Cold start, one line: ONNX Runtime", ("runtime",), cold_start, RUNTIME_SOURCE),
     Row("Layer saving, movie reviews", ("analyze",), movie_saving, "[make demo](#make-demo-end-to-end), `deebert analyze`"),
-    Row("Layer saving, SMS spam", ("guarantee-movie", "guarantee-sms"), sms_saving,
-        f"{GUARANTEE}, `benchmarks/bench_guarantee.py`"),
+    Row("Layer saving, SMS spam", GUARANTEE_JOBS, sms_saving, GUARANTEE_SOURCE),
     Row("Serving, 64 clients: PyTorch, batching across requests", ("serve-torch",), serving,
         "[Serving](#serving-deebert-serve), `benchmarks/bench_serve.py`"),
     Row("Serving, 64 clients: ONNX fp32, batching across requests", ("serve-onnx",), serving,
@@ -305,12 +298,9 @@ ROWS = [
         f"{GPU}, `benchmarks/bench_gpu.py`", machine="gpu"),
     Row("GPU, batch 1, bf16 / fp16: early exit at the stored threshold", ("gpu",), gpu_half_b1,
         f"{GPU}, `benchmarks/bench_gpu.py`", machine="gpu"),
-    Row("Guarantee validity: share of 300 splits over budget", ("guarantee-movie", "guarantee-sms"), validity,
-        f"{GUARANTEE}, `benchmarks/bench_guarantee.py`"),
-    Row("Guarantee cost: share of the point estimate's saving kept", ("guarantee-movie", "guarantee-sms"), cost,
-        f"{GUARANTEE}, `benchmarks/bench_guarantee.py`"),
+    Row("Guarantee validity: share of 300 splits over budget", GUARANTEE_JOBS, validity, GUARANTEE_SOURCE),
+    Row("Guarantee cost: share of the point estimate's saving kept", GUARANTEE_JOBS, cost, GUARANTEE_SOURCE),
 ]
-GUARANTEE_JOBS = ("guarantee-movie", "guarantee-sms")
 COMMITTED = {"guarantee-movie": ROOT / "docs" / "guarantee_movie.json", "guarantee-sms": ROOT / "docs" / "guarantee_sms.json"}
 
 
