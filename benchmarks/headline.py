@@ -224,11 +224,10 @@ def _names(d: dict) -> str:
 
 def _kept(g: dict, risk: str, eps: float) -> str:
     """The smallest calibration size whose guarantee kept >= 80% of the point estimate's saving, as a phrase."""
-    rows = sorted((r for r in g["results"] if r["risk"] == risk and abs(r["epsilon"] - eps) < 1e-12),
-                  key=lambda r: r["calibration"])
-    for r in rows:
-        if r["saving_ratio"] >= 0.8:
-            return f"{round(100 * r['saving_ratio'])}% with {r['calibration']:,} texts ({_names(g)})"
+    rows = _budget_rows(g, risk, eps)
+    r = _size_to_bring(g, risk, eps)
+    if r["saving_ratio"] >= 0.8:
+        return f"{round(100 * r['saving_ratio'])}% with {r['calibration']:,} texts ({_names(g)})"
     at = {r["calibration"]: r for r in rows}
     big = rows[-1]
     mid = at.get(1000)
@@ -237,9 +236,15 @@ def _kept(g: dict, risk: str, eps: float) -> str:
     return f"under 80% up to {big['calibration']:,} texts ({_names(g)}: {', '.join(shown)})"
 
 
-def _size_to_bring(g: dict, risk: str, eps: float) -> dict:
-    rows = sorted((r for r in g["results"] if r["risk"] == risk and abs(r["epsilon"] - eps) < 1e-12),
+def _budget_rows(g: dict, risk: str, eps: float) -> list:
+    """bench_guarantee.py's rows for one risk and budget, by calibration size."""
+    return sorted((r for r in g["results"] if r["risk"] == risk and abs(r["epsilon"] - eps) < 1e-12),
                   key=lambda r: r["calibration"])
+
+
+def _size_to_bring(g: dict, risk: str, eps: float) -> dict:
+    """The row of the smallest calibration size that kept >= 80% of the saving, else the largest size's."""
+    rows = _budget_rows(g, risk, eps)
     return next((r for r in rows if r["saving_ratio"] >= 0.8), rows[-1])
 
 
