@@ -485,8 +485,13 @@ def runnable(job: Job, args, cuda: bool | None) -> str | None:
     return None
 
 
+def command(argv: list) -> list:
+    """A job's argv as run: "python" is this interpreter."""
+    return [sys.executable if argv[0] == "python" else argv[0], *argv[1:]]
+
+
 def shown(argv: list) -> str:
-    return " ".join(shlex.quote(a) for a in [sys.executable if argv[0] == "python" else argv[0], *argv[1:]])
+    return " ".join(shlex.quote(a) for a in command(argv))
 
 
 def dry_run(args) -> None:
@@ -504,6 +509,49 @@ def dry_run(args) -> None:
             note = f"   [{j.note}]" if j.note and j.when else ""
             print(f"  $ {shown(j.argv)}{note}{skip}")
     print(f"# then the table between {START} and {END} in {args.doc} is rewritten")
+
+
+def run_job(job: Job, work: Path, env: dict, timeout: int) -> tuple:
+    """Run one job, its stdout and stderr logged under ``work``; (what it measured, None), or (None, why not)."""
+    print(f"[{job.name}] $ {shown(job.argv)}", flush=True)
+    t0 = time.time()
+    log_out, log_err = work / f"{job.name}.out", work / f"{job.name}.err"
+    try:
+        with open(log_out, "w") as out, open(log_err, "w") as err:
+            rc = subprocess.run(command(job.argv), cwd=ROOT, env=env, stdout=out, stderr=err, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        rc = "timeout"
+    if rc != 0:
+        print(f"[{job.name}] failed ({rc}) after {time.time() - t0:.0f} s; log: {log_err}", flush=True)
+        return None, f"failed ({rc}; see {log_err})"
+    try:
+        if job.output:
+            result = json.loads(Path(job.output).read_text(encoding="utf-8"))
+        elif job.name.startswith("serve"):
+            result = parse_serve(log_out.read_text())
+        else:
+            result = parse_ray(log_out.read_text())
+    except (OSError, ValueError, KeyError) as err:
+        print(f"[{job.name}] output not readable: {err}", flush=True)
+        return None, f"its output could not be read ({err})"
+    print(f"[{job.name}] done in {time.time() - t0:.0f} s", flush=True)
+    return result, None
+
+
+def measured_rows(results: dict, why_not: dict, machine: str) -> tuple:
+    """({label: new table line} for each row whose jobs ran (a guarantee row: either of its two), [why each
+    other row keeps its figures])."""
+    new_rows, kept = {}, []
+    for r in ROWS:
+        ran = [j for j in r.jobs if j in results]
+        if (set(r.jobs) == set(GUARANTEE_JOBS) and ran) or (ran and len(ran) == len(r.jobs)):
+            try:
+                new_rows[r.label] = format_row(r, results, machine)
+                continue
+            except (KeyError, ValueError, IndexError, TypeError, ZeroDivisionError) as err:
+                print(f"row '{r.label}': could not be formatted ({err!r}); it keeps its figures", flush=True)
+        kept.append(f"{r.label} ({', '.join(why_not.get(j, 'not selected') for j in r.jobs)})")
+    return new_rows, kept
 
 
 def run_jobs(args) -> int:
@@ -530,46 +578,15 @@ def run_jobs(args) -> int:
     for job in selected(all_jobs, args):
         reason = runnable(job, args, cuda)
         if reason:
-            why_not[job.name] = reason
             print(f"[{job.name}] skipped: {reason}", flush=True)
-            continue
-        argv = [sys.executable if job.argv[0] == "python" else job.argv[0], *job.argv[1:]]
-        print(f"[{job.name}] $ {shown(job.argv)}", flush=True)
-        t0 = time.time()
-        log_out, log_err = work / f"{job.name}.out", work / f"{job.name}.err"
-        try:
-            with open(log_out, "w") as out, open(log_err, "w") as err:
-                p = subprocess.run(argv, cwd=ROOT, env=env, stdout=out, stderr=err, timeout=args.timeout)
-            rc = p.returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-        if rc != 0:
-            why_not[job.name] = f"failed ({rc}; see {log_err})"
-            print(f"[{job.name}] failed ({rc}) after {time.time() - t0:.0f} s; log: {log_err}", flush=True)
-            continue
-        try:
-            if job.output:
-                results[job.name] = json.loads(Path(job.output).read_text(encoding="utf-8"))
-            elif job.name.startswith("serve"):
-                results[job.name] = parse_serve(log_out.read_text())
-            else:
-                results[job.name] = parse_ray(log_out.read_text())
-        except (OSError, ValueError, KeyError) as err:
-            why_not[job.name] = f"its output could not be read ({err})"
-            print(f"[{job.name}] output not readable: {err}", flush=True)
-            continue
-        print(f"[{job.name}] done in {time.time() - t0:.0f} s", flush=True)
+        else:
+            result, reason = run_job(job, work, env, args.timeout)
+            if reason is None:
+                results[job.name] = result
+        if reason:
+            why_not[job.name] = reason
     machine = f"{cpu_cores()} CPU cores"
-    new_rows, kept = {}, []
-    for r in ROWS:
-        ran = [j for j in r.jobs if j in results]
-        if (set(r.jobs) == set(GUARANTEE_JOBS) and ran) or (ran and len(ran) == len(r.jobs)):
-            try:
-                new_rows[r.label] = format_row(r, results, machine)
-                continue
-            except (KeyError, ValueError, IndexError, TypeError, ZeroDivisionError) as err:
-                print(f"row '{r.label}': could not be formatted ({err!r}); it keeps its figures", flush=True)
-        kept.append(f"{r.label} ({', '.join(why_not.get(j, 'not selected') for j in r.jobs)})")
+    new_rows, kept = measured_rows(results, why_not, machine)
     if not new_rows:
         print(f"no row was measured; {doc} is unchanged", flush=True)
         return 1
