@@ -47,6 +47,40 @@ GPU = "[On a GPU](#on-a-gpu-nvidia-h200)"
 # ------------------------------------------------------------------------------------------------
 # the commands
 # ------------------------------------------------------------------------------------------------
+class UsageError(Exception):
+    """A wrong flag or path: one line on stderr, exit status 2."""
+
+
+def read_doc(path) -> str:
+    """The text of --doc, or a UsageError naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--doc '{path}' cannot be read: {getattr(e, 'strerror', None) or e}") from None
+
+
+WORK_MARK = ".deebert-bench"  # marks a --work folder this script made (its ckpt copy may be replaced)
+
+
+def prepare_work(ck: Path, work: Path) -> Path:
+    """Copy the checkpoint to WORK/ckpt and return that path. A ckpt folder already there is replaced only
+    when this script made it; --checkpoint inside it is refused (the copy would delete the original)."""
+    target = work / "ckpt"
+    if target.resolve() == ck.resolve() or target.resolve() in ck.resolve().parents:
+        raise UsageError(f"--work '{work}': its ckpt folder is where --checkpoint '{ck}' lies; give another --work")
+    if target.exists() and not (work / WORK_MARK).is_file():
+        raise UsageError(f"--work '{work}' already holds a ckpt folder this script did not make; give another --work")
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / WORK_MARK).write_text("made by benchmarks/headline.py; its ckpt folder is a copy it may replace\n")
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(ck, target)
+    except OSError as e:
+        raise UsageError(f"--work '{work}' cannot be written: {e.strerror or e}") from None
+    return target
+
+
 @dataclass
 class Job:
     name: str
@@ -94,7 +128,7 @@ def jobs(args) -> dict:
         extra.setdefault(name, []).extend(shlex.split(more))
     unknown = set(extra) - {j.name for j in out}
     if unknown:
-        raise SystemExit(f"error: --extra names no job: {', '.join(sorted(unknown))} (jobs: {', '.join(j.name for j in out)})")
+        raise UsageError(f"--extra names no job: {', '.join(sorted(unknown))} (jobs: {', '.join(j.name for j in out)})")
     for j in out:
         j.argv += extra.get(j.name, [])
     return {j.name: j for j in out}
@@ -472,7 +506,7 @@ def selected(all_jobs: dict, args) -> list:
     skip = set(filter(None, (args.skip or "").split(",")))
     unknown = (only | skip) - set(all_jobs)
     if unknown:
-        raise SystemExit(f"error: no such job: {', '.join(sorted(unknown))} (jobs: {', '.join(all_jobs)})")
+        raise UsageError(f"--only/--skip: no such job: {', '.join(sorted(unknown))} (jobs: {', '.join(all_jobs)})")
     return [j for name, j in all_jobs.items() if (not only or name in only) and name not in skip]
 
 
@@ -561,15 +595,12 @@ def run_jobs(args) -> int:
               "or pass --checkpoint", file=sys.stderr)
         return 2
     doc = Path(args.doc)
-    problems = check(doc.read_text(encoding="utf-8"))
+    problems = check(read_doc(doc))
     if problems:
         print("error: the headline table is broken before the run:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 2
     work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    if (work / "ckpt").exists():
-        shutil.rmtree(work / "ckpt")
-    shutil.copytree(ck, work / "ckpt")
+    prepare_work(ck, work)
     all_jobs = jobs(args)
     cuda = has_cuda() if any(j.when == "cuda" for j in selected(all_jobs, args)) else None
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -590,7 +621,7 @@ def run_jobs(args) -> int:
     if not new_rows:
         print(f"no row was measured; {doc} is unchanged", flush=True)
         return 1
-    text = rewrite(doc.read_text(encoding="utf-8"), new_rows, machine, str(ck), kept)
+    text = rewrite(read_doc(doc), new_rows, machine, str(ck), kept)
     problems = check(text)
     if problems:
         print(f"error: the rewritten table would be broken; {doc} is unchanged:\n  " + "\n  ".join(problems),
@@ -619,8 +650,19 @@ def main(argv: list | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the command behind each row; run nothing")
     ap.add_argument("--check", action="store_true", help="check the headline table of --doc; run nothing")
     args = ap.parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    """--check, --dry-run, or the run itself, by the flags."""
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout must be > 0 seconds, got {args.timeout}")
     if args.check:
-        problems = check(Path(args.doc).read_text(encoding="utf-8"))
+        problems = check(read_doc(args.doc))
         if problems:
             print(f"{args.doc}: the headline table has {len(problems)} problem(s):\n  " + "\n  ".join(problems))
             return 1

@@ -316,6 +316,41 @@ def test_headline_reads_what_the_benchmarks_print_and_rewrites_a_valid_table():
         headline.parse_serve("no table here")
 
 
+def test_headline_never_replaces_a_folder_it_did_not_make(tmp_path):
+    """make bench copies the checkpoint to WORK/ckpt: a ckpt folder of the user's own, or the checkpoint
+    itself lying there, is refused and kept; a copy the script made itself is replaced by the next run."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "highway.safetensors").write_text("weights 1")
+    theirs = tmp_path / "theirs"
+    (theirs / "ckpt").mkdir(parents=True)
+    (theirs / "ckpt" / "notes.txt").write_text("mine")
+    with pytest.raises(headline.UsageError, match="did not make"):
+        headline.prepare_work(ck, theirs)
+    assert (theirs / "ckpt" / "notes.txt").read_text() == "mine"
+
+    inside = tmp_path / "w"
+    (inside / "ckpt").mkdir(parents=True)
+    (inside / "ckpt" / "highway.safetensors").write_text("the original")
+    with pytest.raises(headline.UsageError, match="--checkpoint"):
+        headline.prepare_work(inside / "ckpt", inside)
+    assert (inside / "ckpt" / "highway.safetensors").read_text() == "the original"
+
+    work = tmp_path / "bench"
+    assert headline.prepare_work(ck, work) == work / "ckpt"
+    (ck / "highway.safetensors").write_text("weights 2")
+    headline.prepare_work(ck, work)  # its own copy: replaced
+    assert (work / "ckpt" / "highway.safetensors").read_text() == "weights 2"
+
+
+def test_headline_user_errors_are_one_line_exit_2(tmp_path, capsys):
+    for argv, needle in ((["--check", "--doc", str(tmp_path / "none.md")], "--doc"), (["--dry-run", "--only", "nope"], "--only"),
+                         (["--check", "--timeout", "0"], "--timeout"), (["--checkpoint", str(tmp_path)], "checkpoint")):
+        assert headline.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error:") and needle in err, (argv, err)
+
+
 # ------------------------------------------------------------------------------------------------
 # the layer picture
 # ------------------------------------------------------------------------------------------------
