@@ -26,6 +26,7 @@ def analyze(
     max_drop: float = typer.Option(0.5, help="Accuracy budget in percentage points for the recommended threshold."),
     per_layer: bool = typer.Option(False, help="Also search one threshold per layer for the --max-drop budget (on this split)."),
     store_thresholds: bool = typer.Option(False, help="Store the recommended threshold(s) (per-layer ones with --per-layer) in the checkpoint; predict uses them when given no threshold."),
+    replace_guarantee: bool = typer.Option(False, "--replace-guarantee", help="With --store-thresholds: allow a point estimate (no guarantee) to replace a certified entropy threshold and drop its guarantee."),
     timing_thresholds: Optional[str] = typer.Option(None, help="Extra thresholds to time with real early-exit runs (full depth and the recommendation are always timed)."),
     timing_repeats: int = typer.Option(2, help="Timed runs per threshold (interleaved; the fastest is kept)."),
     batch_size: int = typer.Option(32, help="Batch size of the passes and timed runs."),
@@ -202,6 +203,8 @@ def _render_recommendation(a) -> None:
     if a.stored_thresholds is not None:
         out.print(f"stored thresholds {', '.join(f'{t:g}' for t in a.stored_thresholds)} in {a.checkpoint}: "
                   "`deebert predict` uses them when given no threshold")
+        if a.replaced:
+            out.print(a.replaced)
     for w in a.warnings:
         err.print(f"[yellow]warning:[/] {w}")
     dw = a.dead_weight
@@ -275,4 +278,7 @@ def _render_guarantee(a) -> None:
                       "the recommendation above is a point estimate, with no guarantee")
     if a.stored_guarantee is not None and a.guarantee_check is not None:
         g = Guarantee.from_dict(a.stored_guarantee)
-        out.print(check_line(g, a.guarantee_check, f"{a.dataset['evaluated_on']} (n={a.dataset['n']})"))
+        line = check_line(g, a.guarantee_check, f"{a.dataset['evaluated_on']} (n={a.dataset['n']})")
+        if a.replaced and "is lost" in a.replaced:  # --store-thresholds just removed it
+            line = line.replace("stored guarantee", "the guarantee removed by --store-thresholds", 1)
+        out.print(line)

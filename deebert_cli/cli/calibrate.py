@@ -54,10 +54,11 @@ def calibrate(
         if not cfg.check:  # the guarantee is stored in the checkpoint's deebert.json
             check_writable(Path(cfg.checkpoint) / "deebert.json", "--checkpoint")
         c = run(cfg)
-        if cfg.json:
+    render(c)
+    if cfg.json:  # only once the result is complete and shown (certified or not)
+        with user_errors():
             with atomic_text_file(cfg.json) as f:
                 f.write(json.dumps(c.to_dict(), indent=2) + "\n")
-    render(c)
 
 
 def render(c) -> None:
@@ -66,26 +67,35 @@ def render(c) -> None:
     if c.check is not None:
         out.print(check_line(c.previous, c.check, where))
     g = c.guarantee
-    what = _setting(g)
     if g.certified and g.layer_saving > 0:
         drop = "" if g.accuracy_drop is None else f", accuracy {-100 * g.accuracy_drop:+.2f} points"
-        out.print(f"certified on {where}: {what} — {g.describe()}; {pct(g.layer_saving)} fewer layers expected "
+        out.print(f"certified on {where}: {g.setting()} — {g.describe()}; {pct(g.layer_saving)} fewer layers expected "
                   f"(here: {100 * g.empirical:.2f}% losses, upper bound {100 * g.bound:.2f}%{drop})")
-        out.print(f"stored in '{c.checkpoint}': predict, serve and predict-dataset use it" if c.stored
+        use = "" if g.policy == "entropy" else f" with --exit-policy {g.policy}"
+        out.print(f"stored in '{c.checkpoint}': predict, serve and predict-dataset use it{use}" if c.stored
                   else "not stored (--check)")
+        if c.replaced:
+            out.print(c.replaced)
         return
-    need = (f"at least {c.advice['min_n']:,} texts to certify anything" if c.advice["min_n"] is not None and c.advice["min_n"] > g.n
-            else "more texts" + (f" (about {c.advice['next_n']:,} to certify {c.advice['next']:g})" if c.advice.get("next_n") else ""))
-    out.print(f"[yellow]nothing certified[/] on {where}: no {g.policy} setting that saves layers keeps "
-              f"{g.describe().split(' with probability')[0]} at delta {g.delta:g}; it needs {need}. Nothing stored.")
+    out.print(f"[yellow]nothing certified[/] on {where}: {found(c)}. Nothing stored.")
 
 
-def _setting(g) -> str:
-    if g.policy == "patience":
-        return f"patience {int(g.value)}"
-    if g.policy == "learned":
-        return f"learned-exit threshold {g.value:g}"
-    return f"threshold {g.value:g} ({g.entropy} entropy)"
+def found(c) -> str:
+    """What an uncertified calibration found, and how many texts would certify (the exit status stays 0:
+    the run did what was asked; docs/commands/calibrate.md)."""
+    g, adv = c.guarantee, c.advice
+    what = g.describe().split(" with probability")[0]
+    if adv["min_n"] is not None and adv["min_n"] > g.n:
+        need = f"at least {adv['min_n']:,} texts to certify anything"
+    elif adv.get("next_n") and adv.get("next") is not None:
+        need = f"about {adv['next_n']:,} texts to certify {g.policy} {adv['next']:g} (its rate here {100 * adv['next_rate']:.2f}%)"
+    elif adv.get("next") is not None and adv.get("next_rate") is not None:
+        need = f"a setting whose rate ({g.policy} {adv['next']:g}: {100 * adv['next_rate']:.2f}% here) is within the budget"
+    else:
+        need = "more texts"
+    certified = "only full depth (no exit before the last layer) is certified" if g.certified else "nothing is certified"
+    return (f"no {g.policy} setting that saves layers keeps {what} at delta {g.delta:g} ({certified}, "
+            f"{g.tested} setting(s) tested); it needs {need}")
 
 
 def check_line(g, chk: dict, where: str) -> str:

@@ -26,8 +26,8 @@ def train_exits(
     distill_alpha: float = typer.Option(0.5, help="Weight of the distillation term in [0, 1]."),
     unlabeled: Optional[str] = typer.Option(None, help="Extra unlabeled texts for --distill: a .txt file (one per line) or a data file/folder with the text column."),
     calibrate: bool = typer.Option(False, help="Fit a temperature per off-ramp on the evaluation split (stored in the checkpoint), so entropy means the same at every layer. Default: chosen by measurement."),
-    max_drop: float = typer.Option(0.5, help="Accuracy budget in points. The threshold stored for predict is certified on the evaluation split: with probability >= 1 - delta the accuracy drop on new texts like them stays within it (risk control; the recipe kept is the one whose guaranteed threshold saves the most layers). When the split is too small to certify a saving, the point estimate is stored, and said so."),
-    max_disagreement: Optional[float] = typer.Option(None, help="Instead of --max-drop: a budget on how often an exit disagrees with the final layer, as a fraction (0.02 = 2%); needs no labels and bounds the accuracy drop too."),
+    max_drop: Optional[float] = typer.Option(None, help="Accuracy budget in points (default 0.5). The threshold stored for predict is certified on the evaluation split: with probability >= 1 - delta the accuracy drop on new texts like them stays within it (risk control; the recipe kept is the one whose guaranteed threshold saves the most layers). When the split is too small to certify a saving, the point estimate is stored, and said so."),
+    max_disagreement: Optional[float] = typer.Option(None, help="Instead of --max-drop: a budget on how often an exit disagrees with the final layer, as a fraction (0.02 = 2%); needs no labels and bounds the accuracy drop too. Giving both budgets, or --max-disagreement with --no-guarantee, is refused in one line (one budget is certified, as in `calibrate`)."),
     delta: float = typer.Option(0.05, help="The guarantee holds with probability >= 1 - delta over the draw of the evaluation texts (0.05: 95%)."),
     guarantee: bool = typer.Option(True, "--guarantee/--no-guarantee", help="Store the risk-controlled threshold (default), or the point estimate (the threshold whose accuracy drop on the evaluation split itself is within --max-drop, with no guarantee for new data)."),
     learned_exits: bool = typer.Option(False, help="BERxiT: also train a learned exit per off-ramp (Linear(H,1) + sigmoid on its pooler output) predicting whether the off-ramp is right (regression: tanh(|error|)); predict with --exit-policy learned --threshold T."),
@@ -78,6 +78,8 @@ def render_recipes(extra: dict) -> None:
     if thr:
         out.print(stored_line(thr, next(r for r in rows if r["recipe"] == chosen), extra.get("guarantee"),
                               extra.get("guarantee_advice")))
+    if extra.get("replaced"):
+        out.print(extra["replaced"])
 
 
 def stored_line(thr: dict, row: dict, g, advice: dict | None) -> str:

@@ -130,7 +130,7 @@ class TrainExitsConfig:
     distill_alpha: float = 0.5  # weight of the distillation term (1 - alpha on the label loss)
     unlabeled: str | None = None  # extra texts (one per line, or a data file) used with --distill
     calibrate: bool | None = None  # per-off-ramp temperature scaling on the evaluation split
-    max_drop: float = 0.5  # accuracy budget (points) of the stored threshold and of the recipe choice
+    max_drop: float | None = None  # accuracy budget (points) of the stored threshold and of the recipe choice (0.5)
     max_disagreement: float | None = None  # instead: budget on disagreement with the final layer (fraction)
     delta: float = 0.05  # the guarantee holds with probability >= 1 - delta
     guarantee: bool = True  # store the risk-controlled threshold (else the point estimate, as before)
@@ -149,9 +149,22 @@ class TrainExitsConfig:
         _check(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
         _check(0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr}")
         _check(self.ramp_pooling in (None, "auto", "cls", "mean"), f"ramp_pooling must be auto, cls or mean, got '{self.ramp_pooling}'")
-        _check(math.isfinite(self.max_drop) and self.max_drop >= 0, f"max_drop must be >= 0 (accuracy points), got {self.max_drop}")
+        _check(self.max_drop is None or (math.isfinite(self.max_drop) and self.max_drop >= 0),
+               f"max_drop must be >= 0 (accuracy points), got {self.max_drop}")
         _check_risk_budget(self)
+        # one budget is certified, as calibrate: never one certified and the other a point estimate
+        _check(self.max_drop is None or self.max_disagreement is None,
+               "give one budget: --max-drop (accuracy points) or --max-disagreement (a fraction), not both")
+        _check(self.guarantee or self.max_disagreement is None,
+               "--max-disagreement is the budget of the guarantee, which --no-guarantee turns off: "
+               "give --max-drop with --no-guarantee (a point estimate), or drop --no-guarantee")
         _check(self.max_train_samples is None or self.max_train_samples > 0, "max_train_samples must be > 0")
+
+    @property
+    def points(self) -> float:
+        """The accuracy budget in points of the point estimate (and of the guarantee without
+        --max-disagreement): --max-drop, default 0.5."""
+        return 0.5 if self.max_drop is None else self.max_drop
 
     @property
     def recipe_given(self) -> bool:
@@ -291,6 +304,7 @@ class AnalyzeConfig:
     delta: float = 0.05  # confidence of the guaranteed recommendation (1 - delta)
     per_layer: bool = False  # also search one threshold per layer for the budget
     store_thresholds: bool = False  # write the recommended threshold(s) into the checkpoint for predict
+    replace_guarantee: bool = False  # --store-thresholds may replace a certified threshold with a point estimate
     timing_thresholds: list | None = None
     timing_repeats: int = 2
     batch_size: int = 32
@@ -329,6 +343,7 @@ class AnalyzeConfig:
                     _check(t <= 1.0, f"{name} value {t} is out of range: normalized entropy lies in [0, 1]")
         _check(self.max_drop >= 0, f"max_drop must be >= 0 (accuracy points), got {self.max_drop}")
         _check_risk_budget(self)
+        _check(not self.replace_guarantee or self.store_thresholds, "--replace-guarantee goes with --store-thresholds")
         _check(self.batch_size > 0, "batch_size must be > 0")
         _check(self.examples >= 0, "examples must be >= 0")
         _check(self.timing_repeats >= 1, "timing_repeats must be >= 1")

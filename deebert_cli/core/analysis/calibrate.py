@@ -35,6 +35,7 @@ class Calibration:
     previous: Guarantee | None
     stored: bool
     advice: dict  # min_n (to certify anything), needed (to certify the next setting) ...
+    replaced: str | None = None  # what storing replaced in deebert.json (old -> new), None when nothing
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -57,12 +58,12 @@ def calibrate(cfg: CalibrateConfig) -> Calibration:
                      policy=cfg.exit_policy, scores=scores, entropy=cfg.entropy,
                      tolerance=cfg.tolerance if ckpt.task == "regression" else None)
     g.calibrated_on, g.by = source, "calibrate"
-    stored = False
+    stored, replaced = False, None
     if not cfg.check and g.certified and g.layer_saving > 0:
-        store_guarantee(ckpt.path, g, ckpt.model.num_layers)
+        replaced = store_guarantee(ckpt.path, g, ckpt.model.num_layers)
         stored = True
     return Calibration(str(cfg.checkpoint), source, len(examples), labels is not None, g, checked, previous, stored,
-                       advice(g, logits, labels, scores))
+                       advice(g, logits, labels, scores), replaced)
 
 
 def _check_policy(cfg: CalibrateConfig, ckpt) -> None:
@@ -130,14 +131,16 @@ def advice(g: Guarantee, logits, labels, scores=None) -> dict:
     return out
 
 
-def store_guarantee(path, g: Guarantee, num_layers: int) -> None:
+def store_guarantee(path, g: Guarantee, num_layers: int) -> str | None:
     """Write ``g`` into the checkpoint's deebert.json (atomically), with, for the entropy policy, the
-    thresholds predict uses when given none."""
+    thresholds predict uses when given none -> the line saying what it replaced (None: nothing). A
+    guarantee for patience or learned leaves the entropy thresholds as they are, without a guarantee
+    (the line says so): plain ``predict`` keeps them, ``--exit-policy patience|learned`` uses ``g``."""
     fields = {"guarantee": g.to_dict()}
     if g.policy == "entropy":
         fields["thresholds"] = {"entropy": g.entropy, "values": [g.value] * (num_layers - 1), "search": "guaranteed",
                                 "chosen_on": g.calibrated_on, "by": g.by}
-    update_meta(path, fields)
+    return update_meta(path, fields)[1]
 
 
 def recommend_guaranteed(ckpt, logits, labels, source: str, epsilon: float, risk_kind: str, delta: float,

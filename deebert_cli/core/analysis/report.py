@@ -62,6 +62,7 @@ class Analysis:
     guarantee: dict | None = None  # the guaranteed recommendation on this split (analysis.risk), beside the point estimate
     stored_guarantee: dict | None = None  # the guarantee the checkpoint carries
     guarantee_check: dict | None = None  # ... and how it fares on this split (holds / exceeded / inconclusive)
+    replaced: str | None = None  # --store-thresholds: what it replaced in deebert.json (old -> new)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -91,6 +92,8 @@ def analyze(cfg: AnalyzeConfig, progress=None) -> Analysis:
     ckpt = load_checkpoint(cfg.checkpoint)
     if not ckpt.exits_trained:
         raise UserError(f"the off-ramps of '{cfg.checkpoint}' are not trained: run `deebert train-exits` first")
+    if cfg.store_thresholds and (cfg.per_layer or (cfg.max_drop == 0 and cfg.max_disagreement is None)):
+        _may_replace(cfg, ckpt)  # what it stores is a point estimate: refused before any work
     max_length, warning = fit_max_length(ckpt.meta.get("max_length", 128), ckpt.model.max_tokens, "the checkpoint's max_length")
     ckpt.meta = {**ckpt.meta, "max_length": max_length}  # what the passes below tokenise to
     spec, ex, source, whole_file = _evaluation_split(cfg, ckpt)
@@ -161,7 +164,7 @@ def _analyze_classification(cfg: AnalyzeConfig, ckpt, device, spec: DataSpec, ex
     if cfg.split is None and not whole_file and cfg.test_split and rows:
         test = _test_split(cfg, ckpt, device, spec, grid, rec, per_layer, gua)
     seconds, runtime = _timed(cfg, ckpt, device, ex, layers, rows, rec, per_layer)
-    stored = _stored(cfg, ckpt, per_layer, rec, source, gua)
+    stored, replaced = _stored(cfg, ckpt, per_layer, rec, source, gua)
     examples, ex_thr = _examples_by_layer(cfg, logits, ex, names, rec)
     counts = model.parameter_counts()
     return Analysis(
@@ -179,7 +182,7 @@ def _analyze_classification(cfg: AnalyzeConfig, ckpt, device, spec: DataSpec, ex
         runtime=runtime,
         patience_sweep=prows, patience_recommendation=prec,
         learned_sweep=lrows, guarantee=gua.to_dict() if gua else None,
-        stored_guarantee=previous.to_dict() if previous else None, guarantee_check=checked,
+        stored_guarantee=previous.to_dict() if previous else None, guarantee_check=checked, replaced=replaced,
     )
 
 
@@ -266,27 +269,41 @@ def _timed(cfg: AnalyzeConfig, ckpt, device, ex, layers: list, rows: list, rec, 
     return seconds, runtime
 
 
-def _stored(cfg: AnalyzeConfig, ckpt, per_layer: dict | None, rec, source: str, gua=None) -> list | None:
+def _may_replace(cfg: AnalyzeConfig, ckpt) -> None:
+    """A point estimate may replace a certified entropy threshold (and drop its guarantee) only with
+    --replace-guarantee."""
+    from ..model.guarantee import stored_guarantee
+
+    g = stored_guarantee(ckpt.meta)
+    if g is not None and g.certified and g.policy == "entropy" and not cfg.replace_guarantee:
+        raise UserError(f"'{ckpt.path}' stores a certified {g.setting()} ({g.describe()}); --store-thresholds "
+                        "would replace it with a point estimate and drop the guarantee: add --replace-guarantee to "
+                        "do so, or certify anew with `deebert calibrate`")
+
+
+def _stored(cfg: AnalyzeConfig, ckpt, per_layer: dict | None, rec, source: str, gua=None) -> tuple:
     """--store-thresholds: the per-layer thresholds, else the guaranteed threshold (with its guarantee) when
-    it saves layers, else the recommended one, written into the checkpoint for predict -> what was stored
-    (None without the option). A point estimate replaces a stored guarantee, which no longer applies."""
+    it saves layers, else the recommended one, written into the checkpoint for predict -> (what was stored,
+    the line saying what it replaced) ((None, None) without the option). A point estimate replaces a
+    stored entropy guarantee only with --replace-guarantee (the guarantee no longer applies)."""
     if not cfg.store_thresholds:
-        return None
+        return None, None
     if per_layer is None and gua is not None and gua.certified and gua.layer_saving > 0:
         from .calibrate import store_guarantee
 
-        store_guarantee(ckpt.path, gua, ckpt.model.num_layers)
-        return [gua.value] * (ckpt.model.num_layers - 1)
+        replaced = store_guarantee(ckpt.path, gua, ckpt.model.num_layers)
+        return [gua.value] * (ckpt.model.num_layers - 1), replaced
+    _may_replace(cfg, ckpt)
     if per_layer is not None:
         stored = per_layer["thresholds"]
     elif rec is not None:
         stored = [rec.threshold] * (ckpt.model.num_layers - 1)
     else:
         raise UserError(f"no threshold keeps the accuracy drop within {cfg.max_drop:g} points: nothing stored")
-    store_thresholds(ckpt.path, {"entropy": cfg.entropy, "values": stored, "max_drop": cfg.max_drop,
-                                 "search": "per-layer" if per_layer is not None else "global",
-                                 "chosen_on": source})
-    return stored
+    replaced = store_thresholds(ckpt.path, {"entropy": cfg.entropy, "values": stored, "max_drop": cfg.max_drop,
+                                            "search": "per-layer" if per_layer is not None else "global",
+                                            "chosen_on": source, "by": "analyze"}, ckpt.meta)
+    return stored, replaced
 
 
 def _examples_by_layer(cfg: AnalyzeConfig, logits: torch.Tensor, ex, names: list, rec) -> tuple:
@@ -364,10 +381,14 @@ def _analyze_regression(cfg: AnalyzeConfig, ckpt, spec: DataSpec, source: str, e
     )
 
 
-def store_thresholds(path, thresholds: dict) -> None:
+def store_thresholds(path, thresholds: dict, meta: dict) -> str | None:
     """Write ``thresholds`` into the checkpoint's deebert.json (atomically: temp file, then rename);
-    predict uses them when no threshold is given."""
+    predict uses them when no threshold is given -> the line saying what they replaced (None: nothing).
+    An entropy guarantee in ``meta`` (the checkpoint's metadata as read) is dropped: it certified the
+    setting these replace. One for another policy is kept."""
     from ..model.checkpoint import update_meta
+    from ..model.guarantee import stored_guarantee
 
-    update_meta(path, {"thresholds": thresholds}, drop=("guarantee",))  # it certified the setting these replace
+    g = stored_guarantee(meta)
+    return update_meta(path, {"thresholds": thresholds}, drop=("guarantee",) if g and g.policy == "entropy" else ())[1]
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..files import atomic_dir, check_output_folder, check_readable, read_json, usual_mode
+from . import schema
 
 FORMAT_VERSION = 1
 META_FILE = "deebert.json"
@@ -72,12 +73,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # a user's notes) is carried over into the new checkpoint
 OWNED = frozenset((META_FILE, RAMPS_FILE, MODEL_FILE, "model.safetensors.index.json", "config.json",
                    "generation_config.json", *RUN_CONFIGS, *TOKENIZER_FILES))
-# the fields of deebert.json and their JSON types (a damaged or hand-edited file is refused in one line)
-META_SHAPE = {"stage": str, "task": str, "family": str, "num_layers": int, "max_length": int, "ramp": dict,
-              "data": dict, "thresholds": dict, "metrics": dict, "recipes": dict, "timing": dict,
-              "calibration": list, "learned_exits": list, "base_model": str, "eval_source": str,
-              "format_version": int, "guarantee": dict}
-META_TODO = "restore the checkpoint from a copy, or make it again (`deebert finetune`, then `deebert train-exits`)"
+# the JSON types of the report fields of deebert.json; the fields predict and the guarantee use are
+# checked against the one schema (.schema.FIELDS: types, ranges, units, what may coexist) on every read
+META_SHAPE = {"metrics": dict, "recipes": dict, "timing": dict, "calibration": list, "learned_exits": list,
+              "base_model": str, "eval_source": str}
+META_TODO = schema.TODO[""]
 
 
 def owned_by_checkpoint(name: str) -> bool:
@@ -136,32 +136,41 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path, extra_files: dict[str, s
     return path
 
 
-def update_meta(path, fields: dict, drop: tuple = ()) -> dict:
+def update_meta(path, fields: dict, drop: tuple = ()) -> tuple:
     """Set ``fields`` (and remove ``drop``) in checkpoint ``path``'s ``deebert.json``, written atomically
-    (a temporary sibling renamed over it) -> the new metadata. Every command that stores something in a
-    checkpoint (stored thresholds, a guarantee) goes through here."""
+    (a temporary sibling renamed over it) -> (the new metadata, the line saying what it replaced in the
+    stored thresholds and guarantee, or None). Every command that stores something in a checkpoint
+    (stored thresholds, a guarantee) goes through here; the result is checked against the schema before
+    it is written."""
     from ..files import atomic_text_file
+    from .guarantee import replacement
 
     meta_path = Path(path) / META_FILE
-    meta = read_json(meta_path, "checkpoint metadata", META_TODO, META_SHAPE)
-    meta.update(fields)
+    old = read_checked(meta_path)
+    meta = {**old, **fields}
     for name in drop:
         meta.pop(name, None)
+    schema.check_meta(meta, meta_path)
     with atomic_text_file(meta_path) as f:
         f.write(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return meta
+    return meta, replacement(old, meta)
 
 
 def read_meta(path: Path, ramps: bool = True) -> dict:
     """The checkpoint folder's ``deebert.json``, checked: an object with fields of the right types, a
     known stage, and every file that stage needs present and readable (:func:`check_files`; the trained
     off-ramps only with ``ramps``)."""
-    meta = read_json(path / META_FILE, "checkpoint metadata", META_TODO, META_SHAPE)
-    if meta.get("stage", STAGE_FINETUNED) not in (STAGE_FINETUNED, STAGE_EXITS):
-        raise UserError(f"checkpoint metadata '{path / META_FILE}' is damaged: 'stage' is '{meta['stage']}' "
-                        f"({STAGE_FINETUNED} or {STAGE_EXITS}); {META_TODO}")
+    meta = read_checked(path / META_FILE)
     check_files(path, meta.get("stage", STAGE_FINETUNED) if ramps else STAGE_FINETUNED)
     return meta
+
+
+def read_checked(meta_path: Path, todo: str = META_TODO) -> dict:
+    """A ``deebert.json`` read and checked against the one schema (:func:`.schema.check_meta`): every
+    command and the server read it through here (the ONNX runtime too), so none uses a value the flags
+    would refuse. ``todo``: what to do when the file is missing or not JSON."""
+    meta = read_json(meta_path, "checkpoint metadata", todo, META_SHAPE)
+    return schema.check_meta(meta, meta_path)
 
 
 def check_files(path: Path, stage: str) -> None:

@@ -32,6 +32,8 @@ class Guarantee:
     accuracy_drop: float | None = None  # labelled calibration: the observed drop at ``value`` (fraction)
     calibrated_on: str | None = None  # which texts (e.g. "split 'validation' of movie_snippets")
     by: str | None = None  # train-exits | calibrate | analyze
+    method: str = "binomial"  # the bound that certified ``value``: binomial | betting
+    disagreement_rate: float | None = None  # disagreement with the final layer at ``value`` on the calibration texts
 
     @property
     def certified(self) -> bool:
@@ -57,12 +59,63 @@ class Guarantee:
         return f"{what} with probability >= {100 * (1 - self.delta):g}% (n={self.n} calibration texts)"
 
 
+    def setting(self) -> str:
+        """The certified setting in words (``patience 2``, ``threshold 0.3 (normalized entropy)``)."""
+        if self.value is None:
+            return f"{self.policy}: full depth only"
+        if self.policy == "patience":
+            return f"patience {int(self.value)}"
+        if self.policy == "learned":
+            return f"learned-exit threshold {self.value:g}"
+        return f"threshold {self.value:g} ({self.entropy} entropy)"
+
+
 def stored_guarantee(meta: dict) -> Guarantee | None:
-    """The guarantee a checkpoint's metadata carries (None when it has none, or an unreadable one)."""
+    """The guarantee a checkpoint's metadata carries (None when it has none). The metadata was checked
+    against the schema when read (:func:`.schema.check_meta`); one that does not fit is a UserError here
+    too, never dropped without a word."""
+    from ..errors import UserError
+
     d = meta.get("guarantee")
-    if not isinstance(d, dict):
+    if d is None:
         return None
     try:
         return Guarantee.from_dict(d)
-    except TypeError:
+    except (TypeError, AttributeError):
+        raise UserError("the checkpoint's guarantee (deebert.json) is damaged: certify anew with `deebert calibrate`, "
+                        "or restore deebert.json from a copy") from None
+
+
+def _thresholds(thr, g: Guarantee | None = None) -> str:
+    if not thr:
+        return "no stored thresholds"
+    vals = thr.get("values") or []
+    shown = f"{vals[0]:g}" if len(set(vals)) == 1 else ",".join(f"{v:g}" for v in vals)
+    search = thr.get("search", "stored")
+    if search == "guaranteed" and (g is None or g.policy != "entropy"):
+        search = "no longer guaranteed"
+    return f"thresholds {shown} ({thr.get('entropy', 'normalized')} entropy, {search})"
+
+
+def stored_setting(meta: dict) -> str:
+    """The stored thresholds and guarantee of ``meta`` in words (one side of an old -> new line)."""
+    g = stored_guarantee(meta)
+    what = "no guarantee" if g is None else f"guarantee for {g.setting()} ({g.describe()})"
+    return f"{_thresholds(meta.get('thresholds'), g)}; {what}"
+
+
+def replacement(old: dict, new: dict) -> str | None:
+    """One line saying what a store replaced in deebert.json: old -> new, whether a guarantee is lost,
+    and, when the entropy thresholds keep no guarantee beside a guarantee for another policy, what plain
+    ``predict`` then uses. None when the stored thresholds and guarantee did not change."""
+    if old.get("thresholds") == new.get("thresholds") and old.get("guarantee") == new.get("guarantee"):
         return None
+    line = f"replaced {stored_setting(old)} -> {stored_setting(new)}"
+    og, ng = stored_guarantee(old), stored_guarantee(new)
+    if og is not None and og.certified and (ng is None or ng.policy != og.policy):
+        line += f"; the guarantee for {og.setting()} is lost"
+    thr = new.get("thresholds")
+    if ng is not None and ng.policy != "entropy" and ng.certified and thr:
+        line += (f"; plain `predict` keeps the entropy {_thresholds(thr, ng)} without a guarantee: "
+                 f"`--exit-policy {ng.policy}` uses the certified {ng.setting()}")
+    return line

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..files import check_readable, read_json
-from ..model.checkpoint import META_FILE, RAMPS_FILE, Checkpoint, ramp_config
+from ..model.checkpoint import META_FILE, META_TODO, RAMPS_FILE, Checkpoint, ramp_config, read_checked
 
 EXPORT_DIR = "onnx"
 MANIFEST = "manifest.json"
@@ -134,7 +134,9 @@ def load_onnx(path, precision: str = "fp32", threads: int | None = None) -> Chec
     missing = sorted(set(MANIFEST_SHAPE) - set(manifest) - {"learned_exit", "max_tokens"})
     if missing:
         raise UserError(f"ONNX export manifest '{odir / MANIFEST}' is damaged: no {', '.join(missing)}; {again}")
-    meta = read_json((ckdir or odir) / META_FILE, "checkpoint metadata", again, {"ramp": dict})
+    # a damaged deebert.json is not fixed by exporting again (export reads the same file)
+    meta = read_checked((ckdir or odir) / META_FILE, META_TODO if ckdir is not None else
+                        f"restore it from a copy of the export, or export the checkpoint again once its {META_FILE} is sound")
     if ckdir is not None:
         reasons = stale_reasons(ckdir, manifest, meta)
         if reasons:

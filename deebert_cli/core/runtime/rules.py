@@ -130,7 +130,8 @@ def resolve_rule(ckpt, threshold: float | None, thresholds: list | None, entropy
             entropy = stored.get("entropy", "normalized")
         vals = per_layer_thresholds(stored["values"], L, f"the thresholds stored in '{ckpt.path}' (deebert.json)")
         src = "thresholds stored in the checkpoint"
-        if certified is not None and stored.get("search") == "guaranteed" and set(stored["values"]) == {certified}:
+        if (certified is not None and stored.get("search") == "guaranteed" and g.entropy == entropy
+                and set(stored["values"]) == {certified}):  # the guarantee names only what it certified
             src = _guaranteed(src, g)
     else:
         vals, src = [default] * L, f"default threshold {default}"

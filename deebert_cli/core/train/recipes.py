@@ -90,7 +90,7 @@ def certify_each(kept_logits: list, labels: list, cfg) -> list:
     from ..analysis.risk import certify
 
     risk = "disagreement" if cfg.max_disagreement is not None else "accuracy_drop"
-    eps = cfg.max_disagreement if cfg.max_disagreement is not None else cfg.max_drop / 100
+    eps = cfg.max_disagreement if cfg.max_disagreement is not None else cfg.points / 100
     return [certify(logits.numpy(), labels, risk=risk, epsilon=eps, delta=cfg.delta, family=len(kept_logits))
             for logits in kept_logits]
 

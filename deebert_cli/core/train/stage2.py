@@ -19,7 +19,7 @@ from ..data.examples import DataSpec, prepare_data, read_unlabeled
 from ..errors import UserError
 from ..launch import Runtime
 from ..model.checkpoint import (STAGE_EXITS, STAGE_FINETUNED, Checkpoint, check_checkpoint_output, load_checkpoint,
-                                save_checkpoint)
+                                save_checkpoint, META_FILE, is_checkpoint, read_checked)
 from ..model.highway import HighwayModel
 from ..model.policies import RampConfig
 from ..runtime.passes import collect_sharded
@@ -77,7 +77,7 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
         p.requires_grad_(True)
     extra = {"cache_seconds": cache["seconds"], "train_seconds": train_seconds, "cached_examples": cache["n"],
              "recipes": {"given": cfg.recipe_given, "measure": rc.MEASURE["guaranteed" if guarantees else task],
-                         "max_drop": cfg.max_drop,
+                         "max_drop": cfg.points,
                          "chosen": recipe.name, "candidates": rows}}
     if task != "regression":
         g = guarantees[choice] if guarantees else None
@@ -86,6 +86,7 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
             extra["guarantee_advice"] = _advice(g, logits, labels, rows[choice]["threshold"])
     meta = _exits_meta(ckpt.meta, report, extra, learned, calibration)
     out = cfg.output or cfg.checkpoint
+    extra["replaced"] = _replaced(out, cfg.checkpoint, ckpt.meta, meta)
     if rt.is_main:
         save_checkpoint(Checkpoint(model.cpu(), tokenizer, meta), out,
                         extra_files={"train_exits_config.yaml": to_yaml(cfg)}, keep_files_from=cfg.checkpoint)
@@ -100,7 +101,7 @@ def stored_rule(row: dict, g, cfg: TrainExitsConfig, source: str, L: int) -> tup
     """What deebert.json stores for predict -> (thresholds, guarantee | None): the guaranteed threshold
     when it saves layers (its Guarantee then stored beside it); else the point estimate of the recipe
     search (as ``analyze`` recommends it), and the guarantee only reported."""
-    thr = {"entropy": "normalized", "max_drop": cfg.max_drop, "search": "global", "chosen_on": source,
+    thr = {"entropy": "normalized", "max_drop": cfg.points, "search": "global", "chosen_on": source,
            "by": "train-exits", "point_estimate": row["threshold"]}
     if g is not None:
         g.calibrated_on, g.by = source, "train-exits"
@@ -109,6 +110,22 @@ def stored_rule(row: dict, g, cfg: TrainExitsConfig, source: str, L: int) -> tup
     else:
         thr["values"] = [row["threshold"]] * (L - 1)
     return thr, g
+
+
+def _replaced(out, checkpoint, old: dict, new: dict) -> str | None:
+    """The line saying what writing ``new`` to ``out`` replaces in the stored thresholds and guarantee:
+    those of ``old`` (the checkpoint read) when ``out`` is it, else those of the checkpoint at ``out``."""
+    from ..model.guarantee import replacement
+
+    if Path(out).resolve() != Path(checkpoint).resolve():
+        if not is_checkpoint(Path(out)):
+            return None
+        try:
+            old = read_checked(Path(out) / META_FILE)
+        except UserError:  # a damaged checkpoint there is replaced whole
+            return f"replaced the checkpoint at '{out}', whose {META_FILE} was damaged"
+    line = replacement(old, new)
+    return line and line.replace("replaced ", f"replaced in '{out}': ", 1)
 
 
 def _advice(g, logits: torch.Tensor, labels: list, point: float) -> dict:
@@ -150,7 +167,7 @@ def _try_recipes(model: HighwayModel, todo: list, cache: dict, cfg: TrainExitsCo
         calibration = calibrate_ramps(model, ev_pooled, ev_y) if recipe.calibrate else None
         logits = _exit_logits(model, ev_pooled, cache["eval_final"])
         rows.append({"recipe": recipe.name, "pooling": recipe.pooling, "norm": recipe.norm, "distill": recipe.distill,
-                     "calibrate": recipe.calibrate, **score(logits, labels, task, cfg.max_drop)})
+                     "calibrate": recipe.calibrate, **score(logits, labels, task, cfg.points)})
         kept.append(({n: v.clone() for n, v in model.ramps.state_dict().items()}, calibration, logits))
     return rows, kept, steps, seen, seconds
 
