@@ -126,9 +126,9 @@ def test_analyze_shows_the_guarantee_beside_the_point_estimate(trained_ckpt, tmp
     assert a["guarantee"]["n"] == 300 and a["stored_guarantee"]["value"] == a["guarantee"]["value"]
     assert a["guarantee_check"]["verdict"] == "holds"  # the same texts it was certified on
     assert "guaranteed threshold" in text and "point estimate, with no guarantee" in text
-    # a point estimate stored over it drops the guarantee it no longer carries
+    # a point estimate stored over it drops the guarantee it no longer carries (only when asked to)
     r = runner.invoke(app, ["analyze", "--checkpoint", ck, "--dataset", data, "--max-drop", "5", "--device", "cpu",
-                            "--timing-repeats", "1", "--per-layer", "--store-thresholds"])
+                            "--timing-repeats", "1", "--per-layer", "--store-thresholds", "--replace-guarantee"])
     assert r.exit_code == 0, r.output
     assert "guarantee" not in _meta(ck) and _meta(ck)["thresholds"]["search"] == "per-layer"
 
