@@ -90,7 +90,7 @@ def thresholds_values(v, m):
         return f"a list of {rng.desc.replace('a finite number', 'finite numbers')} ({unit} entropy), got {_show(bad) if v else 'none'}"
     L = _layers(m)
     if L is not None and len(v) != L - 1:
-        return f"{L - 1} values (one per layer 1..{L - 1}: num_layers is {L}), got {len(v)}"
+        return f"needs {L - 1} values (one per layer 1..{L - 1}: num_layers is {L}), got {len(v)}"
     return None
 
 
@@ -208,6 +208,8 @@ def _problem(f: Field, meta: dict, v) -> str | None:
     want = f.check(v, meta)
     if want is None:
         return None
+    if want.startswith("needs "):
+        return want
     return f"should be {want}" if " got " in want else f"should be {want}, not {_show(v)}"
 
 
