@@ -126,6 +126,7 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path, extra_files: dict[str, s
             ramp=model.ramp_cfg.to_dict(),
         )
         meta.setdefault("stage", STAGE_FINETUNED)
+        schema.check_meta(meta, path / META_FILE)  # never written unless every later read accepts it
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
