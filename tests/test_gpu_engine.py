@@ -113,14 +113,21 @@ def test_predict_stream_with_the_static_engine(trained_ckpt):
 
 
 def test_scripted_exits_force_the_exit_layers(trained_ckpt):
+    """ScriptedPolicy (the benchmark's timing mode) in both engines: each row leaves at its scripted layer."""
+    from collections import deque
+
+    from deebert_cli.core.model.policies import ScriptedPolicy
+
     ckpt = load_checkpoint(trained_ckpt)
     L = ckpt.model.num_layers
     ids = encode(ckpt.tokenizer, mixed_lines(30, seed=2), None, 128).input_ids
-    script = {k: k % L for k in range(len(ids))}
+    script = [k % L for k in range(len(ids))]
     rule = ExitRule([1e-9] * L)  # every check runs, nobody would leave
-    for lag in (0, 1):
-        layer, _, _ = StaticEngine(ckpt, rule, "cpu", 8, lag=lag, script=script).run_rows(ids)
-        assert layer.tolist() == [script[k] for k in range(len(ids))]
+    for eng in (EarlyExitEngine(ckpt, rule, "cpu", 8), StaticEngine(ckpt, rule, "cpu", 8, lag=0),
+                StaticEngine(ckpt, rule, "cpu", 8, lag=1)):
+        eng.policy = ScriptedPolicy(eng.policy, deque(script))
+        layer, _, _ = eng.run_rows(ids)
+        assert layer.tolist() == script
 
 
 def test_the_rule_of_engine_auto():

@@ -204,6 +204,29 @@ class LearnedPolicy:
         return (score < self.threshold) if self.regression else (score > self.threshold), state
 
 
+class ScriptedPolicy:
+    """A timing mode (benchmarks' scripted exits): ``inner`` decides as usual at every layer (off-ramp,
+    entropy, comparison: all the real work), then each row leaves at its scripted layer instead. Rows get
+    their layers in the order they enter an engine (``init_state`` takes the next ones from ``script``, a
+    deque the caller fills); the layer travels with the row as the last part of its state."""
+
+    def __init__(self, inner, script):
+        self.inner, self.script = inner, script
+        self.needs_score = inner.needs_score
+
+    def can_exit(self, i: int) -> bool:
+        return True
+
+    def init_state(self, b: int, device=None, xp=None) -> tuple:
+        xp = default_namespace(xp)
+        layers = xp.asarray([self.script.popleft() for _ in range(b)], dtype=xp.int64, device=device)
+        return self.inner.init_state(b, device, xp) + (layers,)
+
+    def step(self, i: int, logits, state: tuple, score=None) -> tuple:
+        done, inner = self.inner.step(i, logits, state[:-1], score)
+        return state[-1] == i, inner + (state[-1],)
+
+
 def policy_exit(policy, logits, scores=None):
     """Exit layer (0-based) per sample of ``policy`` from all-exits logits [layers, n, C] (and learned exit
     scores [layers - 1, n] for the learned policy) -> [n]; the same steps the engines take, run over every

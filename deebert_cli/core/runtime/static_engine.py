@@ -8,7 +8,7 @@ policy) as it is:
   and a length bucket (:func:`length_bucket`) and runs on static buffers kept per (layer, row bucket,
   length bucket). Padded rows attend to their first column only and are dropped after the step; padded
   columns are masked, so padding never changes a real row's answer. On CUDA each such step (layer,
-  off-ramp, entropy, the exit decision as a device bool tensor, and a scripted exit where one is set) is
+  off-ramp, entropy and the exit decision as a device bool tensor) is
   captured once into a ``torch.cuda.CUDAGraph`` on first use and replayed; elsewhere the same code runs
   eagerly on the same buffers (so it is tested on a CPU). :meth:`StaticEngine.graph_report` counts them.
 * **Decisions read late.** A step's decision (and logits) goes to the host through :class:`Decisions`:
@@ -18,8 +18,8 @@ policy) as it is:
   costs at most ``lag`` wasted layer steps and the answers are those of ``lag`` 0 (test-enforced).
 * **Full steps.** Queues run at B rows (the refill engine's scheduling), so most replays are full graphs.
 
-``script`` (the benchmarks' ``--scripted-exits``): {input key: exit layer} forces those exits while every
-step still does all the real work (off-ramp, entropy, decision, transfer).
+Scripted exits (a timing mode) are a policy, :class:`~..model.policies.ScriptedPolicy`, so they run inside
+the captured steps too.
 
 :func:`plan_engine` is the rule ``--engine auto`` follows on a device."""
 from __future__ import annotations
@@ -85,22 +85,21 @@ class _Step:
         self.mask = torch.zeros(rows, width, dtype=torch.int64, device=device)
         self.mask[:, 0] = 1
         self.state = tuple(torch.zeros((rows,) + tuple(s.shape[1:]), dtype=s.dtype, device=device) for s in state)
-        self.forced = torch.full((rows,), -1, dtype=torch.int64, device=device)
         self.graph, self.out = None, None
 
     def tensors(self) -> list:
         out = [t for t in (self.out or ()) if isinstance(t, torch.Tensor)]
         out += [t for t in (self.out[3] if self.out else ()) if isinstance(t, torch.Tensor)]
-        return [self.hidden, self.mask, self.forced, *self.state, *out]
+        return [self.hidden, self.mask, *self.state, *out]
 
 
 class StaticEngine(EarlyExitEngine):
     """See the module docstring. ``lag``: steps a decision may stay unread (None: 1 on CUDA, 0 elsewhere);
-    ``graphs``: capture CUDA graphs (None: on CUDA); ``script``: scripted exits, a timing mode."""
+    ``graphs``: capture CUDA graphs (None: on CUDA)."""
 
     def __init__(self, ckpt, rule, device=None, batch_size: int = 32, all_probs: bool = False,
                  precision: str = "fp32", backend=None, *, lag: int | None = None, graphs: bool | None = None,
-                 max_length: int | None = None, script: dict | None = None):
+                 max_length: int | None = None):
         super().__init__(ckpt, rule, device, batch_size, all_probs, precision, backend)
         if not hasattr(self.backend, "model"):
             from ..errors import UserError
@@ -113,7 +112,6 @@ class StaticEngine(EarlyExitEngine):
             raise ValueError("CUDA graphs need a CUDA device")
         self.backend.autocast_cache = not self.graphs
         self.max_length = max_length or ckpt.meta.get("max_length", 128)
-        self.script = script
         self.decisions = Decisions(self.device)
         self.steps: dict = {}  # (layer, row bucket, length bucket) -> _Step
         self.capture_seconds = 0.0
@@ -217,10 +215,6 @@ class StaticEngine(EarlyExitEngine):
         st.mask.copy_(self._put(mask), non_blocking=True)
         for buf, s in zip(st.state, state):
             buf[:n].copy_(s)
-        if self.script is not None:
-            forced = np.full(R, -1, dtype=np.int64)
-            forced[:n] = [self.script.get(t[0], -1) for t in take]
-            st.forced.copy_(self._put(forced), non_blocking=True)
         if self.graphs:
             if st.graph is None:
                 self._capture(i, st)
@@ -236,13 +230,9 @@ class StaticEngine(EarlyExitEngine):
         return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
     def _static_step(self, i: int, st: _Step) -> tuple:
-        """What a step computes (and what a graph captures): the engine's one exit logic on the static
-        buffers, with a scripted exit (``forced`` >= 0) replacing the decision where one is set."""
+        """What a step computes (and what a graph captures): the engine's one exit logic on the static buffers."""
         self.backend._mask_cache = None  # the mask buffer is the same tensor with new contents
-        hidden, logits, done, state = self._decide(i, st.hidden, st.mask, st.state)
-        if done is not None and done is not True:
-            done = torch.where(st.forced >= 0, st.forced == i, done)
-        return hidden, logits, done, state
+        return self._decide(i, st.hidden, st.mask, st.state)
 
     def _capture(self, i: int, st: _Step) -> None:
         """Capture step i on ``st`` into a CUDA graph (two warm-up runs on a side stream first, as torch asks)."""
