@@ -77,14 +77,22 @@ class Decisions:
         return (None if done is None else done.numpy(), None if logits is None else logits.float().numpy())
 
 
-class _Step:
-    """The static buffers of one (layer, row bucket, length bucket), its captured graph (CUDA) and its outputs."""
+class _Inputs:
+    """The static input buffers of one (row bucket, length bucket), shared by the steps of every layer (a
+    step copies its rows in first, and its outputs are copied out before the next step runs)."""
 
     def __init__(self, rows: int, width: int, hidden_size: int, dtype, state: tuple, device):
         self.hidden = torch.zeros(rows, width, hidden_size, dtype=dtype, device=device)
         self.mask = torch.zeros(rows, width, dtype=torch.int64, device=device)
         self.mask[:, 0] = 1
         self.state = tuple(torch.zeros((rows,) + tuple(s.shape[1:]), dtype=s.dtype, device=device) for s in state)
+
+
+class _Step:
+    """One (layer, row bucket, length bucket): its inputs, captured graph (CUDA) and outputs."""
+
+    def __init__(self, inputs: _Inputs):
+        self.hidden, self.mask, self.state = inputs.hidden, inputs.mask, inputs.state
         self.graph, self.out = None, None
 
     def tensors(self) -> list:
@@ -114,6 +122,8 @@ class StaticEngine(EarlyExitEngine):
         self.max_length = max_length or ckpt.meta.get("max_length", 128)
         self.decisions = Decisions(self.device)
         self.steps: dict = {}  # (layer, row bucket, length bucket) -> _Step
+        self._inputs: dict = {}  # (row bucket, length bucket, dtype) -> _Inputs
+        self._pool = torch.cuda.graph_pool_handle() if self.graphs else None  # one memory pool for all graphs
         self.capture_seconds = 0.0
         self.wasted_rows = 0  # rows computed at a layer after they had left (speculation), for the report
         self._pending: deque = deque()  # (layer, keys, sent decision) not yet read
@@ -203,7 +213,10 @@ class StaticEngine(EarlyExitEngine):
         state = tuple(torch.stack([t[2][k] for t in take]) for k in range(len(take[0][2])))
         st = self.steps.get((i, R, W))
         if st is None:
-            st = self.steps[(i, R, W)] = _Step(R, W, flat.shape[-1], flat.dtype, state, self.device)
+            key = (R, W, flat.dtype)
+            if key not in self._inputs:
+                self._inputs[key] = _Inputs(R, W, flat.shape[-1], flat.dtype, state, self.device)
+            st = self.steps[(i, R, W)] = _Step(self._inputs[key])
         mask = np.zeros((R, W), dtype=np.int64)
         mask[n:, 0] = 1  # a padded row attends to its first column only: finite, and dropped after the step
         for j, m in enumerate(lens):
@@ -244,7 +257,8 @@ class StaticEngine(EarlyExitEngine):
                 self._static_step(i, st)
         torch.cuda.current_stream().wait_stream(side)
         st.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(st.graph), torch.no_grad():
+        # one pool: graphs run one at a time on one stream, and each keeps its outputs alive (st.out)
+        with torch.cuda.graph(st.graph, pool=self._pool), torch.no_grad():
             st.out = self._static_step(i, st)
         torch.cuda.synchronize()
         self.capture_seconds += time.perf_counter() - t0
