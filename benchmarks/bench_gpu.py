@@ -124,11 +124,13 @@ def print_rows(title: str, rows: dict, L: int) -> None:
               f"{acc:>9} {r['mean_exit_layer']:>9.2f} {L / r['mean_exit_layer']:>5.2f}x{extra}", flush=True)
 
 
-def run_model(name: str, ckpt, texts, y, args, device, thr, script=None) -> dict:
-    """Every precision x batch size of one model -> {results, graphs, full_graphs}."""
+def run_model(name: str, ckpt, texts, y, args, device, thr, script=None, out=None, save=lambda: None) -> dict:
+    """Every precision x batch size of one model into ``out`` -> {results, graphs, full_graphs}; ``save()``
+    after each batch size."""
     L = ckpt.model.num_layers
-    out = {"layers": L, "hidden": ckpt.model.hidden_size, "threshold": thr, "results": {}, "graphs": {},
-           "full_graphs": {}, "attention": getattr(ckpt.model.config, "_attn_implementation", None)}
+    out = {} if out is None else out
+    out.update({"layers": L, "hidden": ckpt.model.hidden_size, "threshold": thr, "results": {}, "graphs": {},
+           "full_graphs": {}, "attention": getattr(ckpt.model.config, "_attn_implementation", None)})
     for precision in args.precisions:
         cfgs = configs(ckpt, device, precision, thr, args.compile, script)
         for bs in args.batch_sizes:
@@ -143,13 +145,15 @@ def run_model(name: str, ckpt, texts, y, args, device, thr, script=None) -> dict
             print(f"  static engine: {g['steps']} static steps, {g['graphs']} CUDA graphs (captured in "
                   f"{g['capture_seconds']:.1f} s), buffers {g['buffer_bytes'] / 2**20:.1f} MiB, {g['wasted_rows']} "
                   f"rows computed past their exit (decisions read late)", flush=True)
+            save()
         del cfgs
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return out
 
 
-def bench(args) -> dict:
+def bench(args, save=lambda out: None) -> dict:
+    """Every part in turn; ``save(out)`` after each (a run cut short by its time limit keeps what it did)."""
     from deebert_cli.core.device import resolve_device
     from deebert_cli.core.model.checkpoint import load_checkpoint
 
@@ -165,7 +169,15 @@ def bench(args) -> dict:
            "checkpoint": args.checkpoint, "n": len(texts), "threshold": thr, "repeats": args.repeats,
            "batch_sizes": args.batch_sizes, "precisions": args.precisions, "models": {}}
     print(f"{out['gpu']}: torch {out['torch']}, CUDA {out['cuda']}; {len(texts)} texts, threshold {thr:g}", flush=True)
-    a = out["models"]["checkpoint"] = run_model("checkpoint", ckpt, texts, y, args, device, thr)
+    base = as_checkpoint(bert_base(args.quick), ckpt.tokenizer)
+    out["profile"] = {}
+    for name, m in (("checkpoint", ckpt), ("bert-base shape", base)):  # first: seconds, and the key to the rest
+        for precision in args.precisions:
+            got = out["profile"][f"{name} {precision}"] = profile_step(m, device, precision, args.profile_rows)
+            print_profile(f"one layer step of the {name}, {precision}, {args.profile_rows} rows x 32 tokens:", got)
+    save(out)
+    a = run_model("checkpoint", ckpt, texts, y, args, device, thr, out=out["models"].setdefault("checkpoint", {}),
+                  save=lambda: save(out))
     # (b): the checkpoint's measured exits (old engine, fp32 or the first precision, the first batch size)
     first = a["results"][f"{args.precisions[0]} b{args.batch_sizes[0]}"]
     exits = Deebert(ckpt, device, args.precisions[0], thr)(texts, 32)[1]
@@ -173,18 +185,12 @@ def bench(args) -> dict:
     print(f"\nscripted exits: the checkpoint's exit layers (mean {np.mean(exits) + 1:.2f} of {ckpt.model.num_layers}; "
           f"old engine row: {first['old engine']['mean_exit_layer']:.2f}) stretched to 12 layers (mean "
           f"{np.mean(script) + 1:.2f})", flush=True)
-    base = as_checkpoint(bert_base(args.quick), ckpt.tokenizer)
     b1 = args.b1_n
     args.b1_n = min(b1 or len(texts), args.b1_n_bert or len(texts))
-    out["models"]["bert-base shape, scripted exits"] = run_model("bert-base shape, scripted exits", base, texts,
-                                                                 None, args, device, thr, script)
-    args.b1_n = b1
     out["script_histogram"] = np.bincount(script, minlength=12).tolist()
-    out["profile"] = {}
-    for name, m in (("checkpoint", ckpt), ("bert-base shape", base)):
-        for precision in args.precisions:
-            got = out["profile"][f"{name} {precision}"] = profile_step(m, device, precision, args.profile_rows)
-            print_profile(f"one layer step of the {name}, {precision}, {args.profile_rows} rows x 32 tokens:", got)
+    name = "bert-base shape, scripted exits"
+    run_model(name, base, texts, None, args, device, thr, script, out["models"].setdefault(name, {}), lambda: save(out))
+    args.b1_n = b1
     return out
 
 
@@ -208,9 +214,11 @@ def main() -> None:
     if args.quick:
         args.n, args.precisions, args.batch_sizes, args.repeats = args.n or 24, ["fp32"], [1, 4], 1
         args.b1_n, args.b1_n_bert, args.profile_rows = 8, 8, 4
-    out = bench(args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    def save(out):
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+
+    bench(args, save)
 
 
 if __name__ == "__main__":
