@@ -86,6 +86,40 @@ def test_static_engine_gives_the_default_engines_answers(trained_ckpt, learned_c
             assert rep["wasted_rows"] > 0  # decisions did arrive late, and the answers did not change
 
 
+# what a CUDA graph capture refuses: a tensor made from host values, a value read back to the host
+UNCAPTURABLE = ("aten.lift_fresh", "aten._local_scalar_dense")  # (on the CPU, SDPA and dtype casts make
+# scalar_tensor and _to_copy ops a CUDA capture takes)
+
+
+@pytest.mark.parametrize("policy", ["entropy", "patience", "learned"])
+def test_a_static_step_does_nothing_a_cuda_graph_capture_refuses(trained_ckpt, learned_ckpt, policy, monkeypatch):
+    """Checked on the CPU: every op of every static step (layer, mask, off-ramp, entropy, decision), as
+    transformers runs it under a capture (no mask-skipping test of the data), is capturable."""
+    import transformers.utils.import_utils as iu
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    ckpt = load_checkpoint(learned_ckpt if policy == "learned" else trained_ckpt)
+    lines = mixed_lines(24, seed=11)
+    rule = LearnedRule(0.7) if policy == "learned" else rules(ckpt, lines)[policy]
+    eng = StaticEngine(ckpt, rule, "cpu", 8)
+    eng.run_rows(encode(ckpt.tokenizer, lines, None, 128).input_ids)
+    monkeypatch.setattr(iu, "is_cuda_stream_capturing", lambda: True)
+    for (i, _, _), st in eng.steps.items():
+        with torch.no_grad(), Ops() as ops:
+            eng._static_step(i, st)
+        bad = [op for op in ops.seen if op.startswith(UNCAPTURABLE)]
+        assert not bad, (i, bad)
+
+
 def test_padding_rows_and_columns_never_change_an_answer(trained_ckpt):
     """A row alone (bucket 1 x its own length bucket) == the same row among others of other lengths."""
     ckpt = load_checkpoint(trained_ckpt)

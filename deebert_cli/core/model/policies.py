@@ -66,13 +66,15 @@ def entropy(logits):
 
     Computed in float32 as log S - sum(e * z) / S with z = logits - max (floored at -1e4, where exp is
     already 0), e = exp(z), S = sum(e), so logits of +-1e4 or bf16/fp16 inputs stay finite. Few array
-    operations: the engines call this once per layer and batch, and at batch 1 their cost is per row."""
+    operations: the engines call this once per layer and batch, and at batch 1 their cost is per row. Bounds
+    are ``clip`` with Python numbers (``torch.clamp``): no tensor is made from a host number, which a
+    CUDA graph capture (the static engine) refuses."""
     xp = namespace(logits)
     x = xp.astype(logits, xp.float32, copy=False)
-    z = xp.maximum(x - xp.max(x, axis=-1, keepdims=True), -1e4)
+    z = xp.clip(x - xp.max(x, axis=-1, keepdims=True), min=-1e4)
     e = xp.exp(z)
     total = xp.sum(e, axis=-1)
-    return xp.maximum(xp.log(total) - xp.sum(e * z, axis=-1) / total, 0.0)
+    return xp.clip(xp.log(total) - xp.sum(e * z, axis=-1) / total, min=0.0)
 
 
 def normalized_entropy(logits):
@@ -81,7 +83,7 @@ def normalized_entropy(logits):
     if c < 2:
         raise ValueError("normalized entropy needs at least 2 classes")
     xp = namespace(logits)
-    return xp.minimum(entropy(logits) / math.log(c), 1.0)
+    return xp.clip(entropy(logits) / math.log(c), max=1.0)
 
 
 def exit_entropy(logits, kind: str = "normalized"):
