@@ -61,6 +61,30 @@ def bert_base(quick: bool = False):
     return HighwayModel(BertForSequenceClassification(BertConfig(num_labels=2, **kw)))
 
 
+@torch.no_grad()
+def layer_costs(m, device, precision, rows=(1, 8, 32, 64, 128, 256, 512, 1024), width=32, reps=50) -> dict:
+    """Milliseconds of one layer (+ its off-ramp) of model ``m`` at ``rows`` x ``width`` tokens: how the
+    cost of a step grows with its rows (where a fixed batch B becomes compute-bound)."""
+    from deebert_cli.core.device import autocast
+
+    m = m.to(device).eval()
+    out = {}
+    for b in rows:
+        hidden = torch.randn(b, width, m.hidden_size, device=device)
+        attn = torch.ones(b, width, dtype=torch.int64, device=device)
+        with autocast(device, precision):
+            mask = m.prepare_mask(attn, hidden)
+            for _ in range(5):
+                m.run_layer(0, hidden, mask)
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                m.exit_logits(0, m.run_layer(0, hidden, mask), attn)
+            sync(device)
+        out[b] = (time.perf_counter() - t0) / reps * 1e3
+    return out
+
+
 def configs(ckpt, device, precision, thr, compile: bool, script=None) -> dict:
     hf = ckpt.model.model
     out = {"eager": Eager(hf, ckpt.tokenizer, device, precision),
@@ -175,6 +199,13 @@ def bench(args, save=lambda out: None) -> dict:
         for precision in args.precisions:
             got = out["profile"][f"{name} {precision}"] = profile_step(m, device, precision, args.profile_rows)
             print_profile(f"one layer step of the {name}, {precision}, {args.profile_rows} rows x 32 tokens:", got)
+    if args.layer_costs:
+        out["layer_costs"] = {}
+        for name, m in (("checkpoint", ckpt.model), ("bert-base shape", base.model)):
+            for precision in args.precisions:
+                got = out["layer_costs"][f"{name} {precision}"] = layer_costs(m, device, precision)
+                print(f"{precision}, {name}: one layer + off-ramp, ms at 32 tokens by rows: "
+                      + ", ".join(f"{b}: {ms:.3f}" for b, ms in got.items()), flush=True)
     save(out)
     a = run_model("checkpoint", ckpt, texts, y, args, device, thr, out=out["models"].setdefault("checkpoint", {}),
                   save=lambda: save(out))
@@ -207,6 +238,7 @@ def main() -> None:
     p.add_argument("--b1-n", type=int, default=400, help="batch 1 on the first N texts only")
     p.add_argument("--b1-n-bert", type=int, default=200, help="batch 1 of the BERT-base shape on the first N texts")
     p.add_argument("--profile-rows", type=int, default=256, help="rows of the profiled layer step")
+    p.add_argument("--layer-costs", action="store_true", help="add one layer's time against its rows")
     p.add_argument("--compile", action="store_true", help="add torch.compile(mode='reduce-overhead') rows")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a CPU check): 24 texts, fp32, batch 1 and 4")
     p.add_argument("--json", default=None)

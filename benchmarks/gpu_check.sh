@@ -59,7 +59,7 @@ t timeout 150 "$PY" -m pytest -m cuda tests/test_cuda.py -p no:cacheprovider -q 
 
 echo "== 2. speed: benchmarks/bench_gpu.py (the JSON is rewritten after each part)"
 t timeout 330 "$PY" benchmarks/bench_gpu.py --checkpoint "$CK32" --data "$DATA" --precisions fp32,bf16 \
-  --batch-sizes 1,32,256,1024 --b1-n 400 --b1-n-bert 200 --repeats 2 --device "$DEVICE" ${BENCH_EXTRA:-} --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench.txt"
+  --batch-sizes 1,32,256,1024 --b1-n 400 --b1-n-bert 200 --repeats 2 --layer-costs --device "$DEVICE" ${BENCH_EXTRA:-} --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench.txt"
 
 echo "== 3. deebert predict --device cuda --engine static|auto against --device cpu (fp32)"
 TXT=$(mktemp --suffix .txt)
