@@ -60,22 +60,19 @@ def _variants(ckpt, device, precision, rows, width) -> dict:
 
 def profile_step(ckpt, device, precision: str, rows: int, width: int = 32, reps: int = 20) -> dict:
     """-> {variant: {wall_ms, host_ops, kernels, device_ms, gap_ms, syncs}} per step."""
-    from deebert_cli.core.device import autocast
-
     out = {}
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.no_grad():
         for name, fn in _variants(ckpt, device, precision, rows, width).items():
-            with autocast(device, precision):
-                for _ in range(3):
+            for _ in range(3):  # the engines enter autocast themselves; the static step captures here
+                fn()
+            _sync(device)
+            t0 = time.perf_counter()
+            with profile(activities=acts) as prof:
+                for _ in range(reps):
                     fn()
                 _sync(device)
-                t0 = time.perf_counter()
-                with profile(activities=acts) as prof:
-                    for _ in range(reps):
-                        fn()
-                    _sync(device)
-                wall = (time.perf_counter() - t0) / reps * 1e3
+            wall = (time.perf_counter() - t0) / reps * 1e3
             out[name] = _summary(prof.events(), reps, wall)
     return out
 

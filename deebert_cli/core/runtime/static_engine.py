@@ -109,7 +109,9 @@ class StaticEngine(EarlyExitEngine):
                  precision: str = "fp32", backend=None, *, lag: int | None = None, graphs: bool | None = None,
                  max_length: int | None = None):
         super().__init__(ckpt, rule, device, batch_size, all_probs, precision, backend)
-        if not hasattr(self.backend, "model"):
+        from .torch_backend import TorchBackend
+
+        if not isinstance(self.backend, TorchBackend):
             from ..errors import UserError
 
             raise UserError("--engine static runs on the torch runtime (--runtime torch)")
