@@ -194,3 +194,14 @@ def test_the_gpu_benchmark_runs_on_the_cpu(trained_ckpt, tmp_path):
         assert rows["static engine"]["exit_layers_differ"] == 0
     assert got["models"]["checkpoint"]["graphs"]["fp32 b4"]["steps"] > 0
     assert "profile" in got and "layer step" in r.stdout
+
+
+def test_predict_engine_auto_and_static_on_the_cpu(trained_ckpt):
+    """--engine auto on a CPU is shrink, as before; --engine static gives the same lines."""
+    got = {}
+    for engine in ("shrink", "auto", "static"):
+        r = runner.invoke(app, ["predict", "--checkpoint", trained_ckpt, "--device", "cpu", "--engine", engine,
+                                "--format", "jsonl", "--batch-size", "4"], input="good fun\n\nbad dull plot\nfine\n")
+        assert r.exit_code == 0, r.output
+        got[engine] = r.stdout
+    assert got["auto"] == got["shrink"] == got["static"]
