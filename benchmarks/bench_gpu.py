@@ -169,6 +169,9 @@ def run_model(name: str, ckpt, texts, y, args, device, thr, script=None, out=Non
             print(f"  static engine: {g['steps']} static steps, {g['graphs']} CUDA graphs (captured in "
                   f"{g['capture_seconds']:.1f} s), buffers {g['buffer_bytes'] / 2**20:.1f} MiB, {g['wasted_rows']} "
                   f"rows computed past their exit (decisions read late)", flush=True)
+            if device.type == "cuda":
+                g["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+                print(f"  peak CUDA memory so far: {g['cuda_peak_bytes'] / 2**30:.2f} GiB", flush=True)
             save()
         del cfgs
         if device.type == "cuda":

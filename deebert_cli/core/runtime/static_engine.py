@@ -134,7 +134,9 @@ class StaticEngine(EarlyExitEngine):
 
     # -- the refill loop with late decisions ------------------------------------------------------
     def run_refill(self, rows: Iterator, max_lag: int = 1024) -> Iterator[tuple]:
-        """:meth:`EarlyExitEngine.run_refill` on static steps; the decisions still unread at the end are read."""
+        """:meth:`EarlyExitEngine.run_refill` on static steps; the decisions still unread at the end are read.
+        A stream that pauses (yields ``None``) with every queue empty keeps the results of its last ``lag``
+        steps until it resumes or ends: serving (which pauses) keeps the default engine."""
         self._pending.clear()
         self._dead.clear()
         yield from super().run_refill(rows, max_lag)
