@@ -212,6 +212,10 @@ def bench(args, save=lambda out: None) -> dict:
     save(out)
     a = run_model("checkpoint", ckpt, texts, y, args, device, thr, out=out["models"].setdefault("checkpoint", {}),
                   save=lambda: save(out))
+    # the one-off measurement --engine auto reads (deebert.json key gpu_measurement, copied in by hand)
+    out["gpu_measurement"] = {p: {str(bs): round(a["results"][f"{p} b{bs}"]["static engine"]["vs_fastest_full_depth"], 3)
+                                  for bs in args.batch_sizes} for p in args.precisions}
+    save(out)
     # (b): the checkpoint's measured exits (old engine, fp32 or the first precision, the first batch size)
     first = a["results"][f"{args.precisions[0]} b{args.batch_sizes[0]}"]
     exits = Deebert(ckpt, device, args.precisions[0], thr)(texts, 32)[1]

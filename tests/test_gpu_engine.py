@@ -194,6 +194,7 @@ def test_the_gpu_benchmark_runs_on_the_cpu(trained_ckpt, tmp_path):
         assert rows["static engine"]["exit_layers_differ"] == 0
     assert got["models"]["checkpoint"]["graphs"]["fp32 b4"]["steps"] > 0
     assert "profile" in got and "layer step" in r.stdout
+    assert set(got["gpu_measurement"]["fp32"]) == {"1", "4"}  # what --engine auto reads, by batch size
 
 
 def test_predict_engine_auto_and_static_on_the_cpu(trained_ckpt):
