@@ -1,26 +1,26 @@
-"""Early exit on a GPU: deebert's torch runtime against the plain transformers classifier, side by side.
+"""Early exit on a GPU (issue 29): deebert's engines against the fastest full-depth runs, side by side.
 
-    python benchmarks/bench_gpu.py --checkpoint CK --data DIR --json gpu.json
+    python benchmarks/bench_gpu.py --checkpoint CK --data DIR --json gpu.json          # on a GPU
+    python benchmarks/bench_gpu.py --checkpoint CK --data DIR --device cpu --quick     # tiny, on a CPU
 
-Rows, for each precision (fp32, bf16, fp16: autocast, as ``--precision`` does) and batch size (1, 32,
-256), over the texts of DIR/test.jsonl (the movie-review test split), every row length-sorting its texts
-and tokenising inside the timing, as deebert's engine does within its window:
+Two models, each over the texts of DIR/test.jsonl (the movie-review test split), for each precision
+(fp32, bf16: autocast, as ``--precision`` does) and batch size (1, 32, 256, 1024); every row tokenises,
+length-sorts and batches inside its timing (:mod:`gpu_rows`):
 
-* ``eager``: the checkpoint's final exit as a plain ``AutoModelForSequenceClassification`` (what a user
-  runs instead of deebert);
-* ``threshold 0``: deebert at full depth (every layer called one by one, no exit check: the engine's
-  own overhead);
-* ``checks, no exit``: deebert with a threshold so small that no row leaves, so every layer's off-ramp,
-  entropy and exit decision (and the host-device sync that reads it) run as at a real threshold;
-* ``threshold T``: the stored threshold, ``--engine shrink`` (the default) and ``--engine refill``;
-* ``threshold T, sync every k``: a variant of shrink that decides exits on the device at every layer
-  but reads them (one sync) and compacts the batch only every k layers; rows that left keep being
-  computed until then, their results frozen at their own exit layer. Same answers, fewer syncs.
+(a) the checkpoint (MiniLM-L6, the ``make demo`` checkpoint), end to end;
+(b) a BERT-base-shaped model (12 layers, 768 wide, random weights: timing only) with **scripted exits**:
+    each text leaves at a layer drawn from the checkpoint's measured exit layers (its old engine at the
+    stored threshold, fp32) stretched to 12 layers, while every step still computes its off-ramp,
+    entropy and decision (ScriptedPolicy) and reads it back.
 
-Configurations are interleaved and repeated (the fastest run kept) after one warm-up pass. It prints the
-ratios: speedup over eager, the ideal (L / mean exit layer) and the fraction of it reached, and what the
-checks cost (``checks, no exit`` vs ``threshold 0``). ``--layer-costs`` adds one transformer layer's time
-against its rows (is a smaller batch cheaper on this device?).
+Rows: ``eager`` (transformers, SDPA), ``full graphs`` (the classifier on bucketed shapes, one CUDA graph
+per bucket: the fastest full-depth baseline; ``--compile`` adds ``torch.compile`` reduce-overhead),
+``threshold 0`` (deebert full depth, old engine), ``static, threshold 0`` (full depth, new engine),
+``static engine`` (the stored threshold, new engine: static shapes, CUDA graphs, decisions read a step
+late, refill at B = batch) and ``old engine`` (the stored threshold, shrink). Configurations are
+interleaved and repeated after a warm-up pass (which captures the graphs), the fastest run kept. Printed:
+texts/s, the ratio to eager and to the fastest full-depth row of the same precision, mean exit layer, the
+static engine's graphs and buffer memory, and a profile of one layer step (:mod:`gpu_profile`).
 """
 from __future__ import annotations
 
@@ -37,8 +37,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-NO_EXIT = 1e-9  # a normalized-entropy threshold no real row goes below: every check runs, nobody leaves
+from gpu_profile import print_profile, profile_step  # noqa: E402
+from gpu_rows import Deebert, Eager, FullGraphs, as_checkpoint, stretch, sync  # noqa: E402
+
+FULL_DEPTH = ("eager", "full graphs", "torch.compile")
 
 
 def rows_of(path: Path) -> tuple:
@@ -46,142 +50,21 @@ def rows_of(path: Path) -> tuple:
     return [r["text"] for r in rows], [r["label"] for r in rows]
 
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# ------------------------------------------------------------------------------------------------
-# the rows
-# ------------------------------------------------------------------------------------------------
-class Eager:
-    """The plain classifier: tokenise, length-sort, pad each batch, one forward, argmax."""
-
-    def __init__(self, ckpt, device, precision):
-        self.model = ckpt.model.model.to(device).eval()  # the wrapped transformers classifier, as saved
-        self.tok, self.device, self.precision = ckpt.tokenizer, device, precision
-
-    @torch.no_grad()
-    def __call__(self, texts, bs) -> tuple:
-        from deebert_cli.core.data.encoding import encode
-        from deebert_cli.core.device import autocast
-        from deebert_cli.core.runtime.engine import pad_rows
-
-        enc = encode(self.tok, texts, None, 128)
-        order = sorted(range(len(texts)), key=lambda i: (len(enc.input_ids[i]), i))
-        pred = [0] * len(texts)
-        for s in range(0, len(order), bs):
-            part = order[s : s + bs]
-            tt = [enc.token_type_ids[i] for i in part] if enc.token_type_ids is not None else None
-            a, m, t = pad_rows([enc.input_ids[i] for i in part], self.tok.pad_token_id, tt)
-            kw = {} if t is None else {"token_type_ids": torch.from_numpy(t).to(self.device)}
-            with autocast(self.device, self.precision):
-                logits = self.model(input_ids=torch.from_numpy(a).to(self.device),
-                                    attention_mask=torch.from_numpy(m).to(self.device), **kw).logits
-            for i, p in zip(part, logits.argmax(-1).tolist()):
-                pred[i] = p
-        return pred, None
-
-
-def deebert(ckpt, device, precision, thr, engine="shrink", every=1):
-    from deebert_cli.core.runtime.rules import ExitRule
-    from deebert_cli.core.runtime.stream import PredictStats, predict_stream
-
-    rule = ExitRule([thr] * ckpt.model.num_layers)
-
-    def run(texts, bs):
-        stats = PredictStats(ckpt.model.num_layers)
-        if every > 1:
-            out = _deferred(ckpt, rule, device, precision, texts, bs, every)
-        else:
-            out = list(predict_stream(ckpt, texts, rule, device, batch_size=bs, stats=stats, engine=engine,
-                                      precision=precision))
-        return [r.label for r in out], [r.exit_layer for r in out]
-
-    return run
-
-
-def _deferred(ckpt, rule, device, precision, texts, bs, every):
-    """predict_stream's shrink engine with exits read every ``every`` layers (see the module docstring)."""
-    from deebert_cli.core.runtime.engine import EarlyExitEngine
-    from deebert_cli.core.runtime.stream import predict_stream
-
-    class Deferred(EarlyExitEngine):
-        def run_batch(self, batch):
-            return deferred_run_batch(self, batch, every)
-
-    import deebert_cli.core.runtime.stream as inf
-
-    orig = inf.EarlyExitEngine
-    inf.EarlyExitEngine = Deferred
-    try:
-        return list(predict_stream(ckpt, texts, rule, device, batch_size=bs, precision=precision))
-    finally:
-        inf.EarlyExitEngine = orig
-
-
-def deferred_run_batch(eng, batch, every: int) -> tuple:
-    """EarlyExitEngine.run_batch with one host-device sync per ``every`` layers instead of one per layer:
-    exits are decided on the device at every layer and each row's exit layer and logits frozen there
-    (``torch.where``); at a sync the rows that left are read back and dropped from the batch."""
-    be = eng.backend
-    ids, mask, tt = batch["input_ids"], np.asarray(batch["attention_mask"]), batch.get("token_type_ids")
-    b = mask.shape[0]
-    hidden = be.embed(be.put(np.asarray(ids)), None if tt is None else be.put(np.asarray(tt)))
-    attn = be.put(mask)
-    active = np.arange(b)
-    lengths = mask.sum(1)
-    state = eng.policy.init_state(b, eng.device, eng.xp)
-    exit_layer = np.full(b, eng.L - 1, dtype=np.int64)
-    out_logits = np.empty((b, eng.C), dtype=np.float32)
-    left = torch.zeros(b, dtype=torch.bool, device=eng.device)  # rows that left, still in the batch
-    at = torch.full((b,), eng.L - 1, dtype=torch.int64, device=eng.device)
-    kept = torch.zeros((b, eng.C), dtype=torch.float32, device=eng.device)
-    for i in range(eng.L):
-        last = i == eng.L - 1
-        hidden, logits, score = be.layer(i, hidden, attn, eng.policy.needs_score and not last)
-        if last:
-            done = torch.ones_like(left)
-        else:
-            done, state = eng.policy.step(i, logits, state, score)
-        new = done & ~left
-        at = torch.where(new, i, at)
-        kept = torch.where(new[:, None], logits, kept)
-        left = left | done
-        if last or (i + 1) % every == 0:
-            fin = left.cpu().numpy()  # the one sync of these layers
-            if fin.any():
-                exit_layer[active[fin]] = at.cpu().numpy()[fin]
-                out_logits[active[fin]] = kept.cpu().numpy()[fin]
-                keep = ~fin
-                if not keep.any():
-                    break
-                sel = be.put(keep)
-                hidden, attn, active, lengths = hidden[sel], attn[sel], active[keep], lengths[keep]
-                left, at, kept = left[sel], at[sel], kept[sel]
-                state = tuple(t[sel] for t in state)
-                width = int(lengths.max())
-                if width < hidden.shape[1]:
-                    hidden, attn = hidden[:, :width], attn[:, :width]
-    return exit_layer, out_logits, eng._entropy(out_logits)
-
-
-# ------------------------------------------------------------------------------------------------
-# one transformer layer against its rows
-# ------------------------------------------------------------------------------------------------
-def bert_base():
-    """A randomly initialised BERT-base-sized highway model (768 wide, 12 layers): timing only."""
+def bert_base(quick: bool = False):
+    """A randomly initialised BERT-base-shaped highway model (768 wide, 12 layers; ``quick``: 32 wide)."""
     from transformers import BertConfig, BertForSequenceClassification
 
     from deebert_cli.core.model.highway import HighwayModel
 
-    return HighwayModel(BertForSequenceClassification(BertConfig(num_labels=2)))
+    torch.manual_seed(0)
+    kw = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64) if quick else {}
+    return HighwayModel(BertForSequenceClassification(BertConfig(num_labels=2, **kw)))
 
 
 @torch.no_grad()
 def layer_costs(m, device, precision, rows=(1, 8, 32, 64, 128, 256, 512, 1024), width=32, reps=50) -> dict:
     """Milliseconds of one layer (+ its off-ramp) of model ``m`` at ``rows`` x ``width`` tokens: how the
-    cost of a step falls as rows leave."""
+    cost of a step grows with its rows (where a fixed batch B becomes compute-bound)."""
     from deebert_cli.core.device import autocast
 
     m = m.to(device).eval()
@@ -196,23 +79,113 @@ def layer_costs(m, device, precision, rows=(1, 8, 32, 64, 128, 256, 512, 1024), 
             sync(device)
             t0 = time.perf_counter()
             for _ in range(reps):
-                h = m.run_layer(0, hidden, mask)
-                m.exit_logits(0, h, attn)
+                m.exit_logits(0, m.run_layer(0, hidden, mask), attn)
             sync(device)
         out[b] = (time.perf_counter() - t0) / reps * 1e3
     return out
 
 
-# ------------------------------------------------------------------------------------------------
-# the benchmark
-# ------------------------------------------------------------------------------------------------
-def bench(args) -> dict:
-    from deebert_cli.core.model.checkpoint import load_checkpoint
+def configs(ckpt, device, precision, thr, compile: bool, script=None) -> dict:
+    hf = ckpt.model.model
+    out = {"eager": Eager(hf, ckpt.tokenizer, device, precision),
+           "full graphs": FullGraphs(hf, ckpt.tokenizer, device, precision)}
+    if compile:
+        out["torch.compile"] = FullGraphs(hf, ckpt.tokenizer, device, precision, compile=True)
+    out["threshold 0"] = Deebert(ckpt, device, precision, 0.0)
+    out["static, threshold 0"] = Deebert(ckpt, device, precision, 0.0, "static")
+    out["static engine"] = Deebert(ckpt, device, precision, thr, "static", script)
+    out["old engine"] = Deebert(ckpt, device, precision, thr, "shrink", script)
+    return out
+
+
+def time_rows(cfgs: dict, texts: list, bs: int, repeats: int, device) -> tuple:
+    """Warm up every row once (graphs are captured then), then ``repeats`` interleaved timed passes ->
+    (best seconds by row, first answers by row, warm-up seconds by row)."""
+    warm = {}
+    for name, run in cfgs.items():
+        t0 = time.perf_counter()
+        run(texts, bs)
+        sync(device)
+        warm[name] = time.perf_counter() - t0
+    best, got = {k: math.inf for k in cfgs}, {}
+    for _ in range(repeats):
+        for name, run in cfgs.items():
+            sync(device)
+            t0 = time.perf_counter()
+            pred, exits = run(texts, bs)
+            sync(device)
+            best[name] = min(best[name], time.perf_counter() - t0)
+            got.setdefault(name, (pred, exits))
+    return best, got, warm
+
+
+def table(best: dict, got: dict, warm: dict, y: list | None, L: int) -> dict:
+    n = len(next(iter(got.values()))[0])
+    fastest = min(best[k] for k in best if k in FULL_DEPTH)
+    ref = got["old engine"][1]
+    rows = {}
+    for name, (pred, exits) in got.items():
+        r = {"seconds": best[name], "texts_per_s": n / best[name], "n": n, "warmup_seconds": warm[name],
+             "vs_eager": best["eager"] / best[name], "vs_fastest_full_depth": fastest / best[name],
+             "mean_exit_layer": float(np.mean(exits)) + 1 if exits else float(L)}
+        if y is not None:
+            r["accuracy"] = sum(int(p == t) for p, t in zip(pred, y)) / n
+        if name == "static engine":  # the same answers as the old engine?
+            r["exit_layers_differ"] = sum(a != b for a, b in zip(exits, ref))
+            r["labels_differ"] = sum(a != b for a, b in zip(pred, got["old engine"][0]))
+        rows[name] = r
+    return rows
+
+
+def print_rows(title: str, rows: dict, L: int) -> None:
+    print(f"\n{title}\n  {'row':<20} {'texts/s':>9} {'vs eager':>9} {'vs fastest full':>15} {'accuracy':>9} "
+          f"{'mean exit':>9} {'ideal':>6}")
+    for name, r in rows.items():
+        acc = f"{100 * r['accuracy']:.2f}%" if "accuracy" in r else "-"
+        extra = f"  ({r['labels_differ']} labels, {r['exit_layers_differ']} exit layers differ from the old engine)" \
+            if "exit_layers_differ" in r else ""
+        print(f"  {name:<20} {r['texts_per_s']:>9.0f} {r['vs_eager']:>8.2f}x {r['vs_fastest_full_depth']:>14.2f}x "
+              f"{acc:>9} {r['mean_exit_layer']:>9.2f} {L / r['mean_exit_layer']:>5.2f}x{extra}", flush=True)
+
+
+def run_model(name: str, ckpt, texts, y, args, device, thr, script=None, out=None, save=lambda: None) -> dict:
+    """Every precision x batch size of one model into ``out`` -> {results, graphs, full_graphs}; ``save()``
+    after each batch size."""
+    L = ckpt.model.num_layers
+    out = {} if out is None else out
+    out.update({"layers": L, "hidden": ckpt.model.hidden_size, "threshold": thr, "results": {}, "graphs": {},
+           "full_graphs": {}, "attention": getattr(ckpt.model.config, "_attn_implementation", None)})
+    for precision in args.precisions:
+        cfgs = configs(ckpt, device, precision, thr, args.compile, script)
+        for bs in args.batch_sizes:
+            n = min(len(texts), args.b1_n) if bs == 1 and args.b1_n else len(texts)
+            best, got, warm = time_rows(cfgs, texts[:n], bs, args.repeats, device)
+            key = f"{precision} b{bs}"
+            out["results"][key] = rows = table(best, got, warm, None if y is None else y[:n], L)
+            out["graphs"][key] = cfgs["static engine"].report(bs)
+            out["full_graphs"][key] = cfgs["full graphs"].report()
+            print_rows(f"{name}: {precision}, batch {bs} ({n} texts)", rows, L)
+            g = out["graphs"][key]
+            print(f"  static engine: {g['steps']} static steps, {g['graphs']} CUDA graphs (captured in "
+                  f"{g['capture_seconds']:.1f} s), buffers {g['buffer_bytes'] / 2**20:.1f} MiB, {g['wasted_rows']} "
+                  f"rows computed past their exit (decisions read late)", flush=True)
+            if device.type == "cuda":
+                g["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+                print(f"  peak CUDA memory so far: {g['cuda_peak_bytes'] / 2**30:.2f} GiB", flush=True)
+            save()
+        del cfgs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def bench(args, save=lambda out: None) -> dict:
+    """Every part in turn; ``save(out)`` after each (a run cut short by its time limit keeps what it did)."""
     from deebert_cli.core.device import resolve_device
+    from deebert_cli.core.model.checkpoint import load_checkpoint
 
     device = resolve_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
-    L = ckpt.model.num_layers
     stored = ckpt.meta.get("thresholds", {}).get("values", [0.3])[0]
     thr = args.threshold if args.threshold is not None else stored
     texts, labels = rows_of(Path(args.data) / "test.jsonl")
@@ -220,65 +193,43 @@ def bench(args) -> dict:
     y = [ckpt.label_names.index(l) for l in labels]
     out = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-           "checkpoint": args.checkpoint, "n": len(texts), "layers": L, "threshold": thr, "repeats": args.repeats,
-           "results": {}, "layer_costs": {}}
-    print(f"{out['gpu']}: torch {out['torch']}, CUDA {out['cuda']}; {len(texts)} texts, L={L}, threshold {thr:g}",
-          flush=True)
-    for precision in args.precisions:
-        configs = {"eager": Eager(ckpt, device, precision),
-                   "threshold 0": deebert(ckpt, device, precision, 0.0),
-                   "checks, no exit": deebert(ckpt, device, precision, NO_EXIT),
-                   f"threshold {thr:g}": deebert(ckpt, device, precision, thr),
-                   f"threshold {thr:g}, refill": deebert(ckpt, device, precision, thr, "refill")}
-        for k in args.every:
-            configs[f"threshold {thr:g}, sync every {k}"] = deebert(ckpt, device, precision, thr, every=k)
-        for bs in args.batch_sizes:
-            best, got = {k: math.inf for k in configs}, {}
-            n = min(len(texts), args.b1_n) if bs == 1 and args.b1_n else len(texts)
-            for name, run in configs.items():  # warm-up: CUDA context, cuBLAS plans, autocast caches
-                run(texts[:64], bs)
-            for _ in range(args.repeats):
-                for name, run in configs.items():
-                    if bs == 1 and "refill" in name:
-                        continue  # one row per step: the engines coincide
-                    sync(device)
-                    t0 = time.perf_counter()
-                    pred, exits = run(texts[:n], bs)
-                    sync(device)
-                    best[name] = min(best[name], time.perf_counter() - t0)
-                    got.setdefault(name, (pred, exits))
-            rows = {}
-            ref = got[f"threshold {thr:g}"][1]
-            for name in got:
-                pred, exits = got[name]
-                rows[name] = {"seconds": best[name], "ex_per_s": n / best[name], "n": n,
-                              "accuracy": sum(int(p == t) for p, t in zip(pred, y)) / n,
-                              "mean_exit_layer": float(np.mean(exits)) if exits else float(L)}
-                if exits and name.startswith(f"threshold {thr:g},"):  # the same answers as the default engine?
-                    rows[name]["exit_layers_differ"] = sum(a != b for a, b in zip(exits, ref))
-            out["results"][f"{precision} b{bs}"] = rows
-            print_rows(precision, bs, rows, L, thr, flush=True)
-        if args.layer_costs:
-            for name, m in (("checkpoint", ckpt.model), ("bert-base size", bert_base())):
-                got = out["layer_costs"].setdefault(name, {})[precision] = layer_costs(m, device, precision)
+           "checkpoint": args.checkpoint, "n": len(texts), "threshold": thr, "repeats": args.repeats,
+           "batch_sizes": args.batch_sizes, "precisions": args.precisions, "models": {}}
+    print(f"{out['gpu']}: torch {out['torch']}, CUDA {out['cuda']}; {len(texts)} texts, threshold {thr:g}", flush=True)
+    base = as_checkpoint(bert_base(args.quick), ckpt.tokenizer)
+    out["profile"] = {}
+    for name, m in (("checkpoint", ckpt), ("bert-base shape", base)):  # first: seconds, and the key to the rest
+        for precision in args.precisions:
+            got = out["profile"][f"{name} {precision}"] = profile_step(m, device, precision, args.profile_rows)
+            print_profile(f"one layer step of the {name}, {precision}, {args.profile_rows} rows x 32 tokens:", got)
+    if args.layer_costs:
+        out["layer_costs"] = {}
+        for name, m in (("checkpoint", ckpt.model), ("bert-base shape", base.model)):
+            for precision in args.precisions:
+                got = out["layer_costs"][f"{name} {precision}"] = layer_costs(m, device, precision)
                 print(f"{precision}, {name}: one layer + off-ramp, ms at 32 tokens by rows: "
                       + ", ".join(f"{b}: {ms:.3f}" for b, ms in got.items()), flush=True)
+    save(out)
+    a = run_model("checkpoint", ckpt, texts, y, args, device, thr, out=out["models"].setdefault("checkpoint", {}),
+                  save=lambda: save(out))
+    # the one-off measurement --engine auto reads (deebert.json key gpu_measurement, copied in by hand)
+    out["gpu_measurement"] = {p: {str(bs): round(a["results"][f"{p} b{bs}"]["static engine"]["vs_fastest_full_depth"], 3)
+                                  for bs in args.batch_sizes} for p in args.precisions}
+    save(out)
+    # (b): the checkpoint's measured exits (old engine, fp32 or the first precision, the first batch size)
+    first = a["results"][f"{args.precisions[0]} b{args.batch_sizes[0]}"]
+    exits = Deebert(ckpt, device, args.precisions[0], thr)(texts, 32)[1]
+    script = stretch(exits, ckpt.model.num_layers, 12, seed=0)
+    print(f"\nscripted exits: the checkpoint's exit layers (mean {np.mean(exits) + 1:.2f} of {ckpt.model.num_layers}; "
+          f"old engine row: {first['old engine']['mean_exit_layer']:.2f}) stretched to 12 layers (mean "
+          f"{np.mean(script) + 1:.2f})", flush=True)
+    b1 = args.b1_n
+    args.b1_n = min(b1 or len(texts), args.b1_n_bert or len(texts))
+    out["script_histogram"] = np.bincount(script, minlength=12).tolist()
+    name = "bert-base shape, scripted exits"
+    run_model(name, base, texts, None, args, device, thr, script, out["models"].setdefault(name, {}), lambda: save(out))
+    args.b1_n = b1
     return out
-
-
-def print_rows(precision, bs, rows, L, thr, flush=True) -> None:
-    base = rows["eager"]["seconds"]
-    print(f"\n{precision}, batch {bs} ({next(iter(rows.values()))['n']} texts): {'row':<30} {'texts/s':>9} {'vs eager':>9} {'accuracy':>9} {'mean exit':>9} "
-          f"{'ideal':>6} {'of ideal':>8}")
-    for name, r in rows.items():
-        ideal = L / r["mean_exit_layer"]
-        speed = base / r["seconds"]
-        print(f"{'':>18}{name:<30} {r['ex_per_s']:>9.0f} {speed:>8.2f}x {100 * r['accuracy']:>8.2f}% "
-              f"{r['mean_exit_layer']:>9.2f} {ideal:>5.2f}x {speed / ideal:>8.2f}"
-              + (f"  ({r['exit_layers_differ']} exit layers differ)" if "exit_layers_differ" in r else ""), flush=flush)
-    if "checks, no exit" in rows:
-        c, z = rows["checks, no exit"]["seconds"], rows["threshold 0"]["seconds"]
-        print(f"{'':>18}exit checks at every layer cost {100 * (c / z - 1):+.1f}% at full depth", flush=flush)
 
 
 def main() -> None:
@@ -286,20 +237,27 @@ def main() -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", default="/work/shared/datasets/movie_snippets", help="folder with test.jsonl")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--precisions", type=lambda s: s.split(","), default=["fp32", "bf16", "fp16"])
-    p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32, 256])
-    p.add_argument("--every", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
-                   help="sync-every-k variants to time (empty: none)")
+    p.add_argument("--precisions", type=lambda s: s.split(","), default=["fp32", "bf16"])
+    p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32, 256, 1024])
     p.add_argument("--threshold", type=float, default=None, help="default: the checkpoint's stored threshold")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--n", type=int, default=None, help="first N texts only")
-    p.add_argument("--b1-n", type=int, default=None, help="batch 1 on the first N texts only")
-    p.add_argument("--layer-costs", action="store_true")
+    p.add_argument("--b1-n", type=int, default=400, help="batch 1 on the first N texts only")
+    p.add_argument("--b1-n-bert", type=int, default=200, help="batch 1 of the BERT-base shape on the first N texts")
+    p.add_argument("--profile-rows", type=int, default=256, help="rows of the profiled layer step")
+    p.add_argument("--layer-costs", action="store_true", help="add one layer's time against its rows")
+    p.add_argument("--compile", action="store_true", help="add torch.compile(mode='reduce-overhead') rows")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (a CPU check): 24 texts, fp32, batch 1 and 4")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    out = bench(args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    if args.quick:
+        args.n, args.precisions, args.batch_sizes, args.repeats = args.n or 24, ["fp32"], [1, 4], 1
+        args.b1_n, args.b1_n_bert, args.profile_rows = 8, 8, 4
+    def save(out):
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+
+    bench(args, save)
 
 
 if __name__ == "__main__":

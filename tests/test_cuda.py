@@ -6,6 +6,9 @@ Run them alone with ``pytest -m cuda``. What they hold to:
   every family; bf16 and fp16 autocast within their own, looser, tolerance;
 * batch 1 gives the same exits as batch 32 on the GPU (fp32), for every exit policy and both engines,
   and the serving core answers as predict does;
+* the static engine with CUDA graphs captured (static shapes, decisions read a step late, refill at B)
+  gives the CPU's labels and exit layers for every exit policy, at batch 1 and batch B, run after run,
+  and ``--engine auto`` on cuda is that engine; bf16 mostly the fp32 answer;
 * ``finetune`` and ``train-exits`` run on ``cuda`` with ``--precision bf16``, and the CLI commands that
   take ``--device`` (predict, analyze) run there.
 """
@@ -110,6 +113,45 @@ def test_batch_1_equals_batch_32_on_the_gpu(trained_ckpt, learned_cuda_ckpt, pol
         assert [r.index for r in many] == list(range(len(lines)))
         assert [(a.label, a.exit_layer) for a in one] == [(b.label, b.exit_layer) for b in many], kw
         assert max(abs(a.confidence - b.confidence) for a, b in zip(one, many)) < 1e-4
+
+
+@pytest.mark.parametrize("policy", ["entropy", "patience", "learned"])
+def test_static_engine_with_cuda_graphs_equals_the_cpu(trained_ckpt, learned_cuda_ckpt, policy):
+    from deebert_cli.core.data.encoding import encode
+    from deebert_cli.core.runtime.engine import EarlyExitEngine
+    from deebert_cli.core.runtime.static_engine import StaticEngine
+
+    path = learned_cuda_ckpt if policy == "learned" else trained_ckpt
+    ckpt = load_checkpoint(path)
+    lines = mixed_lines(200, seed=11)
+    rule = LearnedRule(0.7) if policy == "learned" else _rules(ckpt, lines)[policy]
+    ids = encode(ckpt.tokenizer, lines, None, 128).input_ids
+
+    def answers(eng):
+        layer, logits, _ = eng.run_rows(ids)
+        return list(zip(logits.argmax(-1).tolist(), layer.tolist()))
+
+    cpu = answers(EarlyExitEngine(load_checkpoint(path), rule, "cpu", 32))
+    for B, lag in ((1, 1), (32, 1), (8, 0), (64, 2)):
+        eng = StaticEngine(ckpt, rule, DEV, B, lag=lag)
+        assert answers(eng) == cpu, (B, lag)
+        assert answers(eng) == cpu, (B, lag, "replayed")  # the second run replays the captured graphs
+        rep = eng.graph_report()
+        if DEV == "cuda":
+            assert rep["graphs"] == rep["steps"] > 0 and rep["capture_seconds"] > 0
+    got, _ = _run(ckpt, lines, rule, batch_size=32, engine="auto")  # on cuda: the static engine
+    assert [(r.label, r.exit_layer) for r in got] == [(l, e + 1) for l, e in cpu]  # Prediction: 1-based layers
+
+
+def test_static_engine_in_bf16_on_the_gpu(trained_ckpt):
+    ckpt = load_checkpoint(trained_ckpt)
+    lines = mixed_lines(120, seed=4)
+    rule = ExitRule([spread_threshold(all_exit_entropies(ckpt, lines))] * ckpt.model.num_layers)
+    want, _ = _run(ckpt, lines, rule, batch_size=32)
+    got, _ = _run(ckpt, lines, rule, batch_size=32, engine="static", precision="bf16")
+    assert [r.index for r in got] == list(range(len(lines)))
+    same = sum((a.label, a.exit_layer) == (b.label, b.exit_layer) for a, b in zip(got, want))
+    assert same >= 0.9 * len(lines), f"bf16 static: {same}/{len(lines)} as fp32"
 
 
 @pytest.mark.parametrize("precision", HALF)

@@ -24,7 +24,7 @@ def predict(
     patience: int = PATIENCE_OPT,
     tolerance: float = TOLERANCE_OPT,
     batch_size: int = typer.Option(32, help="Rows per batch; rows that exit leave the batch."),
-    engine: str = typer.Option("shrink", help="shrink (exited rows leave the batch) or refill (per-layer queues refilled from the input)."),
+    engine: str = typer.Option("shrink", help="shrink (exited rows leave the batch), refill (per-layer queues refilled from the input), static (refill with static shapes; CUDA graphs on CUDA) or auto (on CUDA: static, or full depth where the checkpoint's GPU measurement says early exit cannot pay; elsewhere shrink)."),
     window: int = typer.Option(1024, help="Lines read at a time (sorted by length within a window to cut padding)."),
     max_length: Optional[int] = typer.Option(None, help="Maximum tokens per input (default: the checkpoint's); longer lines are truncated."),
     format: str = typer.Option("text", "--format", help="text, jsonl or tsv (tsv starts with one header line)."),
@@ -86,11 +86,26 @@ def load_run(ctx: typer.Context, config: Optional[Path], values: dict) -> tuple:
         err.print(f"[yellow]warning:[/] {warning}")
     rule, source = resolve_rule(ckpt, cfg.threshold, cfg.thresholds, cfg.entropy, policy=cfg.exit_policy,
                                 patience=cfg.patience, tolerance=cfg.tolerance)
+    if cfg.engine == "auto" and not onnx:
+        rule = _auto_engine(cfg, ckpt, dev, rule)
     if rt.is_main:
         where = f"{rt.world} processes" if rt.distributed else (
             f"onnx runtime ({cfg.onnx_precision}, CPU)" if onnx else f"device {dev}")
         err.print(f"[dim]deebert predict: {rule.describe()} ({source}); {ckpt.model.num_layers} layers; {where}; engine {cfg.engine}[/]")
     return cfg, rt, ckpt, rule
+
+
+def _auto_engine(cfg, ckpt, device, rule):
+    """``--engine auto``: the engine :func:`~..core.runtime.static_engine.plan_engine` picks goes into
+    ``cfg``; where early exit cannot pay, one line says so and the rule becomes full depth -> the rule."""
+    from ..core.runtime.rules import ExitRule
+    from ..core.runtime.static_engine import plan_engine
+
+    plan = plan_engine(ckpt.meta, device, cfg.batch_size, cfg.precision)
+    cfg.engine = plan.engine
+    if plan.note:
+        err.print(f"[yellow]note:[/] {plan.note}")
+    return ExitRule([0.0] * ckpt.model.num_layers, rule.entropy) if plan.full_depth else rule
 
 
 def write_results(cfg, rt, ckpt, rule):

@@ -180,7 +180,7 @@ def _check_risk_budget(cfg) -> None:
            f"max_disagreement must be a fraction in (0, 1) (0.02 = 2%), got {cfg.max_disagreement}")
 
 
-ENGINES = ("shrink", "refill")
+ENGINES = ("shrink", "refill", "static", "auto")
 FORMATS = ("text", "jsonl", "tsv")
 
 

@@ -67,8 +67,9 @@ def check_precision(precision: str, device) -> None:
         raise UserError(f"--precision {precision}: autocast is not available on device '{device}'; use fp32")
 
 
-def autocast(device, precision: str = "fp32"):
-    """Context manager: mixed-precision autocast on ``device`` (a no-op for fp32)."""
+def autocast(device, precision: str = "fp32", cache: bool = True):
+    """Context manager: mixed-precision autocast on ``device`` (a no-op for fp32). ``cache=False`` for
+    code captured into a CUDA graph (autocast's cache of cast weights must not live in a graph's pool)."""
     import contextlib
 
     import torch
@@ -76,4 +77,4 @@ def autocast(device, precision: str = "fp32"):
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype, cache_enabled=cache)

@@ -69,10 +69,20 @@ def entropy(logits):
     operations: the engines call this once per layer and batch, and at batch 1 their cost is per row."""
     xp = namespace(logits)
     x = xp.astype(logits, xp.float32, copy=False)
-    z = xp.maximum(x - xp.max(x, axis=-1, keepdims=True), -1e4)
+    z = _bound(xp, x - xp.max(x, axis=-1, keepdims=True), lo=-1e4)
     e = xp.exp(z)
     total = xp.sum(e, axis=-1)
-    return xp.maximum(xp.log(total) - xp.sum(e * z, axis=-1) / total, 0.0)
+    return _bound(xp, xp.log(total) - xp.sum(e * z, axis=-1) / total, lo=0.0)
+
+
+def _bound(xp, x, lo=None, hi=None):
+    """``x`` bounded by Python numbers: numpy's maximum/minimum (its fastest), else ``clip`` (torch.clamp),
+    which makes no tensor from a host number: array_api_compat's torch maximum would, and a CUDA graph
+    capture (the static engine) refuses that; clamp is also ~5x faster on small CPU tensors."""
+    if xp is np:
+        x = x if lo is None else np.maximum(x, lo)
+        return x if hi is None else np.minimum(x, hi)
+    return xp.clip(x, min=lo, max=hi)
 
 
 def normalized_entropy(logits):
@@ -81,7 +91,7 @@ def normalized_entropy(logits):
     if c < 2:
         raise ValueError("normalized entropy needs at least 2 classes")
     xp = namespace(logits)
-    return xp.minimum(entropy(logits) / math.log(c), 1.0)
+    return _bound(xp, entropy(logits) / math.log(c), hi=1.0)
 
 
 def exit_entropy(logits, kind: str = "normalized"):
@@ -202,6 +212,29 @@ class LearnedPolicy:
     def step(self, i: int, logits, state: tuple, score=None) -> tuple:
         """score [b] at layer i -> (done [b] bool, state)."""
         return (score < self.threshold) if self.regression else (score > self.threshold), state
+
+
+class ScriptedPolicy:
+    """A timing mode (benchmarks' scripted exits): ``inner`` decides as usual at every layer (off-ramp,
+    entropy, comparison: all the real work), then each row leaves at its scripted layer instead. Rows get
+    their layers in the order they enter an engine (``init_state`` takes the next ones from ``script``, a
+    deque the caller fills); the layer travels with the row as the last part of its state."""
+
+    def __init__(self, inner, script):
+        self.inner, self.script = inner, script
+        self.needs_score = inner.needs_score
+
+    def can_exit(self, i: int) -> bool:
+        return True
+
+    def init_state(self, b: int, device=None, xp=None) -> tuple:
+        xp = default_namespace(xp)
+        layers = xp.asarray([self.script.popleft() for _ in range(b)], dtype=xp.int64, device=device)
+        return self.inner.init_state(b, device, xp) + (layers,)
+
+    def step(self, i: int, logits, state: tuple, score=None) -> tuple:
+        done, inner = self.inner.step(i, logits, state[:-1], score)
+        return state[-1] == i, inner + (state[-1],)
 
 
 def policy_exit(policy, logits, scores=None):

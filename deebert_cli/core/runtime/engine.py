@@ -143,20 +143,29 @@ class EarlyExitEngine:
             return np.full(logits.shape[:1], np.nan, dtype=np.float32)
         return np.asarray(exit_entropy(logits, self.rule.entropy))
 
-    def _step(self, i: int, hidden, attn, state: tuple) -> tuple:
-        """Layer i and the policy's decision -> (hidden, logits, done [b] host bool, state). At a layer
-        where the rule lets nobody leave (an entropy threshold of 0) the off-ramp is skipped: no logits,
-        no decision to read back from the device."""
+    def _decide(self, i: int, hidden, attn, state: tuple) -> tuple:
+        """Layer i and the policy's decision, all on the device -> (hidden, logits or None, done, state)
+        with ``done`` a [b] bool array of the backend, or ``None`` where nobody may leave (the off-ramp is
+        skipped: an entropy threshold of 0), or ``True`` at the last layer (everyone leaves). The one exit
+        logic of every engine (the static engine runs it inside its captured steps)."""
         be = self.backend
         last = i == self.L - 1
         if not last and not self.policy.can_exit(i):
             hidden, _, _ = be.layer(i, hidden, attn, False, exit=False)
-            return hidden, None, np.zeros(attn.shape[0], dtype=bool), state
+            return hidden, None, None, state
         hidden, logits, score = be.layer(i, hidden, attn, self.policy.needs_score and not last)
         if last:
-            return hidden, logits, np.ones(logits.shape[0], dtype=bool), state
+            return hidden, logits, True, state
         done, state = self.policy.step(i, logits, state, score)
-        return hidden, logits, be.to_numpy(done), state
+        return hidden, logits, done, state
+
+    def _step(self, i: int, hidden, attn, state: tuple) -> tuple:
+        """:meth:`_decide` with the decision read back -> (hidden, logits, done [b] host bool, state). At a
+        layer where the rule lets nobody leave there are no logits and no decision to read from the device."""
+        hidden, logits, done, state = self._decide(i, hidden, attn, state)
+        if done is None or done is True:
+            return hidden, logits, np.full(attn.shape[0], done is True, dtype=bool), state
+        return hidden, logits, self.backend.to_numpy(done), state
 
     # -- shrinking batch ----------------------------------------------------------------------------
     def run_batch(self, batch: dict) -> tuple:

@@ -109,11 +109,35 @@ def predict_stream(ckpt, lines: Iterable[str], rule, device=None, *, batch_size:
     pairs = bool(ckpt.meta.get("data", {}).get("text_pair_column"))
     max_length = max_length or ckpt.meta.get("max_length", 128)
     max_length = min(max_length, ckpt.model.max_tokens or max_length)  # never past the position embeddings
-    eng = EarlyExitEngine(ckpt, rule, device, batch_size, all_probs, precision)
+    eng, engine = _engine(ckpt, rule, device, batch_size, all_probs, precision, engine, max_length)
     stats = stats if stats is not None else PredictStats(eng.L)
     ready: dict = {}  # index -> Prediction, waiting for earlier lines
     windows = _windows(lines, window, ckpt.tokenizer, pairs, max_length, stats, ready)
     yield from _in_order(_predicted(eng, windows, engine, batch_size, window, all_probs), ready, stats)
+
+
+def _engine(ckpt, rule, device, batch_size, all_probs, precision, engine: str, max_length: int) -> tuple:
+    """The engine that runs ``engine`` -> (engine object, shrink or refill: how rows are fed to it).
+    ``static`` (:mod:`.static_engine`: static shapes, CUDA graphs on CUDA) is fed as refill; ``auto``
+    follows :func:`~.static_engine.plan_engine` (shrink off CUDA), its one-line note logged."""
+    if engine == "auto":
+        from .static_engine import plan_engine
+
+        plan = plan_engine(ckpt.meta, device if device is not None else "cpu", batch_size, precision)
+        if plan.note:
+            import logging
+
+            logging.getLogger("deebert").warning(plan.note)
+        engine = plan.engine
+        if plan.full_depth:
+            from .rules import ExitRule
+
+            rule = ExitRule([0.0] * ckpt.model.num_layers, rule.entropy)
+    if engine == "static":
+        from .static_engine import StaticEngine
+
+        return StaticEngine(ckpt, rule, device, batch_size, all_probs, precision, max_length=max_length), "refill"
+    return EarlyExitEngine(ckpt, rule, device, batch_size, all_probs, precision), engine
 
 
 def _windows(lines: Iterable[str], window: int, tok, pairs: bool, max_length: int, stats: PredictStats,

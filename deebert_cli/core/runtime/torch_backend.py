@@ -24,6 +24,7 @@ class TorchBackend:
         # value measured for the serving core (benchmarks/bench_refill_groups.py, docs/BENCHMARKS.md).
         # On an accelerator a call costs about the same for few or many tokens (not measured here).
         self.call_tokens = 64 if self.device.type == "cpu" else 1024
+        self.autocast_cache = True  # False under CUDA graph capture (the static engine)
         self._mask_cache = None  # ((mask tensor, (b, s), dtype), prepared mask) of the batch in flight
 
     def put(self, a: np.ndarray) -> torch.Tensor:
@@ -52,7 +53,7 @@ class TorchBackend:
     @torch.no_grad()
     def layer(self, i: int, hidden, attention_mask, score: bool = False, exit: bool = True) -> tuple:
         m = self.model
-        with autocast(self.device, self.precision):
+        with autocast(self.device, self.precision, self.autocast_cache):
             hidden = m.run_layer(i, hidden, self._mask(attention_mask, hidden))
             if not exit:
                 return hidden, None, None
