@@ -276,3 +276,23 @@ def test_old_guarantees_stay_valid_and_the_new_fields_round_trip():
     bad = {"num_layers": 4, "guarantee": {**g2.to_dict(), "method": "hoeffding"}}
     assert [f for f, _ in schema.problems(bad)] == ["guarantee.method"]
     assert math.isclose(g2.bound, 0.009)
+
+
+@pytest.mark.parametrize("value", [{"fp32": {"32": 0.8}}, {"bf16": {"1": 1.4, "256": 2}}])
+def test_a_stored_gpu_measurement_is_read(certified, tmp_path, value):
+    ck = tmp_path / "ok"
+    shutil.copytree(certified, ck)
+    (ck / "deebert.json").write_text(json.dumps({**_meta(certified), "gpu_measurement": value}))
+    assert read_meta(ck)["gpu_measurement"] == value
+
+
+@pytest.mark.parametrize("value", [{"fp32": {"32": float("nan")}}, {"fp32": {"x": 1.0}}, {"int4": {"1": 1.0}},
+                                   {"fp32": {"32": -1}}, [1.0], "fast"])
+def test_a_damaged_gpu_measurement_is_one_line(certified, tmp_path, value):
+    """--engine auto reads it on CUDA to choose full depth: a damaged one is refused, never used."""
+    ck = tmp_path / "bad"
+    shutil.copytree(certified, ck)
+    (ck / "deebert.json").write_text(json.dumps({**_meta(certified), "gpu_measurement": value}))
+    with pytest.raises(UserError) as e:
+        read_meta(ck)
+    assert "'gpu_measurement'" in str(e.value) and "\n" not in str(e.value), str(e.value)

@@ -130,6 +130,22 @@ def exit_layer(v, m):
     return number(1, L)(v, m)
 
 
+def gpu_measurement(v, m):
+    """{precision: {batch size: early exit's texts/s over full depth's}}: fp32/bf16/fp16 keys, whole batch
+    sizes >= 1, finite ratios > 0 (read by ``--engine auto`` on CUDA)."""
+    want = "{fp32|bf16|fp16: {batch size: a finite ratio > 0}}"
+    if not isinstance(v, dict):
+        return want
+    for prec, by_batch in v.items():
+        if prec not in ("fp32", "bf16", "fp16") or not isinstance(by_batch, dict):
+            return want
+        for b, r in by_batch.items():
+            if not (isinstance(b, str) and b.isdigit() and int(b) >= 1) or not (_num(r) and r > 0):
+                return want
+    return None
+
+
+gpu_measurement.desc = "{fp32|bf16|fp16: {batch size: early exit / full depth texts/s, > 0}}"
 pos_int = number(1, whole=True)
 anything = lambda v, m: None  # noqa: E731  (an object the table does not look into)
 anything.desc = ""
@@ -159,6 +175,7 @@ FIELDS = (
     Field("format_version", "integer", number(1, whole=True), "", "the checkpoint format"),
     Field("ramp", "object", anything, "", "the off-ramp config (pooling, norm, dropout, learned exit)"),
     Field("data", "object", anything, "", "the data spec it was trained on (columns, splits)"),
+    Field("gpu_measurement", "object", gpu_measurement, "ratio", "a one-off GPU measurement: early exit's texts/s over full depth's by precision and batch size (--engine auto runs full depth where it is below 1)"),
     Field("thresholds.entropy", "string", one_of(*UNITS), "", "the unit of the values: normalized (0..1) or raw (nats)"),
     Field("thresholds.values", "list", thresholds_values, "entropy", "the stored thresholds predict uses when given none: L-1 values, normalized in [0, 1], raw >= 0", required=True),
     Field("thresholds.search", "string", text, "", "how they were chosen: guaranteed, global, per-layer"),
