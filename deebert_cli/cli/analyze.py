@@ -65,11 +65,11 @@ def analyze(
                 from ..core.errors import UserError
 
                 raise UserError("--plot needs matplotlib: pip install 'deebert-cli[plot]' (or pip install matplotlib)")
-        from ..core.files import atomic_text_file, check_output, check_writable
+        from ..core.analysis.plots import plot_formats
+        from ..core.files import atomic_text_file, check_outputs, check_writable
 
-        for flag, path in (("--json", cfg.json), ("--plot", cfg.plot)):
-            if path:
-                check_output(path, flag=flag, checkpoint=cfg.checkpoint)
+        check_outputs({"--json": cfg.json, "--plot": cfg.plot}, {"--dataset": cfg.dataset}, cfg.checkpoint,
+                      {"--plot": plot_formats()} if cfg.plot else None)
         if cfg.store_thresholds:  # deebert.json is rewritten in the checkpoint folder
             check_writable(Path(cfg.checkpoint) / "deebert.json", "--store-thresholds")
         a = run(cfg)

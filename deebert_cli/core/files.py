@@ -198,6 +198,34 @@ def check_output(output: str, input: str | None = None, flag: str = "--output", 
         check_writable(out, flag)
 
 
+def check_outputs(outputs: dict, inputs: dict | None = None, checkpoint: str | None = None,
+                  suffixes: dict | None = None) -> None:
+    """Every output flag of a command (``{"--json": path, "--plot": path}``; None: not asked for) checked
+    by one rule before any work: :func:`check_output` each; none is an input (``{"--dataset": path}``: the
+    file itself, or a file inside an input folder), a file of ``checkpoint``, or another output; an output
+    whose format follows its name ends in one of ``suffixes[flag]``."""
+    given = [(f, p) for f, p in outputs.items() if p]
+    for k, (flag, path) in enumerate(given):
+        allowed = (suffixes or {}).get(flag)
+        if allowed and Path(path).suffix.lower().lstrip(".") not in allowed:
+            raise UserError(f"{flag} '{path}': format '{Path(path).suffix.lstrip('.') or '(none)'}' is not "
+                            f"supported; name the file .{', .'.join(sorted(a for a in allowed if a))}")
+        check_output(path, flag=flag, checkpoint=checkpoint)
+        out = Path(path).expanduser()
+        for in_flag, source in (inputs or {}).items():
+            src = Path(source).expanduser() if source else None
+            if src is None or not src.exists():
+                continue
+            if _same_file(src, out):
+                raise UserError(f"{flag} '{path}' is the {in_flag} input; write the results to another file")
+            if src.is_dir() and out.exists() and src.resolve() in out.resolve().parents:
+                raise UserError(f"{flag} '{path}' is a file of the {in_flag} input folder '{source}'; write the "
+                                "results elsewhere")
+        for other, other_path in given[:k]:
+            if _same_file(Path(other_path).expanduser(), out):
+                raise UserError(f"{flag} '{path}' is also the {other} output; give each its own file")
+
+
 def _same_file(a: Path, b: Path) -> bool:
     if a.exists() and b.exists():
         return os.path.samefile(a, b)
