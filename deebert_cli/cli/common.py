@@ -96,9 +96,12 @@ def user_errors(interrupted_note=""):
     string, or a function giving one when it happens: what is left, and what a rerun does). Bugs keep
     their traceback."""
     from ..core.errors import UserError
+    from ..core.files import OutputClosed
 
     try:
         yield
+    except OutputClosed:  # the reader of stdout went away (`| head`): end quietly, as a shell tool does
+        raise typer.Exit(141)
     except UserError as e:
         fail(str(e))
     except KeyboardInterrupt:

@@ -97,7 +97,7 @@ def write_results(cfg, rt, ckpt, rule):
     """Predict every input line and write one result line each, in input order (to a temporary sibling of
     --output, renamed when complete, or to stdout) -> the run's PredictStats."""
     from ..core.errors import UserError
-    from ..core.files import atomic_text_file
+    from ..core.files import atomic_text_file, stdout_sink
     from ..core.runtime.stream import PredictStats, predict_sharded, predict_stream, read_lines
 
     L, names = ckpt.model.num_layers, ckpt.label_names
@@ -107,7 +107,7 @@ def write_results(cfg, rt, ckpt, rule):
     main = rt.is_main  # under accelerate launch only the main process writes and reports
     src = open(cfg.input, "rb") if cfg.input else sys.stdin.buffer
     # --output is written to a temporary sibling and renamed when complete: a file there is never half
-    sink = atomic_text_file(cfg.output) if cfg.output and main else contextlib.nullcontext(sys.stdout)
+    sink = atomic_text_file(cfg.output) if cfg.output and main else contextlib.nullcontext(stdout_sink(sys.stdout))
     try:
         with sink as dst:
             if ckpt.task == "regression" and cfg.all_probs:

@@ -294,6 +294,42 @@ class _Sink:
         return getattr(self._f, name)
 
 
+class OutputClosed(UserError):
+    """Standard output was closed by its reader (``deebert predict | head``): the run ends quietly."""
+
+
+class _StdoutSink(_Sink):
+    """Standard output as a :class:`_Sink`: a failed write (``> /dev/full``) is one UserError line, a
+    reader that went away (a broken pipe) :class:`OutputClosed`. Either way what is still buffered is
+    dropped (stdout is pointed at /dev/null), so the interpreter's own flush at exit adds no traceback."""
+
+    def _failed(self, e: OSError):
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._f.fileno())
+            os.close(devnull)
+        if isinstance(e, BrokenPipeError):
+            return OutputClosed("standard output was closed")
+        return UserError(f"cannot write the results to standard output: {io_reason(e)}")
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            raise self._failed(e) from None
+
+    def flush(self):
+        try:
+            self._f.flush()
+        except OSError as e:
+            raise self._failed(e) from None
+
+
+def stdout_sink(stream):
+    """``stream`` (``sys.stdout``) wrapped so that its write failures are one line (see :class:`_StdoutSink`)."""
+    return _StdoutSink(stream, "standard output", special=True)
+
+
 def write_failure(path, e: BaseException, special: bool = False) -> str:
     """The one line of a failed write; a special file (a device, a pipe) was written directly."""
     why = f"cannot write '{path}': {io_reason(e) or e}"
