@@ -377,21 +377,55 @@ def atomic_dir(target: str | Path, owned: Callable[[str], bool] | None = None):
 
     The previous ``target`` stays intact until the very end, so an interrupted write (Ctrl-C, kill, a
     full disk) never leaves a half-written folder where a good one was, and no temporary folder is left
-    behind. Entries of the previous ``target`` that the new folder does not hold and ``owned(name)``
+    behind (one that a writer killed with kill -9 left, named after its pid, is removed by the next write
+    to ``target``: :func:`remove_stale_siblings`). Entries of the previous ``target`` that the new folder does not hold and ``owned(name)``
     does not claim (the files of an earlier output of the same kind, which the new one replaces) are
     carried over: a user's files there (an export in ``onnx/``, notes) are never lost. An I/O failure is
     one UserError line."""
     return _AtomicDir(Path(target), owned or (lambda name: False))
 
 
+def _sibling(target: Path, kind: str) -> Path:
+    """A temporary sibling of ``target`` named after this process: ``.NAME.tmp-PID-XXXXXXXX``."""
+    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def remove_stale_siblings(target: Path) -> list:
+    """Remove the temporary siblings of ``target`` (:func:`_sibling`) left by a writer killed on the way
+    (kill -9, power loss): only names of that exact pattern, and only when the process named in them is
+    no longer running on this machine (a live one, or a pid now reused, is left alone). -> removed paths."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:tmp|old)-(\d+)-[0-9a-f]{{8}}")
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for entry in target.parent.iterdir():
+        m = pattern.fullmatch(entry.name)
+        if m is None or not entry.is_dir() or entry.is_symlink() or _running(int(m.group(1))):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by another user
+        return True
+    return True
+
+
 class _AtomicDir:
     def __init__(self, target: Path, owned: Callable[[str], bool]):
         self.target, self.owned = target, owned
-        self.tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp = _sibling(target, "tmp")
 
     def __enter__(self) -> Path:
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_siblings(self.target)  # what an earlier writer killed on the way left behind
             self.tmp.mkdir()
         except OSError as e:
             raise UserError(write_failure(self.target, e)) from None
@@ -430,7 +464,7 @@ class _AtomicDir:
     def _swap(self) -> None:
         old = None
         if self.target.exists():
-            old = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
+            old = _sibling(self.target, "old")
             os.replace(self.target, old)
         try:
             os.replace(self.tmp, self.target)
