@@ -195,8 +195,14 @@ def pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
-def time_saving(saving: float) -> str:
-    """A measured wall-clock saving in words: '36.70% less time', or '49.27% more time' when it was slower."""
+def time_saving(saving: float, noise: float | None = None) -> str:
+    """A measured wall-clock saving in words: '36.70% less time', or '49.27% more time' when it was slower;
+    'noisy measurement (±40.00%)' when the repeated runs disagree by more than the analysis allows
+    (core.analysis.report.TIMING_NOISY): a busy machine, whose figure would be confidently wrong."""
+    from ..core.analysis.report import TIMING_NOISY
+
+    if noise is not None and noise > TIMING_NOISY:
+        return f"time: noisy measurement (±{pct(noise)}; the timed runs disagree: rerun on an idle machine)"
     return f"{pct(saving)} less time" if saving >= 0 else f"{pct(-saving)} more time"
 
 
