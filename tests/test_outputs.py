@@ -34,7 +34,7 @@ def test_calibrate_json_that_is_its_unlabeled_input_is_refused_and_the_input_kep
     texts = _texts_file(tmp_path)
     before = texts.read_bytes()
     r = invoke("calibrate", "--checkpoint", trained_ckpt, "--unlabeled", texts, "--check", "--json", texts, "--device", "cpu")
-    one_line_error(r, "--json", "--unlabeled input")
+    one_line_error(r, "--json", "is the input file of --unlabeled")
     assert texts.read_bytes() == before
 
 
@@ -43,7 +43,7 @@ def test_calibrate_and_analyze_json_that_is_their_dataset_is_refused(trained_ckp
     before = Path(data).read_bytes()
     for cmd in ("calibrate", "analyze"):
         r = invoke(cmd, "--checkpoint", trained_ckpt, "--dataset", data, "--json", data, "--device", "cpu")
-        one_line_error(r, "--json", "--dataset input")
+        one_line_error(r, "--json", "is the input file of --dataset")
         assert Path(data).read_bytes() == before
 
 
@@ -52,7 +52,7 @@ def test_analyze_json_inside_its_dataset_folder_is_refused(trained_ckpt, tmp_pat
     folder.mkdir()
     write_jsonl(folder / "train.jsonl", make_sentiment_rows(30, 5, with_score=False))
     r = invoke("analyze", "--checkpoint", trained_ckpt, "--dataset", folder, "--json", folder / "train.jsonl", "--device", "cpu")
-    one_line_error(r, "--json", "--dataset input folder")
+    one_line_error(r, "--json", "input folder of --dataset")
 
 
 # -- case 13: --plot's format is checked before the analysis runs ---------------------------------------

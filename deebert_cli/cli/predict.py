@@ -65,7 +65,7 @@ def load_run(ctx: typer.Context, config: Optional[Path], values: dict) -> tuple:
     from ..core.config import PredictConfig
     from ..core.errors import UserError
     from ..core.data.encoding import fit_max_length
-    from ..core.files import check_input_file, check_output
+    from ..core.files import check_input_file, check_outputs
     from ..core.runtime.rules import resolve_rule
     from ..core.runtime.stream import load_for_inference
 
@@ -76,8 +76,7 @@ def load_run(ctx: typer.Context, config: Optional[Path], values: dict) -> tuple:
     dev = rt.device
     if cfg.input:
         check_input_file(cfg.input, "input file", "--input")
-    if cfg.output:
-        check_output(cfg.output, cfg.input, checkpoint=cfg.checkpoint)
+    check_outputs({"--output": cfg.output}, {"--input": cfg.input}, cfg.checkpoint)
     if rt.distributed and not cfg.input:
         raise UserError("under accelerate launch every process reads the input: pass --input FILE (not stdin)")
     ckpt = load_for_inference(cfg.checkpoint, cfg.runtime, dev, **({"precision": cfg.onnx_precision} if onnx else {}))

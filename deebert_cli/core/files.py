@@ -217,10 +217,10 @@ def check_outputs(outputs: dict, inputs: dict | None = None, checkpoint: str | N
             if src is None or not src.exists():
                 continue
             if _same_file(src, out):
-                raise UserError(f"{flag} '{path}' is the {in_flag} input; write the results to another file")
+                raise UserError(f"{flag} '{path}' is the input file of {in_flag}; write the results to another file")
             if src.is_dir() and out.exists() and src.resolve() in out.resolve().parents:
-                raise UserError(f"{flag} '{path}' is a file of the {in_flag} input folder '{source}'; write the "
-                                "results elsewhere")
+                raise UserError(f"{flag} '{path}' is a file of the input folder of {in_flag} ('{source}'); write "
+                                "the results elsewhere")
         for other, other_path in given[:k]:
             if _same_file(Path(other_path).expanduser(), out):
                 raise UserError(f"{flag} '{path}' is also the {other} output; give each its own file")
