@@ -206,10 +206,6 @@ def check_outputs(outputs: dict, inputs: dict | None = None, checkpoint: str | N
     whose format follows its name ends in one of ``suffixes[flag]``."""
     given = [(f, p) for f, p in outputs.items() if p]
     for k, (flag, path) in enumerate(given):
-        allowed = (suffixes or {}).get(flag)
-        if allowed and Path(path).suffix.lower().lstrip(".") not in allowed:
-            raise UserError(f"{flag} '{path}': format '{Path(path).suffix.lstrip('.') or '(none)'}' is not "
-                            f"supported; name the file .{', .'.join(sorted(a for a in allowed if a))}")
         check_output(path, flag=flag, checkpoint=checkpoint)
         out = Path(path).expanduser()
         for in_flag, source in (inputs or {}).items():
@@ -221,6 +217,10 @@ def check_outputs(outputs: dict, inputs: dict | None = None, checkpoint: str | N
             if src.is_dir() and out.exists() and src.resolve() in out.resolve().parents:
                 raise UserError(f"{flag} '{path}' is a file of the input folder of {in_flag} ('{source}'); write "
                                 "the results elsewhere")
+        allowed = (suffixes or {}).get(flag)
+        if allowed and Path(path).suffix.lower().lstrip(".") not in allowed:
+            raise UserError(f"{flag} '{path}': format '{Path(path).suffix.lstrip('.') or '(none)'}' is not "
+                            f"supported; name the file .{', .'.join(sorted(a for a in allowed if a))}")
         for other, other_path in given[:k]:
             if _same_file(Path(other_path).expanduser(), out):
                 raise UserError(f"{flag} '{path}' is also the {other} output; give each its own file")
