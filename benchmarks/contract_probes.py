@@ -313,7 +313,8 @@ def case_11(p: Probe) -> None:
     (p.work / "empty.jsonl").write_text("")
     shutil.rmtree(p.work / "out11", ignore_errors=True)
     r = p.run("predict-dataset", "--checkpoint", p.base, "--input", "empty.jsonl", "--output", "out11", "--local-cpus", 2)
-    p.row("11", "predict-dataset --input empty.jsonl (0 rows)", r)
+    wrote = next((l.strip() for l in r[2].splitlines() if l.startswith("wrote ")), "")
+    p.row("11", "predict-dataset --input empty.jsonl (0 rows)", r, wrote)
 
 
 def case_12(p: Probe) -> None:
