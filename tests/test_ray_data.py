@@ -257,6 +257,17 @@ def test_null_texts_are_empty_rows_and_every_row_is_kept(local_ray, trained_ckpt
     assert sorted((r["row"], r["empty"]) for r in read_output(tmp_path / "out2")) == [(0, True), (1, False)]
 
 
+def test_inputs_with_no_rows_give_an_empty_output(local_ray, trained_ckpt, tmp_path):
+    """An empty file: FileNotFoundError on the temporary folder (Ray wrote no shard, so no folder)."""
+    (tmp_path / "empty.jsonl").write_text("")
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["predict-dataset", "--checkpoint", trained_ckpt, "--input", str(tmp_path / "empty.jsonl"),
+                              "--output", str(out), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "wrote 0 row(s) from 1 file(s)" in res.output
+    assert sorted(p.name for p in out.iterdir()) == ["_deebert.yaml"]  # no shard: no rows
+
+
 def test_a_fresh_run_prints_only_its_own_lines(trained_ckpt, tmp_path):
     """A new process starting its own local Ray: no token-auth warning, no core_worker line, no "no
     available CPUs ... will hang" warning; a bad file gives its one error line and exit 2, with no Ray

@@ -28,7 +28,7 @@ def analyze(
     store_thresholds: bool = typer.Option(False, help="Store the recommended threshold(s) (per-layer ones with --per-layer) in the checkpoint; predict uses them when given no threshold."),
     replace_guarantee: bool = typer.Option(False, "--replace-guarantee", help="With --store-thresholds: allow a point estimate (no guarantee) to replace a certified entropy threshold and drop its guarantee."),
     timing_thresholds: Optional[str] = typer.Option(None, help="Extra thresholds to time with real early-exit runs (full depth and the recommendation are always timed)."),
-    timing_repeats: int = typer.Option(2, help="Timed runs per threshold (interleaved; the fastest is kept)."),
+    timing_repeats: int = typer.Option(2, help="Timed runs per threshold, at least (interleaved; the fastest is kept); more rounds run, up to 10 or 60 s, until the two fastest runs of every threshold agree within 3%. A saving still less certain than 5% of the full-depth time is shown as a noisy measurement, not a figure."),
     batch_size: int = typer.Option(32, help="Batch size of the passes and timed runs."),
     patience: Optional[str] = typer.Option(None, help="Patience values to sweep for the patience policy (PABEE), comma-separated (default: 0..L-1)."),
     exit_policy: Optional[str] = typer.Option(None, help="Exit policies to compare side by side, comma-separated among entropy, patience, learned (default: every one that applies: entropy for classification, learned with learned exits)."),
@@ -66,11 +66,11 @@ def analyze(
                 from ..core.errors import UserError
 
                 raise UserError("--plot needs matplotlib: pip install 'deebert-cli[plot]' (or pip install matplotlib)")
-        from ..core.files import atomic_text_file, check_output, check_writable
+        from ..core.analysis.plots import plot_formats
+        from ..core.files import atomic_text_file, check_outputs, check_writable
 
-        for flag, path in (("--json", cfg.json), ("--plot", cfg.plot)):
-            if path:
-                check_output(path, flag=flag, checkpoint=cfg.checkpoint)
+        check_outputs({"--json": cfg.json, "--plot": cfg.plot}, {"--dataset": cfg.dataset}, cfg.checkpoint,
+                      {"--plot": plot_formats()} if cfg.plot else None)
         if cfg.store_thresholds:  # deebert.json is rewritten in the checkpoint folder
             check_writable(Path(cfg.checkpoint) / "deebert.json", "--store-thresholds")
         a = run(cfg)
@@ -121,6 +121,8 @@ def _sweep_table(title: str, setting: str, rows: list, label, quality=ACCURACY_C
     lists (header, cell) columns of the task's figures."""
     from rich.table import Table
 
+    from ..core.analysis.report import TIMING_NOISY
+
     out.print(title)
     t = Table()
     for c in (setting, *(h for h, _ in quality), "mean exit", "layer saving") + (("wall saving",) if wall else ()):
@@ -129,7 +131,8 @@ def _sweep_table(title: str, setting: str, rows: list, label, quality=ACCURACY_C
     for r in rows:
         cells = [label(r), *(cell(r) for _, cell in quality), f"{r.mean_exit_layer:.2f}", pct(r.layer_saving)]
         if wall:
-            cells.append(pct(r.wall_saving) if r.wall_saving is not None else "")
+            noisy = (r.wall_saving_noise or 0) > TIMING_NOISY
+            cells.append("" if r.wall_saving is None else f"noisy (±{pct(r.wall_saving_noise)})" if noisy else pct(r.wall_saving))
         t.add_row(*cells, "/".join(str(c) for c in r.histogram))
     out.print(t)
 
@@ -184,7 +187,7 @@ def _render_recommendation(a) -> None:
         line = (f"[bold]recommended threshold {rec.threshold:g}[/] for a {a.max_drop:g}-point budget: "
                 + _gist(rec.accuracy, rec.accuracy_change, rec.layer_saving))
         if rec.wall_saving is not None:
-            line += f", {time_saving(rec.wall_saving)} (measured, batch {a.timing['batch_size']}, {a.timing.get('runtime', 'torch')} runtime)"
+            line += f", {time_saving(rec.wall_saving, rec.wall_saving_noise)} (measured, batch {a.timing['batch_size']}, {a.timing.get('runtime', 'torch')} runtime)"
         out.print(line)
         if a.test and a.test.get("at_recommended"):
             h = a.test["at_recommended"]
@@ -195,7 +198,7 @@ def _render_recommendation(a) -> None:
         line = (f"[bold]per-layer thresholds[/] {', '.join(f'{t:g}' for t in pl['thresholds'])} (layers 1..{m['layers'] - 1}): "
                 + _gist(pl["accuracy"], pl["accuracy_change"], pl["layer_saving"]))
         if pl.get("wall_saving") is not None:
-            line += f", {time_saving(pl['wall_saving'])} (measured)"
+            line += f", {time_saving(pl['wall_saving'], pl.get('wall_saving_noise'))} (measured)"
         out.print(line)
         if a.test and a.test.get("at_per_layer"):
             h = a.test["at_per_layer"]

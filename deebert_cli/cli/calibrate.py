@@ -46,11 +46,10 @@ def calibrate(
     with user_errors():
         from ..core.analysis.calibrate import calibrate as run
         from ..core.config import CalibrateConfig
-        from ..core.files import atomic_text_file, check_output, check_writable
+        from ..core.files import atomic_text_file, check_outputs, check_writable
 
         cfg = make_config(ctx, CalibrateConfig, config, values, params={"json": "json_path"})
-        if cfg.json:
-            check_output(cfg.json, flag="--json", checkpoint=cfg.checkpoint)
+        check_outputs({"--json": cfg.json}, {"--dataset": cfg.dataset, "--unlabeled": cfg.unlabeled}, cfg.checkpoint)
         if not cfg.check:  # the guarantee is stored in the checkpoint's deebert.json
             check_writable(Path(cfg.checkpoint) / "deebert.json", "--checkpoint")
         c = run(cfg)

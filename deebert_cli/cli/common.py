@@ -96,9 +96,12 @@ def user_errors(interrupted_note=""):
     string, or a function giving one when it happens: what is left, and what a rerun does). Bugs keep
     their traceback."""
     from ..core.errors import UserError
+    from ..core.files import OutputClosed
 
     try:
         yield
+    except OutputClosed:  # the reader of stdout went away (`| head`): end quietly, as a shell tool does
+        raise typer.Exit(141)
     except UserError as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -192,8 +195,14 @@ def pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
-def time_saving(saving: float) -> str:
-    """A measured wall-clock saving in words: '36.70% less time', or '49.27% more time' when it was slower."""
+def time_saving(saving: float, noise: float | None = None) -> str:
+    """A measured wall-clock saving in words: '36.70% less time', or '49.27% more time' when it was slower;
+    'noisy measurement (±40.00%)' when the repeated runs disagree by more than the analysis allows
+    (core.analysis.report.TIMING_NOISY): a busy machine, whose figure would be confidently wrong."""
+    from ..core.analysis.report import TIMING_NOISY
+
+    if noise is not None and noise > TIMING_NOISY:
+        return f"time: noisy measurement (±{pct(noise)}; the timed runs disagree: rerun on an idle machine)"
     return f"{pct(saving)} less time" if saving >= 0 else f"{pct(-saving)} more time"
 
 

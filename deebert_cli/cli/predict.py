@@ -65,7 +65,7 @@ def load_run(ctx: typer.Context, config: Optional[Path], values: dict) -> tuple:
     from ..core.config import PredictConfig
     from ..core.errors import UserError
     from ..core.data.encoding import fit_max_length
-    from ..core.files import check_input_file, check_output
+    from ..core.files import check_input_file, check_outputs
     from ..core.runtime.rules import resolve_rule
     from ..core.runtime.stream import load_for_inference
 
@@ -76,8 +76,7 @@ def load_run(ctx: typer.Context, config: Optional[Path], values: dict) -> tuple:
     dev = rt.device
     if cfg.input:
         check_input_file(cfg.input, "input file", "--input")
-    if cfg.output:
-        check_output(cfg.output, cfg.input, checkpoint=cfg.checkpoint)
+    check_outputs({"--output": cfg.output}, {"--input": cfg.input}, cfg.checkpoint)
     if rt.distributed and not cfg.input:
         raise UserError("under accelerate launch every process reads the input: pass --input FILE (not stdin)")
     ckpt = load_for_inference(cfg.checkpoint, cfg.runtime, dev, **({"precision": cfg.onnx_precision} if onnx else {}))
@@ -112,7 +111,7 @@ def write_results(cfg, rt, ckpt, rule):
     """Predict every input line and write one result line each, in input order (to a temporary sibling of
     --output, renamed when complete, or to stdout) -> the run's PredictStats."""
     from ..core.errors import UserError
-    from ..core.files import atomic_text_file
+    from ..core.files import atomic_text_file, stdout_sink
     from ..core.runtime.stream import PredictStats, predict_sharded, predict_stream, read_lines
 
     L, names = ckpt.model.num_layers, ckpt.label_names
@@ -122,7 +121,7 @@ def write_results(cfg, rt, ckpt, rule):
     main = rt.is_main  # under accelerate launch only the main process writes and reports
     src = open(cfg.input, "rb") if cfg.input else sys.stdin.buffer
     # --output is written to a temporary sibling and renamed when complete: a file there is never half
-    sink = atomic_text_file(cfg.output) if cfg.output and main else contextlib.nullcontext(sys.stdout)
+    sink = atomic_text_file(cfg.output) if cfg.output and main else contextlib.nullcontext(stdout_sink(sys.stdout))
     try:
         with sink as dst:
             if ckpt.task == "regression" and cfg.all_probs:

@@ -198,6 +198,34 @@ def check_output(output: str, input: str | None = None, flag: str = "--output", 
         check_writable(out, flag)
 
 
+def check_outputs(outputs: dict, inputs: dict | None = None, checkpoint: str | None = None,
+                  suffixes: dict | None = None) -> None:
+    """Every output flag of a command (``{"--json": path, "--plot": path}``; None: not asked for) checked
+    by one rule before any work: :func:`check_output` each; none is an input (``{"--dataset": path}``: the
+    file itself, or a file inside an input folder), a file of ``checkpoint``, or another output; an output
+    whose format follows its name ends in one of ``suffixes[flag]``."""
+    given = [(f, p) for f, p in outputs.items() if p]
+    for k, (flag, path) in enumerate(given):
+        check_output(path, flag=flag, checkpoint=checkpoint)
+        out = Path(path).expanduser()
+        for in_flag, source in (inputs or {}).items():
+            src = Path(source).expanduser() if source else None
+            if src is None or not src.exists():
+                continue
+            if _same_file(src, out):
+                raise UserError(f"{flag} '{path}' is the input file of {in_flag}; write the results to another file")
+            if src.is_dir() and out.exists() and src.resolve() in out.resolve().parents:
+                raise UserError(f"{flag} '{path}' is a file of the input folder of {in_flag} ('{source}'); write "
+                                "the results elsewhere")
+        allowed = (suffixes or {}).get(flag)
+        if allowed and Path(path).suffix.lower().lstrip(".") not in allowed:
+            raise UserError(f"{flag} '{path}': format '{Path(path).suffix.lstrip('.') or '(none)'}' is not "
+                            f"supported; name the file .{', .'.join(sorted(a for a in allowed if a))}")
+        for other, other_path in given[:k]:
+            if _same_file(Path(other_path).expanduser(), out):
+                raise UserError(f"{flag} '{path}' is also the {other} output; give each its own file")
+
+
 def _same_file(a: Path, b: Path) -> bool:
     if a.exists() and b.exists():
         return os.path.samefile(a, b)
@@ -266,6 +294,42 @@ class _Sink:
         return getattr(self._f, name)
 
 
+class OutputClosed(UserError):
+    """Standard output was closed by its reader (``deebert predict | head``): the run ends quietly."""
+
+
+class _StdoutSink(_Sink):
+    """Standard output as a :class:`_Sink`: a failed write (``> /dev/full``) is one UserError line, a
+    reader that went away (a broken pipe) :class:`OutputClosed`. Either way what is still buffered is
+    dropped (stdout is pointed at /dev/null), so the interpreter's own flush at exit adds no traceback."""
+
+    def _failed(self, e: OSError):
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._f.fileno())
+            os.close(devnull)
+        if isinstance(e, BrokenPipeError):
+            return OutputClosed("standard output was closed")
+        return UserError(f"cannot write the results to standard output: {io_reason(e)}")
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            raise self._failed(e) from None
+
+    def flush(self):
+        try:
+            self._f.flush()
+        except OSError as e:
+            raise self._failed(e) from None
+
+
+def stdout_sink(stream):
+    """``stream`` (``sys.stdout``) wrapped so that its write failures are one line (see :class:`_StdoutSink`)."""
+    return _StdoutSink(stream, "standard output", special=True)
+
+
 def write_failure(path, e: BaseException, special: bool = False) -> str:
     """The one line of a failed write; a special file (a device, a pipe) was written directly."""
     why = f"cannot write '{path}': {io_reason(e) or e}"
@@ -313,21 +377,55 @@ def atomic_dir(target: str | Path, owned: Callable[[str], bool] | None = None):
 
     The previous ``target`` stays intact until the very end, so an interrupted write (Ctrl-C, kill, a
     full disk) never leaves a half-written folder where a good one was, and no temporary folder is left
-    behind. Entries of the previous ``target`` that the new folder does not hold and ``owned(name)``
+    behind (one that a writer killed with kill -9 left, named after its pid, is removed by the next write
+    to ``target``: :func:`remove_stale_siblings`). Entries of the previous ``target`` that the new folder does not hold and ``owned(name)``
     does not claim (the files of an earlier output of the same kind, which the new one replaces) are
     carried over: a user's files there (an export in ``onnx/``, notes) are never lost. An I/O failure is
     one UserError line."""
     return _AtomicDir(Path(target), owned or (lambda name: False))
 
 
+def _sibling(target: Path, kind: str) -> Path:
+    """A temporary sibling of ``target`` named after this process: ``.NAME.tmp-PID-XXXXXXXX``."""
+    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def remove_stale_siblings(target: Path) -> list:
+    """Remove the temporary siblings of ``target`` (:func:`_sibling`) left by a writer killed on the way
+    (kill -9, power loss): only names of that exact pattern, and only when the process named in them is
+    no longer running on this machine (a live one, or a pid now reused, is left alone). -> removed paths."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:tmp|old)-(\d+)-[0-9a-f]{{8}}")
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for entry in target.parent.iterdir():
+        m = pattern.fullmatch(entry.name)
+        if m is None or not entry.is_dir() or entry.is_symlink() or _running(int(m.group(1))):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by another user
+        return True
+    return True
+
+
 class _AtomicDir:
     def __init__(self, target: Path, owned: Callable[[str], bool]):
         self.target, self.owned = target, owned
-        self.tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp = _sibling(target, "tmp")
 
     def __enter__(self) -> Path:
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_siblings(self.target)  # what an earlier writer killed on the way left behind
             self.tmp.mkdir()
         except OSError as e:
             raise UserError(write_failure(self.target, e)) from None
@@ -366,7 +464,7 @@ class _AtomicDir:
     def _swap(self) -> None:
         old = None
         if self.target.exists():
-            old = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
+            old = _sibling(self.target, "old")
             os.replace(self.target, old)
         try:
             os.replace(self.tmp, self.target)

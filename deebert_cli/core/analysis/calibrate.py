@@ -93,7 +93,10 @@ def _texts(cfg: CalibrateConfig, ckpt) -> tuple:
         raise UserError(f"--dataset '{cfg.dataset}' does not exist")
     spec = dataclasses.replace(spec, dataset=str(path))
     split = cfg.split or ("train" if path.is_file() else "validation")  # a file is one split: all of it
-    ex, source = eval_examples(spec, ckpt.label_names, split)
+    try:
+        ex, source = eval_examples(spec, ckpt.label_names, split)
+    except UserError as e:  # a message about the data names the flag and the file
+        raise (e if "--dataset" in str(e) else UserError(f"--dataset '{cfg.dataset}': {e}")) from None
     return ex, (f"all of '{cfg.dataset}'" if path.is_file() and cfg.split is None else f"{source} of '{cfg.dataset}'")
 
 

@@ -149,6 +149,13 @@ def _plot_exit_histogram(ax, a: Analysis) -> None:
     ax.grid(alpha=0.3, axis="y")
 
 
+def plot_formats() -> set:
+    """The suffixes ``--plot`` may end in: matplotlib's own file formats (and none: PNG)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return set(FigureCanvasBase.get_supported_filetypes()) | {""}
+
+
 def save_figure(fig, path: str) -> None:
     """Write ``fig`` whole or not at all (a temporary sibling renamed when complete), in the format its
     suffix names (PNG without one)."""

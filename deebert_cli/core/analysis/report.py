@@ -163,7 +163,7 @@ def _analyze_classification(cfg: AnalyzeConfig, ckpt, device, spec: DataSpec, ex
     test = None
     if cfg.split is None and not whole_file and cfg.test_split and rows:
         test = _test_split(cfg, ckpt, device, spec, grid, rec, per_layer, gua)
-    seconds, runtime = _timed(cfg, ckpt, device, ex, layers, rows, rec, per_layer)
+    seconds, runtime, time_spread = _timed(cfg, ckpt, device, ex, layers, rows, rec, per_layer)
     stored, replaced = _stored(cfg, ckpt, per_layer, rec, source, gua)
     examples, ex_thr = _examples_by_layer(cfg, logits, ex, names, rec)
     counts = model.parameter_counts()
@@ -178,7 +178,8 @@ def _analyze_classification(cfg: AnalyzeConfig, ckpt, device, spec: DataSpec, ex
         per_layer=per_layer, stored_thresholds=stored, cls_spread=spread, warnings=warnings,
         timing={"batch_size": cfg.batch_size, "repeats": cfg.timing_repeats, "device": str(device),
                 "runtime": cfg.runtime if cfg.runtime == "torch" else f"onnx ({cfg.onnx_precision})",
-                "seconds": {str(k): v for k, v in seconds.items()}},
+                "seconds": {str(k): v for k, v in seconds.items()},
+                "spread": {str(k): v for k, v in time_spread.items()}},
         runtime=runtime,
         patience_sweep=prows, patience_recommendation=prec,
         learned_sweep=lrows, guarantee=gua.to_dict() if gua else None,
@@ -257,16 +258,20 @@ def _timed(cfg: AnalyzeConfig, ckpt, device, ex, layers: list, rows: list, rec, 
     if per_layer is not None:
         timed["per-layer"] = per_layer["thresholds"]
     lines = [t if p is None else f"{t}\t{p}" for t, p in zip(ex.texts, ex.pairs or [None] * len(ex))]
-    seconds, timed_acc = time_runs(cfg, ckpt, device, timed, lines, ex.labels)
+    seconds, timed_acc, spread = time_runs(cfg, ckpt, device, timed, lines, ex.labels)
     runtime = runtime_report(cfg, timed_acc, layers, rows, rec)
+    # saving = 1 - s / s0; each time is known within its spread, so the saving within (s / s0) (spread + spread0)
+    noise = {k: 0.0 if k == 0.0 else seconds[k] / seconds[0.0] * (spread[k] + spread[0.0]) for k in seconds}
     for r in rows:
         if r.threshold in seconds:
             r.measured_seconds = seconds[r.threshold]
             r.wall_saving = 1 - seconds[r.threshold] / seconds[0.0]
+            r.wall_saving_noise = noise[r.threshold]
     if per_layer is not None:
         per_layer["measured_seconds"] = seconds["per-layer"]
         per_layer["wall_saving"] = 1 - seconds["per-layer"] / seconds[0.0]
-    return seconds, runtime
+        per_layer["wall_saving_noise"] = noise["per-layer"]
+    return seconds, runtime, spread
 
 
 def _may_replace(cfg: AnalyzeConfig, ckpt) -> None:
@@ -326,24 +331,45 @@ def _examples_by_layer(cfg: AnalyzeConfig, logits: torch.Tensor, ex, names: list
 
 def time_runs(cfg: AnalyzeConfig, ckpt, device, timed: dict, lines: list, labels: list) -> tuple:
     """Real early-exit runs over ``lines`` on ``cfg.runtime`` at every entry of ``timed`` (key -> L-1
-    thresholds), interleaved and repeated (fastest kept) so that load on a shared machine hits them alike
-    -> (seconds per key, accuracy per key of the runtime's own predictions)."""
+    thresholds), interleaved and repeated (fastest kept) so that load on a shared machine hits them alike,
+    until the repeats agree (bounded: see TIMING_AGREE below) -> (seconds per key, accuracy per key of the
+    runtime's own predictions, spread per key: :func:`timing_spread`)."""
     run_ckpt, run_device = ckpt, device
     if cfg.runtime == "onnx":
         from ..runtime.stream import load_for_inference
 
         run_ckpt, run_device = load_for_inference(cfg.checkpoint, "onnx", precision=cfg.onnx_precision), None
     L = ckpt.model.num_layers
-    seconds, acc = {k: math.inf for k in timed}, {}
-    for _ in range(cfg.timing_repeats):
+    runs, acc = {k: [] for k in timed}, {}
+    start_all = time.perf_counter()
+    while True:
         for key, vals in timed.items():
             start = time.perf_counter()
             got = [r.label for r in predict_stream(run_ckpt, lines, ExitRule(per_layer_thresholds(vals, L), cfg.entropy), run_device,
                                                    batch_size=cfg.batch_size)]
-            seconds[key] = min(seconds[key], time.perf_counter() - start)
+            runs[key].append(time.perf_counter() - start)
             acc[key] = accuracy(got, labels)
+        spread = {k: timing_spread(v) for k, v in runs.items()}
+        rounds = len(runs[0.0])
+        if rounds >= cfg.timing_repeats and (max(spread.values()) <= TIMING_AGREE or rounds >= TIMING_MAX_ROUNDS
+                                             or time.perf_counter() - start_all > TIMING_MAX_SECONDS):
+            break
     assert L == run_ckpt.model.num_layers
-    return seconds, acc
+    return {k: min(v) for k, v in runs.items()}, acc, spread
+
+
+# timed runs repeat (interleaved) until the two fastest runs of every setting agree within TIMING_AGREE of each
+# other, for at least --timing-repeats rounds and at most TIMING_MAX_ROUNDS rounds or TIMING_MAX_SECONDS; a
+# saving less certain than TIMING_NOISY (of full-depth time) is reported as a noisy measurement, not a figure
+TIMING_AGREE, TIMING_MAX_ROUNDS, TIMING_MAX_SECONDS, TIMING_NOISY = 0.03, 10, 60.0, 0.05
+
+
+def timing_spread(runs: list) -> float:
+    """How far apart the two fastest of ``runs`` (seconds) are, relative to the fastest; one run: unknown (inf)."""
+    if len(runs) < 2:
+        return math.inf
+    a, b = sorted(runs)[:2]
+    return (b - a) / a if a > 0 else math.inf
 
 
 def runtime_report(cfg: AnalyzeConfig, timed_acc: dict, layers: list, rows: list, rec) -> dict:

@@ -27,6 +27,7 @@ class SweepRow:
     histogram: list  # samples exiting at layers 1..L
     measured_seconds: float | None = None  # wall-clock of a real early-exit run (timed thresholds only)
     wall_saving: float | None = None  # 1 - seconds / seconds at full depth
+    wall_saving_noise: float | None = None  # its uncertainty, from the spread of the repeated runs (report.time_runs)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from .lines import check_text, read_lines
 from .readers import DEFAULT_DATASET, Table, load_splits
 
 
@@ -210,25 +211,39 @@ def eval_examples(spec: DataSpec, label_names: list, split: str | None = None) -
     return ex, f"split '{split}'"
 
 
-def read_unlabeled(path: str, spec: DataSpec) -> tuple:
-    """Unlabelled texts (distillation, label-free calibration): a .txt file (one text per line; a tab separates a pair) or a data file /
-    folder read like --dataset (its text column(s); every split). Returns (texts, pairs | None)."""
+def read_unlabeled(path: str, spec: DataSpec, flag: str = "--unlabeled") -> tuple:
+    """Unlabelled texts (distillation, label-free calibration): a .txt file (one text per line, read by
+    :func:`~.lines.read_lines` as predict reads: a line ends at \\n only; a tab separates a pair; blank
+    lines skipped) or a data file / folder read like --dataset (its text column(s); every split). Texts
+    are read by predict-dataset's rules: a line that is not UTF-8, or a text that is not a string (a
+    number), is one UserError naming ``flag``, the file and the line or record. Returns (texts, pairs | None)."""
     p = Path(path)
+    where = f"{flag} '{path}'"
     if not p.exists():
-        raise UserError(f"unlabeled file '{path}' does not exist")
+        raise UserError(f"{where} does not exist")
     if p.is_file() and p.suffix.lower() in (".txt", ""):
-        lines = [l.rstrip("\r") for l in p.read_text(encoding="utf-8", errors="replace").split("\n") if l.strip()]
+        with open(p, "rb") as f:
+            lines = [l for l in read_lines(f, strict=where) if l.strip()]
         if spec.text_pair_column:
             parts = [l.partition("\t") for l in lines]
             return [a for a, _, _ in parts], [b for _, _, b in parts]
         return lines, None
     texts, pairs = [], [] if spec.text_pair_column else None
     for name, table in load_splits(str(p)).items():
+        split = "" if p.is_file() else f" split '{name}'"
         if spec.text_column not in table:
-            raise UserError(f"unlabeled data split '{name}' has no column '{spec.text_column}'")
-        texts += _texts(table[spec.text_column], spec.text_column)
+            raise UserError(f"{where}{split} has no column '{spec.text_column}' (columns: "
+                            f"{', '.join(columns_of(table)) or 'none'}); name the text column with --text-column")
+        texts += _checked_texts(table[spec.text_column], spec.text_column, f"{where}{split}")
         if pairs is not None:
-            pairs += _texts(table.get(spec.text_pair_column, [""] * len(table[spec.text_column])), spec.text_pair_column)
+            pairs += _checked_texts(table.get(spec.text_pair_column, [""] * len(table[spec.text_column])),
+                                    spec.text_pair_column, f"{where}{split}")
     if not texts:
-        raise UserError(f"unlabeled data '{path}' is empty")
+        raise UserError(f"{where} holds no texts")
     return texts, pairs
+
+
+def _checked_texts(values: list, col: str, where: str) -> list:
+    """Texts of a data file's column by predict-dataset's rule (:func:`~.lines.check_text`): strings, null
+    an empty text, anything else refused naming its record."""
+    return ["" if check_text(v, col, f"{where} record {i}") is None else v for i, v in enumerate(values, 1)]

@@ -134,6 +134,7 @@ def predict_dataset(cfg: PredictDatasetConfig, log=lambda msg: None) -> DatasetS
         try:
             t0 = time.perf_counter()
             _write(build_dataset(cfg, files, columns, ids), cfg.format, str(tmp.resolve()))
+            tmp.mkdir(exist_ok=True)  # no input rows: Ray writes no shard and no folder; the output is empty
             seconds = time.perf_counter() - t0
             stats = summarise(tmp, cfg.format, L, seconds)
             _write_run_file(tmp, cfg, stats)

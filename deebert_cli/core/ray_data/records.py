@@ -13,6 +13,7 @@ import csv
 import json
 import re
 
+from ..data.lines import check_text, kind, short
 from ..errors import UserError
 
 PATH_COLUMN, ROW_COLUMN = "path", "row"
@@ -67,7 +68,7 @@ def _text_chunks(path: str, text_column: str):
     strictly (a stray byte fails the run where ``predict`` replaces it), and reads a file whole."""
     import pyarrow as pa
 
-    from ..runtime.stream import read_lines  # torch-free: cheap in a read worker
+    from ..data.lines import read_lines  # the one line-reading rule (torch-free: cheap in a read worker)
 
     with open(path, "rb") as f:
         buf = []
@@ -92,7 +93,7 @@ def json_record(raw: bytes, path: str, n: int) -> dict:
     except ValueError as e:
         raise UserError(f"'{path}' line {n} is not valid JSON: {getattr(e, 'msg', e)} at column {getattr(e, 'colno', '?')}") from None
     if not isinstance(rec, dict):
-        raise UserError(f"'{path}' line {n} is not a JSON object (it holds {_kind(rec)})")
+        raise UserError(f"'{path}' line {n} is not a JSON object (it holds {kind(rec)})")
     return rec
 
 
@@ -127,8 +128,8 @@ def _values(rec: dict, columns: list, texts: tuple, path: str, n: int) -> list:
             hint = " (null gives an empty row)" if c in texts else ""
             raise UserError(f"'{path}' line {n} has no key '{c}'{hint}")
         v = rec[c]
-        if c in texts and v is not None and not isinstance(v, str):
-            raise UserError(f"'{path}' line {n}: '{c}' holds {_kind(v)} ({_short(v)}), not a string")
+        if c in texts:
+            check_text(v, c, f"'{path}' line {n}")
         out.append(v)
     return out
 
@@ -163,24 +164,9 @@ def _mixed(vals: list, lines: list, col: str, typ, path: str) -> UserError:
         try:
             pa.array([v], typ if typ is not None else pa.array([first]).type)
         except (pa.ArrowException, OverflowError, TypeError, ValueError):
-            return UserError(f"'{path}' line {n}: '{col}' holds {_kind(v)} ({_short(v)}), unlike the lines before it; "
+            return UserError(f"'{path}' line {n}: '{col}' holds {kind(v)} ({short(v)}), unlike the lines before it; "
                              f"give '{col}' one JSON type in every record")
     return UserError(f"'{path}': the values of '{col}' have no common type; give '{col}' one JSON type in every record")
-
-
-def _kind(v) -> str:
-    if isinstance(v, bool):
-        return "a boolean"
-    if isinstance(v, (int, float)):
-        return "a number"
-    if isinstance(v, str):
-        return "a string"
-    return {list: "a list", dict: "an object", type(None): "null"}.get(type(v), type(v).__name__)
-
-
-def _short(v, limit: int = 40) -> str:
-    s = json.dumps(v, ensure_ascii=False)
-    return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from ..data.encoding import encode
+from ..data.lines import read_lines  # noqa: F401  (the one line-reading rule; predict reads with it)
 from ..errors import UserError
 from ..model.checkpoint import Checkpoint  # noqa: F401  (type of the torch runtime's checkpoints)
 from .engine import EarlyExitEngine
@@ -73,20 +74,7 @@ class PredictStats:
 # ------------------------------------------------------------------------------------------------
 # reading lines
 # ------------------------------------------------------------------------------------------------
-def read_lines(stream, stats: PredictStats | None = None) -> Iterator[str]:
-    """Lines of a binary stream as text: CRLF or LF ends, a last line without newline kept, bytes that
-    are not UTF-8 replaced (counted in ``stats.replaced``)."""
-    for raw in stream:
-        if raw.endswith(b"\n"):
-            raw = raw[:-1]
-        if raw.endswith(b"\r"):
-            raw = raw[:-1]
-        try:
-            yield raw.decode("utf-8")
-        except UnicodeDecodeError:
-            if stats is not None:
-                stats.replaced += 1
-            yield raw.decode("utf-8", errors="replace")
+# read_lines: the one line-reading rule, in core.data.lines (imported above, used here and by predict)
 
 
 def split_pair(line: str) -> tuple:

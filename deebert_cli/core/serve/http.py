@@ -59,6 +59,10 @@ def build_app(server: BatchingServer, cfg: ServeConfig, info: dict, metrics: Pro
 
     async def predict(request: HttpRequest):
         start = time.perf_counter()
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):  # read as JSON, a compressed body was "invalid JSON" (422)
+            return error(415, f"Content-Encoding '{encoding}' is not accepted: send the JSON body uncompressed",
+                         "validation", headers={"Accept-Encoding": "identity"})
         try:
             body = await read_body(request, max_body)
             parsed = parse_request(body, cfg, server.pairs)
@@ -122,9 +126,9 @@ class DrainingServer(uvicorn.Server):
     (uvicorn's habit, which made a clean SIGTERM exit 143): :attr:`stop_signal` tells the caller which
     came. A second signal goes straight to uvicorn's shutdown; a third Ctrl-C forces it."""
 
-    def __init__(self, config: uvicorn.Config, server: BatchingServer, announce):
+    def __init__(self, config: uvicorn.Config, server: BatchingServer, announce, on_started=lambda: None):
         super().__init__(config)
-        self._batching, self._announce = server, announce
+        self._batching, self._announce, self._on_started = server, announce, on_started
         self.stop_signal: int | None = None
         self._drain: asyncio.Future | None = None
 
@@ -135,6 +139,13 @@ class DrainingServer(uvicorn.Server):
             self.force_exit = True
         else:
             self.should_exit = True
+
+    async def startup(self, sockets=None) -> None:
+        """uvicorn's startup (lifespan, then the sockets accept connections), then ``on_started``: an
+        address announced before this point refused the clients that came at once."""
+        await super().startup(sockets)
+        if self.started:
+            self._on_started()
 
     async def on_tick(self, counter: int) -> bool:
         if self.stop_signal is not None and self._drain is None:
@@ -224,14 +235,14 @@ def serve(cfg: ServeConfig, announce=lambda message: None, version: str | None =
     announce(f"deebert serve: {rule.describe()} ({source}); {server.num_layers} layers; device {device}; "
              f"{'batching across requests' if cfg.batching else 'each request alone'}, up to "
              f"{server.engine.batch_size} rows per step")
-    host, port = sock.getsockname()[:2]
-    announce(f"listening on http://{f'[{host}]' if ':' in host else host}:{port} "
-             "(POST /predict, GET /, /health, /info, /metrics)")
+    host, port = sock.getsockname()[:2]  # the bound port: --port 0 names a free one
+    listening = (f"listening on http://{f'[{host}]' if ':' in host else host}:{port} "
+                 "(POST /predict, GET /, /health, /info, /metrics)")
     setup_logging(cfg.access_log)
     app = build_app(server.start(), cfg, info, metrics,
                     on_stop=lambda: announce("deebert serve: stopped (accepted requests finished)"))
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
-    userver = DrainingServer(config, server, announce)
+    userver = DrainingServer(config, server, announce, on_started=lambda: announce(listening))
     userver.run(sockets=[sock])  # on SIGTERM/SIGINT: drain (port open, 503s), then uvicorn's shutdown
     server.drain()
     if userver.stop_signal == signal.SIGINT:
