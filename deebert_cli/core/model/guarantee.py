@@ -32,6 +32,8 @@ class Guarantee:
     accuracy_drop: float | None = None  # labelled calibration: the observed drop at ``value`` (fraction)
     calibrated_on: str | None = None  # which texts (e.g. "split 'validation' of movie_snippets")
     by: str | None = None  # train-exits | calibrate | analyze
+    method: str = "binomial"  # how the bound was computed
+    disagreement_rate: float | None = None  # disagreement with the final layer at ``value`` on the calibration texts
 
     @property
     def certified(self) -> bool:
