@@ -339,3 +339,60 @@ def test_info_metrics_and_the_state_change_line_of_a_served_guarantee(trained_ck
     kept = [json.loads(line)["text"] for p in sorted((tmp_path / "log").glob("watch-*.jsonl"))
             for line in p.read_text().splitlines()]
     assert sorted(kept) == sorted(mixed_lines(30))
+
+
+# ------------------------------------------------------------------------------------------------
+# predict-dataset
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("engine", ["shrink", "refill"])
+def test_the_predictor_marks_watched_rows_and_predicts_the_same(trained_ckpt, engine, lines):
+    pytest.importorskip("pyarrow")
+    import pyarrow as pa
+
+    from deebert_cli.core.model.checkpoint import load_checkpoint
+    from deebert_cli.core.model.watch import disagrees
+    from deebert_cli.core.ray_data.predictor import DeeBertPredictor
+
+    texts = lines + [None]
+    thr = _rule(trained_ckpt, lines, 2).thresholds[0]
+    plain = DeeBertPredictor(trained_ckpt, threshold=thr, device="cpu", batch_size=4, engine=engine)(pa.table({"text": texts}))
+    watched = DeeBertPredictor(trained_ckpt, threshold=thr, device="cpu", batch_size=4, engine=engine,
+                               watch_rate=1.0)(pa.table({"text": texts}))
+    assert "watch_disagreed" not in plain.column_names
+    for name in plain.column_names:
+        assert watched.column(name).to_pylist()[:-1] == pytest.approx(plain.column(name).to_pylist()[:-1]) \
+            if name in ("confidence", "entropy") else watched.column(name).to_pylist() == plain.column(name).to_pylist()
+    bits = watched.column("watch_disagreed").to_pylist()
+    assert bits[-1] is None and None not in bits[:-1]  # the empty row is not watched, every other one is
+    ckpt = load_checkpoint(trained_ckpt)
+    full = EarlyExitEngine(ckpt, ExitRule([0.0] * ckpt.model.num_layers), "cpu", 4)
+    ids = ckpt.tokenizer(lines, truncation=True, max_length=128)["input_ids"]
+    _, final, _ = full.run_rows(ids)
+    labels = watched.column("label").to_pylist()
+    assert bits[:-1] == [ckpt.label_names[int(final[k].argmax())] != labels[k] for k in range(len(lines))]
+    assert not disagrees([0.1, 0.9], [0.2, 0.8])
+
+
+def test_predict_dataset_ends_with_the_guarantee_on_the_corpus(trained_ckpt, tmp_path):
+    ray = pytest.importorskip("ray")
+    from typer.testing import CliRunner
+
+    from deebert_cli.cli.app import app
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained_ckpt, ckpt)
+    meta = json.loads((ckpt / "deebert.json").read_text())
+    meta["guarantee"] = guarantee(epsilon=0.999).to_dict()
+    (ckpt / "deebert.json").write_text(json.dumps(meta))
+    src = tmp_path / "corpus.txt"
+    src.write_text("\n".join(mixed_lines(60)) + "\n")
+    try:
+        res = CliRunner().invoke(app, ["predict-dataset", "--checkpoint", str(ckpt), "--input", str(src), "--output",
+                                       str(tmp_path / "out"), "--format", "jsonl", "--threshold", "0.5", "--device",
+                                       "cpu", "--concurrency", "1", "--local-cpus", "1", "--watch-rate", "1"])
+    finally:
+        ray.shutdown()
+    assert res.exit_code == 0, res.output
+    assert "watch: the stored guarantee holds on these texts: disagreement" in res.output and "/60" in res.output
+    rows = [json.loads(l) for p in (tmp_path / "out").glob("*.json*") for l in p.read_text().splitlines()]
+    assert len(rows) == 60 and all(r["watch_disagreed"] in (True, False) for r in rows)
