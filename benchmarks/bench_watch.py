@@ -89,13 +89,32 @@ def detect(args) -> None:
         raise SystemExit(f"'{args.checkpoint}' stores no guarantee: run deebert calibrate first")
     t0 = time.perf_counter()
     movie = texts_of([SHARED / "movie_snippets" / "test.jsonl"])
-    sms = texts_of(sorted((SHARED / "sms_spam").glob("*.jsonl")))
-    ind, shifted = disagreement_bits(args.checkpoint, movie), disagreement_bits(args.checkpoint, sms)
+    if args.shift == "sms":
+        sms, what = texts_of(sorted((SHARED / "sms_spam").glob("*.jsonl"))), "SMS spam, all splits"
+    elif args.shift == "mixed":  # a positive and a negative review in one text (clients sending mixed opinions)
+        rows = [json.loads(l) for l in (SHARED / "movie_snippets" / "test.jsonl").read_text().splitlines() if l.strip()]
+        by = {lab: [r["text"] for r in rows if r["label"] == lab] for lab in {r["label"] for r in rows}}
+        a, b = sorted(by)
+        rng = np.random.default_rng(0)
+        pick = lambda lab: by[lab][rng.integers(len(by[lab]))]
+        sms = [f"{pick(a)} {pick(b)}" if k % 2 else f"{pick(b)} {pick(a)}" for k in range(2000)]
+        what = "two movie test reviews of opposite labels in one text"
+    else:  # short:K: the movie test texts cut to their first K words (clients sending fragments)
+        k = int(args.shift.split(":")[1])
+        sms, what = [" ".join(t.split()[:k]) for t in movie], f"movie test texts cut to their first {k} words"
+    cache = Path(args.cache) if args.cache else None
+    if cache is not None and cache.is_file():
+        got = np.load(cache)
+        ind, shifted = got["ind"], got["shifted"]
+    else:
+        ind, shifted = disagreement_bits(args.checkpoint, movie), disagreement_bits(args.checkpoint, sms)
+        if cache is not None:
+            np.savez(cache, ind=ind, shifted=shifted)
     print(f"checkpoint {args.checkpoint}: guarantee {g.describe()}; risk {g.risk}, epsilon {g.epsilon:g}, "
           f"delta {g.delta:g}, disagreement at calibration {g.disagreement_rate}")
     print(f"disagreement at full sampling (every text, {time.perf_counter() - t0:.0f} s): "
           f"in-distribution (movie test, {len(ind)} texts) {ind.mean():.4f}; "
-          f"shifted (SMS spam, all splits, {len(shifted)} texts) {shifted.mean():.4f}")
+          f"shifted ({what}, {len(shifted)} texts) {shifted.mean():.4f}")
     from deebert_cli.core.model.watch import Watch
 
     print(f"test: {Watch(g, args.delta).test()}")
@@ -162,6 +181,8 @@ def main():
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--rates", default=None, help="watch rates (detect: 0.01,0.05; cost: 0,0.01,0.05)")
     ap.add_argument("--delta", type=float, default=None, help="the watch's delta (default: the guarantee's)")
+    ap.add_argument("--shift", default="sms", help="shifted traffic: sms (SMS spam texts), mixed (a positive and a negative review in one text) or short:K (movie test texts cut to K words)")
+    ap.add_argument("--cache", default=None, help="an .npz file keeping the per-text bits of this checkpoint and --shift")
     ap.add_argument("--in-requests", type=int, default=20000, help="in-distribution requests before the shift")
     ap.add_argument("--max-shift", type=int, default=200000, help="shifted requests at most")
     ap.add_argument("--detect-replays", type=int, default=50)
