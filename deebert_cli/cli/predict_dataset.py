@@ -38,6 +38,8 @@ def predict_dataset(
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)."),
     local_cpus: Optional[int] = typer.Option(None, help="CPUs of a local Ray instance (default: all cores); ignored with --address."),
     object_store_mb: Optional[int] = typer.Option(None, help="Object store of a local Ray instance in MB (default: Ray's, 30% of memory); ignored with --address."),
+    watch_rate: float = typer.Option(0.0, help="Share of rows also run to the last layer (column watch_disagreed: did the exit disagree); at the end, one line: the stored guarantee on this corpus (holds / inconclusive / exceeded, with anytime-valid bounds). 0: off."),
+    watch_delta: Optional[float] = typer.Option(None, help="The watch's bounds hold with probability >= 1 - this (default: the stored guarantee's delta)."),
     device: str = DEVICE_OPT,
     precision: str = PRECISION_OPT,
     runtime: str = RUNTIME_OPT,
@@ -62,3 +64,7 @@ def predict_dataset(
 
     err.print(f"wrote {summary.stats.count} row(s) from {summary.files} file(s) to {summary.output}/ ({cfg.format} shards)")
     render_summary(summary.stats)
+    if summary.watch is not None:
+        from ..core.model.watch import verdict_line
+
+        err.print(verdict_line(summary.watch), markup=False, highlight=False)

@@ -33,6 +33,11 @@ def serve(
     max_input_bytes: int = typer.Option(16384, help="UTF-8 bytes per input text; more get 413."),
     auto_truncate: bool = typer.Option(True, "--auto-truncate/--no-auto-truncate", help="Truncate over-long inputs as predict does when a request does not say (`truncate`); otherwise they get 413."),
     access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log one line per request on stderr: its id (X-Request-Id), client, method, path, status and time."),
+    watch_rate: float = typer.Option(0.01, help="Share of requests whose rows also run to the last layer after answering, to watch the stored guarantee on live traffic (/info, /metrics, a log line when its state changes); 0 turns it off."),
+    watch_delta: Optional[float] = typer.Option(None, help="The watch's bounds hold at every time with probability >= 1 - this (default: the stored guarantee's delta)."),
+    watch_log: Optional[Path] = typer.Option(None, help="Keep the watched texts in this folder (JSON Lines, rotated) for `deebert calibrate --unlabeled DIR`; nothing is kept without it."),
+    watch_log_lines: int = typer.Option(10000, help="Texts per --watch-log file."),
+    watch_log_files: int = typer.Option(10, help="--watch-log files kept; the oldest are removed."),
     device: str = DEVICE_OPT,
     precision: str = PRECISION_OPT,
     runtime: str = RUNTIME_OPT,
@@ -48,6 +53,7 @@ def serve(
     for k in ("ctx", "config"):
         values.pop(k)
     values["checkpoint"] = str(checkpoint)
+    values["watch_log"] = str(watch_log) if watch_log else None
     quiet_libraries()
     with user_errors("accepted requests were finished"):
         from ..core.serve.config import ServeConfig

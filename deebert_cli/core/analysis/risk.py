@@ -249,9 +249,11 @@ def certify(logits, labels=None, *, risk: str = "accuracy_drop", epsilon: float,
     if labels is not None and not regression:
         y, pred = np.asarray(labels), logits.argmax(-1)
         drop = float((pred[-1] == y).mean() - (pred[layer, np.arange(n)] == y).mean())
-    return Guarantee(risk, float(epsilon), float(delta), int(n), policy, value, k, k / n, upper_bound(k, n, level),
-                     mean, 1 - mean / L, len(counts), family, min_calibration_size(epsilon, level), entropy,
-                     tolerance, drop)
+    g = Guarantee(risk, float(epsilon), float(delta), int(n), policy, value, k, k / n, upper_bound(k, n, level),
+                  mean, 1 - mean / L, len(counts), family, min_calibration_size(epsilon, level), entropy,
+                  tolerance, drop)
+    g.disagreement_rate = float(losses("disagreement", layer, logits, None, tolerance).mean())  # what serve watches
+    return g
 
 
 def check(g: Guarantee, logits, labels=None, scores=None, risk: str | None = None) -> dict:

@@ -20,7 +20,7 @@ from .quiet import quiet_ray, quiet_stderr
 from .readers import INPUT_FORMATS, PATH_COLUMN, ROW_COLUMN, check_columns, expand_inputs, input_error, read_dataset
 
 OUTPUT_FORMATS = ("parquet", "jsonl")
-OUTPUT_NAMES = {"label", "confidence", "exit_layer", "entropy", "empty", "value"}  # prediction columns
+OUTPUT_NAMES = {"label", "confidence", "exit_layer", "entropy", "empty", "value", "watch_disagreed"}  # prediction columns
 
 
 @dataclass
@@ -56,6 +56,8 @@ class PredictDatasetConfig:
     precision: str = "fp32"
     runtime: str = "torch"  # torch, or onnx (the graphs of `deebert export`)
     onnx_precision: str = "fp32"  # onnx runtime: fp32 or int8
+    watch_rate: float = 0.0  # share of rows also run to the last layer: the stored guarantee on this corpus
+    watch_delta: float | None = None  # confidence of its bounds (None: the guarantee's delta)
 
     def __post_init__(self):
         if isinstance(self.input, str):
@@ -74,6 +76,8 @@ class PredictDatasetConfig:
         _check(self.max_retries >= 0, f"max_retries must be >= 0, got {self.max_retries}")
         _check(self.local_cpus is None or self.local_cpus >= 1, f"local_cpus must be >= 1, got {self.local_cpus}")
         _check(self.object_store_mb is None or self.object_store_mb >= 100, f"object_store_mb must be >= 100, got {self.object_store_mb}")
+        _check(0 <= self.watch_rate <= 1, f"watch_rate must be in [0, 1], got {self.watch_rate}")
+        _check(self.watch_delta is None or 0 < self.watch_delta < 1, f"watch_delta must be in (0, 1), got {self.watch_delta}")
         self.concurrency_value()
         self.predict_options()  # the exit options, validated by PredictConfig
 
@@ -102,6 +106,7 @@ class DatasetSummary:
     output: str
     rule: str  # the exit rule in words, and where it came from
     ray: str  # where it ran
+    watch: dict | None = None  # --watch-rate: the stored guarantee on this corpus (model.watch.Watch.snapshot)
 
 
 def predict_dataset(cfg: PredictDatasetConfig, log=lambda msg: None) -> DatasetSummary:
@@ -127,7 +132,11 @@ def predict_dataset(cfg: PredictDatasetConfig, log=lambda msg: None) -> DatasetS
                              **{**cfg.predict_options(), "device": "cpu", "precision": "fp32"})
     rule = f"{probe.rule.describe()} ({probe.rule_source})"
     L = probe.ckpt.model.num_layers
+    from ..model.guarantee import stored_guarantee
+
+    g = stored_guarantee(probe.ckpt.meta)
     del probe
+    watch = None
     with ray_session(cfg.address, cfg.local_cpus, cfg.object_store_mb) as where:
         log(f"{len(files)} file(s); {rule}; {L} layers; Ray: {where}")
         tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -137,13 +146,15 @@ def predict_dataset(cfg: PredictDatasetConfig, log=lambda msg: None) -> DatasetS
             tmp.mkdir(exist_ok=True)  # no input rows: Ray writes no shard and no folder; the output is empty
             seconds = time.perf_counter() - t0
             stats = summarise(tmp, cfg.format, L, seconds)
+            if cfg.watch_rate > 0:
+                watch = watched(tmp, cfg.format, g, cfg.watch_delta, cfg.watch_rate)
             _write_run_file(tmp, cfg, stats)
             if out.exists():
                 out.rmdir()  # empty (checked above)
             os.replace(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return DatasetSummary(stats, len(files), str(out), rule, where)
+    return DatasetSummary(stats, len(files), str(out), rule, where, watch)
 
 
 def build_dataset(cfg: PredictDatasetConfig, files: list, columns: list, ids: bool):
@@ -152,7 +163,7 @@ def build_dataset(cfg: PredictDatasetConfig, files: list, columns: list, ids: bo
     retries = cfg.max_retries
     keep = cfg.id_column or [PATH_COLUMN, ROW_COLUMN]
     ctor = dict(checkpoint=str(Path(cfg.checkpoint).resolve()), text_column=cfg.text_column,
-                text_pair_column=cfg.text_pair_column, keep_columns=keep,
+                text_pair_column=cfg.text_pair_column, keep_columns=keep, watch_rate=cfg.watch_rate,
                 num_threads=max(1, int(cfg.num_cpus)), **cfg.predict_options())
     with warnings.catch_warnings():
         # Ray 2.60 takes the retry limits (max_retries of tasks; max_restarts / max_task_retries of
@@ -211,6 +222,23 @@ def summarise(folder: Path, fmt: str, num_layers: int, seconds: float):
     for c in counts:
         stats.histogram[int(c["values"]) - 1] += int(c["counts"])
     return stats
+
+
+def watched(folder: Path, fmt: str, g, delta: float | None, rate: float) -> dict:
+    """The watched rows' bits (column ``watch_disagreed``, in the order written) through the same
+    confidence sequence the server runs -> the verdict on the stored guarantee ``g`` for this corpus."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pds
+
+    from ..model.watch import Watch
+
+    w = Watch(g, delta, rate)
+    files = sorted(str(p) for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(("_", ".")))
+    if files:
+        col = pds.dataset(files, format="parquet" if fmt == "parquet" else "json").to_table(columns=["watch_disagreed"])
+        for bit in pc.drop_null(col["watch_disagreed"]).to_pylist():
+            w.record(bool(bit))
+    return w.snapshot()
 
 
 def _write_run_file(folder: Path, cfg: PredictDatasetConfig, stats) -> None:

@@ -45,7 +45,8 @@ class DeeBertPredictor:
     batch_size, engine, max_length, device, precision), validated the same way."""
 
     def __init__(self, checkpoint: str, *, text_column: str = "text", text_pair_column: str | None = None,
-                 keep_columns: list | None = None, prefix: str = "", num_threads: int | None = None, **options):
+                 keep_columns: list | None = None, prefix: str = "", num_threads: int | None = None,
+                 watch_rate: float = 0.0, **options):
         unknown = sorted(set(options) - set(PREDICT_OPTIONS))
         if unknown:
             raise TypeError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(PREDICT_OPTIONS)}")
@@ -78,10 +79,11 @@ class DeeBertPredictor:
         if text_pair_column and not pairs:
             raise UserError(f"'{checkpoint}' takes one text per row; it was not trained on pairs (drop --text-pair-column)")
         self.stats = PredictStats(self.ckpt.model.num_layers)  # running totals of this actor
+        self.watch_rate = float(watch_rate)  # > 0: a sample of rows also runs to the last layer (watch_disagreed)
 
     def output_columns(self) -> list:
         names = ["value", "exit_layer", "empty"] if self.regression else ["label", "confidence", "exit_layer", "entropy", "empty"]
-        return [self.prefix + n for n in names]
+        return [self.prefix + n for n in names + (["watch_disagreed"] if self.watch_rate > 0 else [])]
 
     def __call__(self, batch):
         table, back = _to_arrow(batch)
@@ -100,13 +102,28 @@ class DeeBertPredictor:
         return back(out)
 
     def predict_lines(self, lines: list) -> list:
-        """Texts in ``deebert predict``'s line format (a tab separates a pair) -> one Prediction each."""
+        """Texts in ``deebert predict``'s line format (a tab separates a pair) -> one Prediction each (with
+        ``watch_rate``: a sampled row's Prediction carries ``watch_disagreed``, did its exit disagree with the
+        last layer; the others None)."""
+        from ..model.guarantee import stored_guarantee
+        from ..model.watch import Sampler, disagrees
         from ..runtime.stream import predict_stream
 
-        cfg = self.cfg
-        return list(predict_stream(self.ckpt, lines, self.rule, self.device, batch_size=cfg.batch_size,
-                                   window=max(cfg.window, len(lines)), max_length=cfg.max_length,
-                                   engine=cfg.engine, stats=self.stats, precision=cfg.precision))
+        cfg, bits = self.cfg, {}
+        sample = Sampler(self.watch_rate) if self.watch_rate > 0 else None
+        g = stored_guarantee(self.ckpt.meta)
+        tol = (g.tolerance if g is not None else None) or cfg.tolerance
+
+        def on_watched(index, layer, exit_logits, final_logits):
+            bits[index] = disagrees(exit_logits, final_logits, self.regression, tol)
+
+        out = list(predict_stream(self.ckpt, lines, self.rule, self.device, batch_size=cfg.batch_size,
+                                  window=max(cfg.window, len(lines)), max_length=cfg.max_length,
+                                  engine=cfg.engine, stats=self.stats, precision=cfg.precision,
+                                  watch=(lambda index: sample()) if sample else None, on_watched=on_watched))
+        for p in out:
+            p.watch_disagreed = bits.get(p.index)
+        return out
 
     def _lines(self, table) -> list:
         """The batch's texts as predict's lines: null -> '' (marked empty); a pair joined by a tab (tabs
@@ -125,14 +142,15 @@ class DeeBertPredictor:
         live = [not r.empty for r in results]
         layer = pa.array([r.exit_layer if ok else None for r, ok in zip(results, live)], pa.int32())
         empty = pa.array([r.empty for r in results], pa.bool_())
+        watched = [pa.array([getattr(r, "watch_disagreed", None) for r in results], pa.bool_())] if self.watch_rate > 0 else []
         if self.regression:
-            return [pa.array([r.value if ok else None for r, ok in zip(results, live)], pa.float64()), layer, empty]
+            return [pa.array([r.value if ok else None for r, ok in zip(results, live)], pa.float64()), layer, empty] + watched
         names = self.ckpt.label_names
         return [pa.array([names[r.label] if ok else None for r, ok in zip(results, live)], pa.string()),
                 pa.array([r.confidence if ok else None for r, ok in zip(results, live)], pa.float64()),
                 layer,
                 pa.array([r.entropy if ok else None for r, ok in zip(results, live)], pa.float64()),
-                empty]
+                empty] + watched
 
 
 def _column_values(table, name: str) -> list:

@@ -136,6 +136,7 @@ class EarlyExitEngine:
         self.batch_size = batch_size
         self.all_probs = all_probs
         self.regression = ckpt.task == "regression"
+        self._shadow, self._watch, self._on_watched = [], None, None  # watched rows (run_refill)
 
     def _entropy(self, logits: np.ndarray) -> np.ndarray:
         """[b, C] host logits -> [b]: the entropy reported with each result (nan for regression)."""
@@ -168,10 +169,12 @@ class EarlyExitEngine:
         return hidden, logits, self.backend.to_numpy(done), state
 
     # -- shrinking batch ----------------------------------------------------------------------------
-    def run_batch(self, batch: dict) -> tuple:
+    def run_batch(self, batch: dict, watch: np.ndarray | None = None, on_watched=None) -> tuple:
         """One padded batch {input_ids, attention_mask[, token_type_ids]} (numpy) -> (exit_layer [b]
         0-based, logits [b, C] float32, entropy [b]), numpy. Rows that exit leave the batch; padding
-        columns that no remaining row needs are trimmed."""
+        columns that no remaining row needs are trimmed. Rows where ``watch`` [b] is true keep their exit's
+        result but go on to the last layer, where ``on_watched(row, exit_layer, exit_logits, final_logits)``
+        is called for each (the results are the same with or without)."""
         be = self.backend
         ids, mask, tt = batch["input_ids"], np.asarray(batch["attention_mask"]), batch.get("token_type_ids")
         b = mask.shape[0]
@@ -182,12 +185,21 @@ class EarlyExitEngine:
         state = self.policy.init_state(b, self.device, self.xp)  # per-row policy state, sliced with the rows
         exit_layer = np.full(b, self.L - 1, dtype=np.int64)
         out_logits = np.empty((b, self.C), dtype=np.float32)
+        watch = np.zeros(b, dtype=bool) if watch is None else np.asarray(watch, dtype=bool)
+        gone = np.zeros(b, dtype=bool)  # rows whose answer is in (watched rows go on after it)
         for i in range(self.L):
             hidden, logits, done, state = self._step(i, hidden, attn, state)
             if done.any():
-                exit_layer[active[done]] = i
-                out_logits[active[done]] = be.to_numpy(logits)[done]
-                keep = ~done
+                new = done & ~gone[active]
+                exit_layer[active[new]] = i
+                out_logits[active[new]] = be.to_numpy(logits)[new]
+                gone[active[new]] = True
+                if i == self.L - 1 and watch.any():
+                    final = be.to_numpy(logits)
+                    for j in np.flatnonzero(watch[active]):
+                        r = int(active[j])
+                        on_watched(r, int(exit_layer[r]), out_logits[r], final[j])
+                keep = ~done | (watch[active] & (i < self.L - 1))
                 if not keep.any():
                     break
                 sel = be.put(keep)
@@ -198,16 +210,16 @@ class EarlyExitEngine:
                     hidden, attn = hidden[:, :width], attn[:, :width]
         return exit_layer, out_logits, self._entropy(out_logits)
 
-    def run_rows(self, ids: list, token_type_ids: list | None = None) -> tuple:
+    def run_rows(self, ids: list, token_type_ids: list | None = None, watch=None, on_watched=None) -> tuple:
         """Token id lists (one per row, unpadded) -> :meth:`run_batch` on them, right-padded."""
         input_ids, mask, tt = pad_rows(ids, self.pad_id, token_type_ids)
         batch = {"input_ids": input_ids, "attention_mask": mask}
         if tt is not None:
             batch["token_type_ids"] = tt
-        return self.run_batch(batch)
+        return self.run_batch(batch, watch, on_watched)
 
     # -- refill (continuous batching) ---------------------------------------------------------------
-    def run_refill(self, rows: Iterator, max_lag: int = 1024) -> Iterator[tuple]:
+    def run_refill(self, rows: Iterator, max_lag: int = 1024, watch=None, on_watched=None) -> Iterator[tuple]:
         """rows: (key, ids, token_type_ids|None) with keys = input positions, or ``None`` meaning "no new
         input right now" -> yields (key, exit_layer, logits [C] numpy, entropy) as rows finish.
 
@@ -216,9 +228,18 @@ class EarlyExitEngine:
         queue then runs part-full), so the caller's reorder buffer stays bounded. When the iterator yields
         ``None``, the deepest non-empty queue runs part-full (or, with every queue empty, the iterator is
         asked again: it may block until input comes). At the end, partial queues drain shallowest first so
-        rows merge downstream."""
+        rows merge downstream.
+
+        Watching (``watch(key)`` true for a sampled row): the row's result is yielded at its exit as any
+        other, then its hidden state goes on to the last layer as a *shadow* row (not restarted), and
+        ``on_watched(key, exit_layer, exit_logits, final_logits)`` is called there. Shadow rows are of lower
+        priority: they fill the free places of a layer step (:meth:`_advance`), run alone only when no new
+        input is waiting (the row source yields ``None``; :attr:`shadow_rows` tells it there is such work)
+        or when more than one batch of them waits, and never change what or when a row answers."""
         B, L = self.batch_size, self.L
         queues = [deque() for _ in range(L)]  # items: (key, hidden [len, H], policy state: tuple of 0-d arrays)
+        self._shadow = [deque() for _ in range(L)]  # items: (key, hidden, state, (exit layer, exit logits))
+        self._watch, self._on_watched = watch, on_watched
         exhausted = False
         newest = -1
         rows = iter(rows)
@@ -227,6 +248,9 @@ class EarlyExitEngine:
             oldest = min(((t[0], i) for i in range(L) for t in queues[i]), default=None)
             if full:
                 i = full[-1]
+            elif self.shadow_rows > B:  # shadow work piled up (a saturated server): bound it, one batch
+                yield from self._advance_shadow(max(j for j in range(L) if self._shadow[j]), queues)
+                continue
             elif oldest is not None and newest - oldest[0] > max_lag:
                 i = oldest[1]  # an old row has waited long enough: move it on in a part-full batch
             elif not exhausted:
@@ -244,20 +268,39 @@ class EarlyExitEngine:
                 if fresh:
                     self._embed_into(fresh, queues[0])
                 nonempty = [i for i in range(L) if queues[i]]
+                if idle and not nonempty and self.shadow_rows:  # idle: the time for shadow work
+                    yield from self._advance_shadow(max(j for j in range(L) if self._shadow[j]), queues)
+                    continue
                 if not idle or not nonempty:
                     continue
                 i = nonempty[-1]  # no new input right now: move the deepest rows on, part-full
             else:
                 nonempty = [i for i in range(L) if queues[i]]
                 if not nonempty:
-                    return
+                    if not self.shadow_rows:
+                        return
+                    yield from self._advance_shadow(min(j for j in range(L) if self._shadow[j]), queues)
+                    continue
                 i = nonempty[0]
             yield from self._advance(i, queues)
+
+    @property
+    def shadow_rows(self) -> int:
+        """Watched rows past their exit, still on their way to the last layer (:meth:`run_refill`)."""
+        return sum(len(q) for q in self._shadow)
+
+    def _advance_shadow(self, i: int, queues: list) -> Iterator[tuple]:
+        """Shadow rows of layer i alone (idle time, or too many waiting)."""
+        take = [self._shadow[i].popleft() for _ in range(min(self.batch_size, len(self._shadow[i])))]
+        for group in width_groups([t[1].shape[0] for t in take], self.backend.call_tokens):
+            yield from self._advance_rows(i, [take[j] for j in group], queues)
 
     def _advance(self, i: int, queues: list) -> Iterator[tuple]:
         """Run up to one batch of queue i through layer i, in sub-batches of similar length
         (:func:`width_groups`): finished rows are yielded, the rest move on."""
         take = [queues[i].popleft() for _ in range(min(self.batch_size, len(queues[i])))]
+        while self._shadow and self._shadow[i] and len(take) < self.batch_size:  # free places: watched rows ride along
+            take.append(self._shadow[i].popleft())
         for group in width_groups([t[1].shape[0] for t in take], self.backend.call_tokens):
             yield from self._advance_rows(i, [take[j] for j in group], queues)
 
@@ -276,11 +319,25 @@ class EarlyExitEngine:
         if logits is not None:
             logits = be.to_numpy(logits)
             ent = self._entropy(logits)
+        watched = []  # (key, exit layer, exit logits) of rows whose final logits are in hand
         for j, t in enumerate(take):
-            if done[j]:
-                yield t[0], i, logits[j], float(ent[j])
+            item = (t[0], hidden[j, : lens[j]], tuple(x[j] for x in state))
+            if len(t) > 3:  # a shadow row: its answer has left already
+                if i == self.L - 1:
+                    watched.append((t[0], t[3][0], t[3][1], logits[j]))
+                else:
+                    self._shadow[i + 1].append(item + (t[3],))
+            elif done[j]:
+                yield t[0], i, logits[j], float(ent[j])  # the answer first: the watch never delays it
+                if self._watch is not None and self._watch(t[0]):
+                    if i == self.L - 1:
+                        watched.append((t[0], i, logits[j], logits[j]))
+                    else:
+                        self._shadow[i + 1].append(item + ((i, logits[j].copy()),))
             else:
-                queues[i + 1].append((t[0], hidden[j, : lens[j]], tuple(x[j] for x in state)))
+                queues[i + 1].append(item)
+        for w in watched:
+            self._on_watched(*w)
 
     def _embed_into(self, fresh: list, queue: deque) -> None:
         be = self.backend

@@ -85,13 +85,15 @@ def split_pair(line: str) -> tuple:
 def predict_stream(ckpt, lines: Iterable[str], rule, device=None, *, batch_size: int = 32,
                    window: int = 1024, max_length: int | None = None, engine: str = "shrink",
                    all_probs: bool = False, stats: PredictStats | None = None,
-                   precision: str = "fp32") -> Iterator[Prediction]:
+                   precision: str = "fp32", watch=None, on_watched=None) -> Iterator[Prediction]:
     """Predict every line of ``lines`` (read lazily, ``window`` lines at a time) and yield one result
     per line in input order. ``ckpt`` is what :func:`load_for_inference` returns (either runtime).
 
     Within a window, rows are sorted by length to cut padding; results pass through a reorder buffer
     and leave as soon as every earlier line is done, so output starts before the input ends and memory
-    stays flat however long the input is."""
+    stays flat however long the input is. Rows whose line index ``watch(index)`` picks also run on to the
+    last layer after their exit (:mod:`..model.watch`): ``on_watched(index, exit_layer, exit_logits,
+    final_logits)``; their predictions are the same."""
     if ckpt.tokenizer is None:
         raise UserError(f"'{ckpt.path}' has no tokenizer files")
     pairs = bool(ckpt.meta.get("data", {}).get("text_pair_column"))
@@ -101,7 +103,8 @@ def predict_stream(ckpt, lines: Iterable[str], rule, device=None, *, batch_size:
     stats = stats if stats is not None else PredictStats(eng.L)
     ready: dict = {}  # index -> Prediction, waiting for earlier lines
     windows = _windows(lines, window, ckpt.tokenizer, pairs, max_length, stats, ready)
-    yield from _in_order(_predicted(eng, windows, engine, batch_size, window, all_probs), ready, stats)
+    watching = (watch, on_watched) if watch is not None else None
+    yield from _in_order(_predicted(eng, windows, engine, batch_size, window, all_probs, watching), ready, stats)
 
 
 def _engine(ckpt, rule, device, batch_size, all_probs, precision, engine: str, max_length: int) -> tuple:
@@ -161,19 +164,22 @@ def _windows(lines: Iterable[str], window: int, tok, pairs: bool, max_length: in
 
 
 def _predicted(eng: EarlyExitEngine, windows: Iterator[list], engine: str, batch_size: int, window: int,
-               all_probs: bool) -> Iterator[Prediction | None]:
+               all_probs: bool, watching: tuple | None = None) -> Iterator[Prediction | None]:
     """The rows of ``windows`` through ``eng`` -> Predictions as they finish (``None`` after each window of
     the shrink engine: a point to flush the empty lines waiting in the reorder buffer)."""
+    watch, on_watched = watching or (None, None)
     if engine == "refill":
         stream = (r for rows in windows for r in rows)
-        for key, layer, logits, ent in eng.run_refill(stream, max_lag=window):
+        for key, layer, logits, ent in eng.run_refill(stream, max_lag=window, watch=watch, on_watched=on_watched):
             yield _result(key, layer, logits, ent, all_probs, eng.regression)
         return
     for rows in windows:
         for s in range(0, len(rows), batch_size):
             part = rows[s : s + batch_size]
+            picked = [bool(watch(r[0])) for r in part] if watch is not None else None
             layer, logits, ent = eng.run_rows([r[1] for r in part],
-                                              [r[2] for r in part] if part[0][2] is not None else None)
+                                              [r[2] for r in part] if part[0][2] is not None else None, picked,
+                                              (lambda j, *rest, part=part: on_watched(part[j][0], *rest)) if picked else None)
             yield from _results([r[0] for r in part], layer, logits, ent, all_probs, eng.regression)
         yield None  # window done: flush empties waiting in the buffer
 

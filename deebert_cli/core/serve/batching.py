@@ -72,6 +72,9 @@ class Observer:
     def load(self, rows_waiting: int, requests: int) -> None:
         """Rows waiting to enter the engine and requests admitted (queued or running)."""
 
+    def watched(self, disagreed: bool, snapshot: dict) -> None:
+        """A watched row reached the last layer: did its exit disagree, and the watch's state after it."""
+
 
 @dataclass
 class Request:
@@ -124,7 +127,7 @@ class BatchingServer:
     def __init__(self, ckpt: Checkpoint, rule, device, *, batch_size: int = 32, max_batch_tokens: int = 16384,
                  max_concurrent_requests: int = 512, max_wait_ms: float = 0.0, batching: bool = True,
                  max_length: int | None = None, precision: str = "fp32", observer: Observer | None = None,
-                 max_lag: int | None = None):
+                 max_lag: int | None = None, watch=None, sampler=None, watch_log=None):
         if ckpt.tokenizer is None:
             raise UserError(f"'{ckpt.path}' has no tokenizer files")
         self.ckpt, self.rule = ckpt, rule
@@ -156,6 +159,10 @@ class BatchingServer:
         self._in_engine = 0  # rows handed to the engine and not yet finished (worker thread only)
         self._draining = False
         self._error: BaseException | None = None
+        # watching the guarantee (:mod:`..model.watch`): a sampled request's rows also run to the last layer
+        # after answering; ``sampler()`` picks the requests, ``watch`` keeps the verdict, ``watch_log`` the texts
+        self.watch, self.sampler, self.watch_log = watch, sampler, watch_log
+        self._watched: dict = {}  # key of a watched row -> its input (texts only kept for watch_log)
         self._thread = threading.Thread(target=self._work, name="deebert-serve-worker", daemon=True)
 
     # -- caller side ---------------------------------------------------------------------------------
@@ -197,6 +204,9 @@ class BatchingServer:
         rows = [(next(self._keys), j, enc.input_ids[j], tt[j] if tt is not None else None) for j in range(len(inputs))]
         rows.sort(key=lambda r: len(r[2]))  # as predict: rows of similar length together, less padding
         req = Request(rows, cut, tokenization=time.perf_counter() - t0)
+        if self.watch is not None and self.sampler is not None and self.sampler():
+            keep = self.watch_log is not None
+            self._watched.update((r[0], inputs[r[1]] if keep else None) for r in rows)
         with self._lock:
             self._admit_check()
             self._admitted += 1
@@ -258,7 +268,9 @@ class BatchingServer:
             self._fail_all(e)
 
     def _work_batched(self) -> None:
-        for key, layer, logits, ent in self.engine.run_refill(self._row_source(), max_lag=self.max_lag):
+        watch = (lambda key: key in self._watched) if self.watch is not None else None
+        for key, layer, logits, ent in self.engine.run_refill(self._row_source(), max_lag=self.max_lag, watch=watch,
+                                                              on_watched=self._watched_row):
             self._in_engine -= 1
             req, pos = self._by_key.pop(key)
             self._finish_row(req, pos, layer, logits, ent)
@@ -273,6 +285,7 @@ class BatchingServer:
                 req, (key, pos, ids, tt) = pending.popleft()
                 self._row_taken()
                 if req.cancelled:
+                    self._watched.pop(key, None)
                     self._row_done(req)
                     continue
                 self._by_key[key] = (req, pos)
@@ -282,9 +295,10 @@ class BatchingServer:
                 linger = True
                 yield key, ids, tt
                 continue
-            req = self._take(0.05 if not self._in_engine else (self.max_wait if linger and self.max_wait > 0 else 0))
+            busy = self._in_engine or self.engine.shadow_rows  # shadow rows: watched ones after their answer
+            req = self._take(0.05 if not busy else (self.max_wait if linger and self.max_wait > 0 else 0))
             if req is None:
-                if self._in_engine:
+                if busy:
                     linger = False
                     yield None
                 elif self._draining and self._inbox.empty():
@@ -304,7 +318,8 @@ class BatchingServer:
             for _ in req.rows:
                 self._row_taken()
             if req.cancelled:
-                for _ in req.rows:
+                for r in req.rows:
+                    self._watched.pop(r[0], None)
                     self._row_done(req)
                 continue
             req.entered = time.perf_counter()
@@ -314,6 +329,30 @@ class BatchingServer:
                                                           [r[3] for r in part] if part[0][3] is not None else None)
                 for j, r in enumerate(part):
                     self._finish_row(req, r[1], int(layer[j]), logits[j], ent[j])
+            self._watch_alone([r for r in req.rows if r[0] in self._watched])
+
+    def _watch_alone(self, rows: list) -> None:
+        """Batching off: the watched rows of a request, after its answer, run again to the last layer (the
+        exits recomputed on the way: the same rule gives the same ones) for :meth:`_watched_row`."""
+        B = self.engine.batch_size
+        for s in range(0, len(rows), B):
+            part = rows[s : s + B]
+            self.engine.run_rows([r[2] for r in part], [r[3] for r in part] if part[0][3] is not None else None,
+                                 watch=[True] * len(part),
+                                 on_watched=lambda j, *rest: self._watched_row(part[j][0], *rest))
+
+    def _watched_row(self, key, exit_layer: int, exit_logits, final_logits) -> None:
+        """A watched row reached the last layer: its bit into the watch (and its text into the log)."""
+        from ..model.watch import disagrees
+
+        text = self._watched.pop(key, None)
+        g = self.watch.g
+        tol = (g.tolerance if g is not None else None) or getattr(self.rule, "tolerance", None)
+        bad = disagrees(exit_logits, final_logits, self.engine.regression, tol)
+        self.watch.record(bad)
+        self.observer.watched(bad, self.watch.snapshot())
+        if self.watch_log is not None and text is not None:
+            self.watch_log.add(text)
 
     def _take(self, timeout: float) -> Request | None:
         try:

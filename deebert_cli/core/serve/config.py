@@ -35,6 +35,11 @@ class ServeConfig:
     max_input_bytes: int = 16384  # UTF-8 bytes per input text; more get 413
     auto_truncate: bool = True  # over-long inputs are truncated as predict does (False: 413)
     access_log: bool = True  # one log line per request (with its id) on stderr
+    watch_rate: float = 0.01  # share of requests also run to the last layer to watch the guarantee (0: off)
+    watch_delta: float | None = None  # confidence of the watch's bounds (None: the stored guarantee's delta)
+    watch_log: str | None = None  # a folder for the watched texts (None: none kept)
+    watch_log_lines: int = 10000  # texts per watch-log file
+    watch_log_files: int = 10  # watch-log files kept (the oldest go)
 
     def __post_init__(self):
         _check_types(self)
@@ -53,3 +58,9 @@ class ServeConfig:
         _check(self.max_lag is None or self.max_lag >= 1, f"max_lag must be >= 1, got {self.max_lag}")
         _check(self.max_client_batch_size > 0, f"max_client_batch_size must be > 0, got {self.max_client_batch_size}")
         _check(self.max_input_bytes > 0, f"max_input_bytes must be > 0, got {self.max_input_bytes}")
+        _check(math.isfinite(self.watch_rate) and 0 <= self.watch_rate <= 1, f"watch_rate must be in [0, 1], got {self.watch_rate}")
+        _check(self.watch_delta is None or 0 < self.watch_delta < 1, f"watch_delta must be in (0, 1), got {self.watch_delta}")
+        _check(self.watch_log is None or bool(str(self.watch_log).strip()), "watch_log must be a folder, got an empty name")
+        _check(self.watch_log is None or self.watch_rate > 0, "watch_log needs watch_rate > 0 (nothing is watched at 0)")
+        _check(self.watch_log_lines >= 1, f"watch_log_lines must be >= 1, got {self.watch_log_lines}")
+        _check(self.watch_log_files >= 1, f"watch_log_files must be >= 1, got {self.watch_log_files}")

@@ -96,7 +96,8 @@ def build_app(server: BatchingServer, cfg: ServeConfig, info: dict, metrics: Pro
         return JSONResponse({}) if server.alive else draining("not serving")
 
     async def info_route(request: HttpRequest):
-        return JSONResponse(info)
+        watch = server.watch.snapshot() if server.watch is not None else {"rate": 0.0, "state": "off"}
+        return JSONResponse({**info, "watch": watch})
 
     async def prometheus(request: HttpRequest):
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -209,6 +210,39 @@ def server_info(cfg: ServeConfig, server: BatchingServer, rule, source: str, dev
     }
 
 
+def watch_parts(cfg: ServeConfig, ckpt) -> tuple:
+    """(Watch or None, sampler or None, WatchLog or None) of ``cfg.watch_rate`` / ``cfg.watch_log``: the
+    guarantee stored in ``ckpt`` watched on a sampled share of the requests; a state change is one log line."""
+    if cfg.watch_rate <= 0:
+        return None, None, None
+    from ..model.guarantee import stored_guarantee
+    from ..model.watch import Sampler, Watch
+    from .context import LOG
+
+    def changed(old: str, new: str, snap: dict) -> None:
+        LOG.warning("watch: the stored guarantee %s -> %s after %d watched rows: disagreement %d/%d, bounds "
+                    "[%.4f, %.4f], epsilon %s; %s", old, new, snap["n"], snap["disagreements"], snap["n"],
+                    snap["lower"], snap["upper"], snap["epsilon"], snap["advice"])
+
+    watch = Watch(stored_guarantee(ckpt.meta), cfg.watch_delta, cfg.watch_rate, on_change=changed)
+    log = None
+    if cfg.watch_log:
+        from .watchlog import WatchLog
+
+        data = ckpt.meta.get("data", {})
+        log = WatchLog(cfg.watch_log, cfg.watch_log_lines, cfg.watch_log_files, data.get("text_column") or "text",
+                       data.get("text_pair_column"))
+    return watch, Sampler(cfg.watch_rate), log
+
+
+def watch_line(cfg: ServeConfig, watch) -> str:
+    """The startup line about watching."""
+    if watch is None:
+        return "watch: off (--watch-rate 0)"
+    kept = f"; texts kept in {cfg.watch_log}/" if cfg.watch_log else ""
+    return f"watch: {100 * cfg.watch_rate:g}% of requests also run to the last layer; {watch.test()}{kept}"
+
+
 def serve(cfg: ServeConfig, announce=lambda message: None, version: str | None = None) -> None:
     """Load the model, start the worker and serve HTTP until SIGINT/SIGTERM (then drain and return;
     after SIGINT raise KeyboardInterrupt, once every admitted request is answered)."""
@@ -221,10 +255,13 @@ def serve(cfg: ServeConfig, announce=lambda message: None, version: str | None =
         rule, source = resolve_rule(ckpt, cfg.threshold, cfg.thresholds, cfg.entropy, policy=cfg.exit_policy,
                                     patience=cfg.patience, tolerance=cfg.tolerance)
         metrics = PrometheusObserver(ckpt.model.num_layers)
+        watch, sampler, wlog = watch_parts(cfg, ckpt)
         server = BatchingServer(ckpt, rule, device, batch_size=cfg.batch_size, max_batch_tokens=cfg.max_batch_tokens,
                                 max_concurrent_requests=cfg.max_concurrent_requests, max_wait_ms=cfg.max_wait_ms,
                                 batching=cfg.batching, max_length=cfg.max_length, precision=cfg.precision,
-                                observer=metrics, max_lag=cfg.max_lag)
+                                observer=metrics, max_lag=cfg.max_lag, watch=watch, sampler=sampler, watch_log=wlog)
+        if watch is not None:
+            metrics.watch_started(watch.snapshot())
         info = server_info(cfg, server, rule, source, device, version)
     except BaseException:
         sock.close()
@@ -235,6 +272,7 @@ def serve(cfg: ServeConfig, announce=lambda message: None, version: str | None =
     announce(f"deebert serve: {rule.describe()} ({source}); {server.num_layers} layers; device {device}; "
              f"{'batching across requests' if cfg.batching else 'each request alone'}, up to "
              f"{server.engine.batch_size} rows per step")
+    announce(watch_line(cfg, watch))
     host, port = sock.getsockname()[:2]  # the bound port: --port 0 names a free one
     listening = (f"listening on http://{f'[{host}]' if ':' in host else host}:{port} "
                  "(POST /predict, GET /, /health, /info, /metrics)")
@@ -245,5 +283,7 @@ def serve(cfg: ServeConfig, announce=lambda message: None, version: str | None =
     userver = DrainingServer(config, server, announce, on_started=lambda: announce(listening))
     userver.run(sockets=[sock])  # on SIGTERM/SIGINT: drain (port open, 503s), then uvicorn's shutdown
     server.drain()
+    if wlog is not None:
+        wlog.close()
     if userver.stop_signal == signal.SIGINT:
         raise KeyboardInterrupt  # Ctrl-C: the CLI's "interrupted" line and status 130; SIGTERM returns (0)

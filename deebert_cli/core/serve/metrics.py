@@ -2,8 +2,9 @@
 response counted by status (:mod:`.context` counts them)."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
 
+from ..model.watch import STATES
 from .batching import Observer
 
 
@@ -25,6 +26,18 @@ class PrometheusObserver(Observer):
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.queue = Gauge("deebert_queue_rows", "Rows waiting to enter the model", registry=r)
         self.in_progress = Gauge("deebert_requests_in_progress", "Requests admitted and not finished", registry=r)
+        # the watch (--watch-rate): sampled rows also run to the last layer, and the verdict on the guarantee
+        self.watch_rows = Counter("deebert_watch_rows", "Watched rows (also run to the last layer)", registry=r)
+        self.watch_disagreements = Counter("deebert_watch_disagreements",
+                                           "Watched rows whose exit's answer differed from the last layer's", registry=r)
+        self.watch_rate = Gauge("deebert_watch_disagreement_rate", "Disagreement of the watched rows", registry=r)
+        self.watch_lower = Gauge("deebert_watch_lower_bound", "Lower bound of the disagreement rate (anytime-valid)",
+                                 registry=r)
+        self.watch_upper = Gauge("deebert_watch_upper_bound", "Upper bound of the disagreement rate (anytime-valid)",
+                                 registry=r)
+        self.watch_epsilon = Gauge("deebert_watch_epsilon", "The stored guarantee's budget (NaN: none)", registry=r)
+        self.watch_state = Enum("deebert_watch_state", "The stored guarantee on the watched traffic",
+                                states=list(STATES), registry=r)
 
     def step(self, layer: int, rows: int) -> None:
         self.batch.observe(rows)
@@ -38,6 +51,23 @@ class PrometheusObserver(Observer):
     def load(self, rows_waiting: int, requests: int) -> None:
         self.queue.set(rows_waiting)
         self.in_progress.set(requests)
+
+    def watch_started(self, snapshot: dict) -> None:
+        """The watch's first state and budget, before any row is watched."""
+        eps = snapshot["epsilon"]
+        self.watch_epsilon.set(float("nan") if eps is None else eps)
+        self.watch_state.state(snapshot["state"])
+        self.watch_lower.set(snapshot["lower"])
+        self.watch_upper.set(snapshot["upper"])
+
+    def watched(self, disagreed: bool, snapshot: dict) -> None:
+        self.watch_rows.inc()
+        if disagreed:
+            self.watch_disagreements.inc()
+        self.watch_rate.set(snapshot["disagreement"])
+        self.watch_lower.set(snapshot["lower"])
+        self.watch_upper.set(snapshot["upper"])
+        self.watch_state.state(snapshot["state"])
 
     def response(self, path: str, status: int, predict: bool) -> None:
         """One HTTP response: ``path`` a route's path or "unmatched"; ``predict``: it answered a prediction
