@@ -126,7 +126,7 @@ def advice(g: Guarantee, logits, labels, scores=None) -> dict:
         layer = risk.exit_layers(g.policy, cands[nxt], np.asarray(logits), scores, g.entropy, g.tolerance,
                                  logits.shape[-1] == 1)
         rate = float(risk.losses(g.risk, layer, np.asarray(logits), labels, g.tolerance).mean())
-        out.update(next=cands[nxt], next_rate=rate, next_n=risk.needed_size(rate, g.epsilon, g.delta / g.family))
+        out.update(next=cands[nxt], next_rate=rate, next_n=risk.needed_size(rate, g.epsilon, g.test_level))
     return out
 
 

@@ -37,9 +37,11 @@ import math
 import numpy as np
 
 from ..model.guarantee import Guarantee
+from .bounds import betting_p_value, betting_upper_bound, order, signed_losses
 
 RISKS = ("accuracy_drop", "disagreement")  # classification
 REGRESSION_RISKS = ("error_increase", "disagreement")
+METHODS = ("auto", "binomial", "betting")  # accuracy drop: the binary loss's binomial bound, the drop's betting bound, both
 DEFAULT_DELTA = 0.05
 # the candidate entropy thresholds, conservative to aggressive: 0.005 steps of normalized entropy
 FINE_GRID = tuple(round(k * 0.005, 3) for k in range(1, 201))
@@ -215,43 +217,73 @@ def losses(risk: str, layer: np.ndarray, logits: np.ndarray, labels=None, tolera
 # ------------------------------------------------------------------------------------------------
 def certify(logits, labels=None, *, risk: str = "accuracy_drop", epsilon: float, delta: float = DEFAULT_DELTA,
             policy: str = "entropy", scores=None, entropy: str = "normalized", tolerance: float | None = None,
-            family: int = 1, grid=None) -> Guarantee:
+            family: int = 1, grid=None, method: str | None = None) -> Guarantee:
     """The most aggressive setting of ``policy`` certified by fixed-sequence testing at level
     delta / family on the calibration texts (all-exits logits [L, n, C], labels [n] unless the risk is
-    ``disagreement``; learned exit scores [L-1, n] for ``policy="learned"``)."""
+    ``disagreement``; learned exit scores [L-1, n] for ``policy="learned"``). ``method`` (accuracy drop
+    only): "binomial" (the binary loss, exact), "betting" (the signed loss, :mod:`.bounds`) or "auto"
+    (the default there: both sequences, each at half the level, the more aggressive setting kept)."""
     logits = np.asarray(logits, dtype=np.float32)
     L, n = logits.shape[:2]
     regression = logits.shape[-1] == 1
+    method = _method_for(risk, method, regression, labels, policy)
+    bounds_run = ("binomial", "betting") if method == "auto" else (method,)
+    level = delta / family / len(bounds_run)
+    cands = candidates(policy, L, logits.shape[-1], entropy, regression, grid)
+    ent = _softmax_entropy(logits, entropy) if policy == "entropy" else None
+    layers, counts, signed, passed = [], [], [], {b: 0 for b in bounds_run}
+    perm = order(n)
+    for v in cands:  # lazily: each sequence stops at its first failure
+        layer = exit_layers(policy, v, logits, scores, entropy, tolerance, regression, ent)
+        counts.append(int(losses(risk, layer, logits, labels, tolerance).sum()))
+        layers.append(layer)
+        live = [b for b in bounds_run if passed[b] == len(layers) - 1]
+        if "binomial" in live and p_value(counts[-1], n, epsilon) <= level:
+            passed["binomial"] += 1
+        if "betting" in live:
+            signed.append(_signed(layer, logits, labels)[perm])
+            if float(betting_p_value(signed[-1], epsilon, level)) <= level:
+                passed["betting"] += 1
+        if all(passed[b] < len(layers) for b in bounds_run):
+            break
+    used = max(bounds_run, key=lambda b: (passed[b], b == "binomial"))  # ties: the exact bound
+    rejected = passed[used]
+    if rejected == 0:
+        layer, value, k = np.full(n, L - 1), None, 0
+    else:
+        layer, value, k = layers[rejected - 1], cands[rejected - 1], counts[rejected - 1]
+    bound = (upper_bound(k, n, level) if used == "binomial" else
+             betting_upper_bound(signed[rejected - 1] if rejected else np.zeros(n), level))
+    mean = float(layer.mean() + 1)
+    drop = None
+    if labels is not None and not regression:
+        y, pred = np.asarray(labels), logits.argmax(-1)
+        drop = float((pred[-1] == y).mean() - (pred[layer, np.arange(n)] == y).mean())
+    return Guarantee(risk, float(epsilon), float(delta), int(n), policy, value, k, k / n, bound,
+                     mean, 1 - mean / L, min(rejected + 1, len(cands)), family, min_calibration_size(epsilon, level), entropy,
+                     tolerance, drop, method=used, level=level)
+
+
+def _method_for(risk: str, method: str | None, regression: bool, labels, policy: str) -> str:
+    """The checks of :func:`certify`'s arguments -> the method to run ("auto" for an accuracy drop unless given)."""
     if risk not in (REGRESSION_RISKS if regression else RISKS):
         raise ValueError(f"risk must be one of {REGRESSION_RISKS if regression else RISKS}, got '{risk}'")
     if risk != "disagreement" and labels is None:
         raise ValueError(f"risk '{risk}' needs labels; 'disagreement' does not")
     if policy == "entropy" and regression:
         raise ValueError("entropy needs class probabilities: a regression checkpoint uses patience or learned exits")
-    level = delta / family
-    cands = candidates(policy, L, logits.shape[-1], entropy, regression, grid)
-    ent = _softmax_entropy(logits, entropy) if policy == "entropy" else None
-    layers, counts = [], []
-    for v in cands:  # lazily: the sequence stops at the first failure
-        layer = exit_layers(policy, v, logits, scores, entropy, tolerance, regression, ent)
-        k = int(losses(risk, layer, logits, labels, tolerance).sum())
-        layers.append(layer)
-        counts.append(k)
-        if p_value(k, n, epsilon) > level:
-            break
-    rejected, _ = fixed_sequence(counts, n, epsilon, level)
-    if rejected == 0:
-        layer, value, k = np.full(n, L - 1), None, 0
-    else:
-        layer, value, k = layers[rejected - 1], cands[rejected - 1], counts[rejected - 1]
-    mean = float(layer.mean() + 1)
-    drop = None
-    if labels is not None and not regression:
-        y, pred = np.asarray(labels), logits.argmax(-1)
-        drop = float((pred[-1] == y).mean() - (pred[layer, np.arange(n)] == y).mean())
-    return Guarantee(risk, float(epsilon), float(delta), int(n), policy, value, k, k / n, upper_bound(k, n, level),
-                     mean, 1 - mean / L, len(counts), family, min_calibration_size(epsilon, level), entropy,
-                     tolerance, drop)
+    method = method or ("auto" if risk == "accuracy_drop" else "binomial")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got '{method}'")
+    if method != "binomial" and risk != "accuracy_drop":
+        raise ValueError(f"the betting bound certifies the accuracy drop; risk '{risk}' uses method 'binomial'")
+    return method
+
+
+def _signed(layer: np.ndarray, logits: np.ndarray, labels) -> np.ndarray:
+    """The signed loss per text of exiting at ``layer`` [n]: +1 final right and exit wrong, -1 the reverse."""
+    pred, y = logits.argmax(-1), np.asarray(labels)
+    return signed_losses(pred[layer, np.arange(len(layer))] == y, pred[-1] == y)
 
 
 def check(g: Guarantee, logits, labels=None, scores=None, risk: str | None = None) -> dict:
@@ -266,9 +298,12 @@ def check(g: Guarantee, logits, labels=None, scores=None, risk: str | None = Non
     layer = (np.full(n, L - 1) if g.value is None else
              exit_layers(g.policy, g.value, logits, scores, g.entropy, g.tolerance, regression))
     k = int(losses(risk, layer, logits, labels, g.tolerance).sum())
-    rate, lo = k / n, lower_bound(k, n, g.delta)
+    rate, lo, hi = k / n, lower_bound(k, n, g.delta), upper_bound(k, n, g.delta)
+    if risk == "accuracy_drop" and g.method == "betting":  # it certified the drop itself: check the drop
+        s = _signed(layer, logits, labels)[order(n)]
+        rate, lo, hi = float(s.mean()), -betting_upper_bound(-s, g.delta), betting_upper_bound(s, g.delta)
     verdict = "holds" if rate <= g.epsilon else ("exceeded" if lo > g.epsilon else "inconclusive")
-    out = {"risk": risk, "n": n, "losses": k, "rate": rate, "lower_bound": lo, "upper_bound": upper_bound(k, n, g.delta),
+    out = {"risk": risk, "n": n, "losses": k, "rate": rate, "lower_bound": lo, "upper_bound": hi,
            "epsilon": g.epsilon, "verdict": verdict, "layer_saving": 1 - float(layer.mean() + 1) / L}
     if labels is not None and not regression:
         y, pred = np.asarray(labels), logits.argmax(-1)

@@ -32,6 +32,9 @@ class Guarantee:
     accuracy_drop: float | None = None  # labelled calibration: the observed drop at ``value`` (fraction)
     calibrated_on: str | None = None  # which texts (e.g. "split 'validation' of movie_snippets")
     by: str | None = None  # train-exits | calibrate | analyze
+    method: str = "binomial"  # the bound that certified ``value``: binomial (binary loss) | betting (signed loss)
+    level: float | None = None  # the level each test ran at (delta / family, halved when two bounds ran); None: old
+    selection: str | None = None  # how the recipe was chosen: "union" (each at delta / family) | "split" | None
 
     @property
     def certified(self) -> bool:
@@ -54,7 +57,16 @@ class Guarantee:
             what = f"disagreement with the final layer <= {eps}%"
         else:
             what = f"share of texts whose error grows by more than {self.tolerance or 0:g} <= {eps}%"
-        return f"{what} with probability >= {100 * (1 - self.delta):g}% (n={self.n} calibration texts)"
+        return (f"{what} with probability >= {100 * (1 - self.delta):g}% (n={self.n} calibration texts, "
+                f"{BOUNDS.get(self.method, self.method)})")
+
+    @property
+    def test_level(self) -> float:
+        """The level each hypothesis was tested at (older guarantees: delta / family)."""
+        return self.level if self.level is not None else self.delta / max(1, self.family)
+
+
+BOUNDS = {"binomial": "exact binomial bound", "betting": "betting bound on the drop itself"}
 
 
 def stored_guarantee(meta: dict) -> Guarantee | None:

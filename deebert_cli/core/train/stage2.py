@@ -119,7 +119,7 @@ def _advice(g, logits: torch.Tensor, labels: list, point: float) -> dict:
     layer = risk.exit_layers("entropy", point, logits.numpy())
     rate = float(risk.losses(g.risk, layer, logits.numpy(), labels).mean())
     return {"min_n": g.min_n, "point_estimate": point, "point_rate": rate,
-            "point_n": risk.needed_size(rate, g.epsilon, g.delta / g.family)}
+            "point_n": risk.needed_size(rate, g.epsilon, g.test_level)}
 
 
 def _try_recipes(model: HighwayModel, todo: list, cache: dict, cfg: TrainExitsConfig, task: str, ev_y: torch.Tensor,
