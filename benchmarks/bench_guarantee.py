@@ -163,8 +163,12 @@ def certified(tab: dict, c: dict, idx: np.ndarray, L: int, kind: str, eps: float
     """(recipe, threshold index or -1) certified on the calibration texts (sums ``c``, indices ``idx`` in
     order) among ``recipes`` each at delta / len(recipes): bound "binomial" (the binary loss), "betting"
     (the signed loss) or "auto" (both, each at half the level, the more aggressive setting kept)."""
+    from deebert_cli.core.analysis.risk import min_calibration_size
+
     level = delta / len(recipes)
     counts = c["bad"] if kind == "accuracy_drop" else c["dis"]
+    if bound == "auto" and c["n"] < min_calibration_size(eps, level / 2):
+        bound = "binomial"  # as risk.certify: too few texts for the exact bound at half the level
     runs = []
     if bound in ("binomial", "auto"):
         got = binomial_run(counts[list(recipes)], c["n"], eps, level / (2 if bound == "auto" else 1))
@@ -200,11 +204,11 @@ def on_test(t: dict, L: int, k: int, j: int) -> dict:
 
 
 METHODS = {  # name: (bound, recipe choice); "union": every recipe at delta / K; "split": see SELECT_FRACTION
-    "accuracy_drop": [("binomial", "union"), ("betting", "union"), ("binomial", "split"), ("betting", "split"),
-                      ("auto", "split")],
+    "accuracy_drop": [("binomial", "union"), ("betting", "union"), ("auto", "union"), ("binomial", "split"),
+                      ("betting", "split"), ("auto", "split"), ("chosen", "split")],
     "disagreement": [("binomial", "union"), ("binomial", "split")],
 }
-DEFAULT = {"accuracy_drop": "auto/split", "disagreement": "binomial/split"}  # what train-exits does now
+DEFAULT = {"accuracy_drop": "chosen/split", "disagreement": "binomial/split"}  # what train-exits does now
 OLD = "binomial/union"  # what it did before
 
 
@@ -225,11 +229,22 @@ def one_draw(fine: dict, coarse: dict, idx: np.ndarray, n: int, L: int, delta: f
         for bound, choice in METHODS[kind]:
             if choice == "union":
                 k, j = certified(fine, fc, idx, L, kind, eps, delta, bound, range(K))
+            elif bound == "chosen":  # the bound too is chosen on the first part, then run alone at delta
+                k, j = certified(fine, fb, rest, L, kind, eps, delta, _predict(fa, winner, L, len(rest), eps, delta),
+                                 [winner])
             else:
                 k, j = certified(fine, fb, rest, L, kind, eps, delta, bound, [winner])
             got[f"{bound}/{choice}"] = (k, j, "fine")
         out[b] = got
     return out
+
+
+def _predict(c: dict, k: int, L: int, n_rest: int, eps: float, delta: float) -> str:
+    """risk.predict_bound from the choosing part's sums ``c`` for recipe k."""
+    from deebert_cli.core.analysis.risk import predict_bound
+
+    return predict_bound(c["bad"][k] / c["n"], (c["bad"][k] - c["good"][k]) / c["n"],
+                         1 - (c["layer"][k] / c["n"] + 1) / L, n_rest, eps, delta)
 
 
 def _stats(vals: list, kind: str, eps: float) -> dict:

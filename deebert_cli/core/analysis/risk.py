@@ -43,6 +43,7 @@ RISKS = ("accuracy_drop", "disagreement")  # classification
 REGRESSION_RISKS = ("error_increase", "disagreement")
 METHODS = ("auto", "binomial", "betting")  # accuracy drop: the binary loss's binomial bound, the drop's betting bound, both
 DEFAULT_DELTA = 0.05
+SELECTION_SEED = 1  # the seeded split of the calibration texts into a choosing part and a certifying part
 # the candidate entropy thresholds, conservative to aggressive: 0.005 steps of normalized entropy
 FINE_GRID = tuple(round(k * 0.005, 3) for k in range(1, 201))
 LEARNED_GRID = tuple(round(1 - k * 0.01, 2) for k in range(1, 100))  # exit when score > t: 0.99 down to 0.01
@@ -222,11 +223,15 @@ def certify(logits, labels=None, *, risk: str = "accuracy_drop", epsilon: float,
     delta / family on the calibration texts (all-exits logits [L, n, C], labels [n] unless the risk is
     ``disagreement``; learned exit scores [L-1, n] for ``policy="learned"``). ``method`` (accuracy drop
     only): "binomial" (the binary loss, exact), "betting" (the signed loss, :mod:`.bounds`) or "auto"
-    (the default there: both sequences, each at half the level, the more aggressive setting kept)."""
+    (the default there: both sequences, each at half the level, the more aggressive setting kept; the
+    binomial alone at the full level when n is too small for it to certify anything at half: a rule on n
+    and epsilon only, fixed before the losses are seen)."""
     logits = np.asarray(logits, dtype=np.float32)
     L, n = logits.shape[:2]
     regression = logits.shape[-1] == 1
     method = _method_for(risk, method, regression, labels, policy)
+    if method == "auto" and n < (min_calibration_size(epsilon, delta / family / 2) or 0):
+        method = "binomial"  # too few texts to certify anything with the exact bound at half the level: alone
     bounds_run = ("binomial", "betting") if method == "auto" else (method,)
     level = delta / family / len(bounds_run)
     cands = candidates(policy, L, logits.shape[-1], entropy, regression, grid)
@@ -284,6 +289,54 @@ def _signed(layer: np.ndarray, logits: np.ndarray, labels) -> np.ndarray:
     """The signed loss per text of exiting at ``layer`` [n]: +1 final right and exit wrong, -1 the reverse."""
     pred, y = logits.argmax(-1), np.asarray(labels)
     return signed_losses(pred[layer, np.arange(len(layer))] == y, pred[-1] == y)
+
+
+BETTING_MARGIN = 1.25  # the betting bound's margin over sqrt(2 log(1/delta) var / n), as measured (tests/test_risk.py)
+
+
+def predict_bound(bad: np.ndarray, signed: np.ndarray, saving: np.ndarray, n: int, epsilon: float,
+                  level: float) -> str:
+    """Which bound, run alone at ``level`` on ``n`` new texts, would certify further along the sequence,
+    judging from figures measured on other texts (the split selection's choosing part): per candidate
+    setting its rate of "final right, exit wrong" ``bad`` [m], its mean signed loss ``signed`` [m] (the
+    drop), the discordance implied, and its layer saving [m]. The binomial bound is predicted to pass
+    while the expected loss count passes the exact test; betting while the drop plus its margin
+    (BETTING_MARGIN x sqrt(2 log(1/level) var / n), var the signed loss's variance) is within epsilon.
+    Only a choice: whichever it names is then run at the full level, on texts it never saw."""
+    kmax = max_losses(n, epsilon, level)
+    ok_b = np.ceil(np.asarray(bad) * n) <= kmax
+    disc = np.maximum(2 * np.asarray(bad) - np.asarray(signed), 0.0)  # P(+1) + P(-1) = 2 P(+1) - drop
+    var = np.maximum(disc - np.asarray(signed) ** 2, 1.0 / n)
+    ok_s = np.asarray(signed) + BETTING_MARGIN * np.sqrt(2 * math.log(1 / level) * var / n) <= epsilon
+
+    def reach(ok):
+        j = int(np.argmin(ok)) if not ok.all() else len(ok)
+        return float(saving[j - 1]) if j else 0.0
+    return "betting" if reach(ok_s) > reach(ok_b) else "binomial"
+
+
+def choose_bound(logits, labels, n: int, epsilon: float, delta: float, entropy: str = "normalized") -> str:
+    """:func:`predict_bound` for the entropy policy's sequence from all-exits logits [L, n_a, C] and labels
+    of the choosing part: "binomial" or "betting", the one to run alone at ``delta`` on the ``n`` others."""
+    logits = np.asarray(logits, dtype=np.float32)
+    L = logits.shape[0]
+    ent = _softmax_entropy(logits, entropy)
+    bad, signed, saving = [], [], []
+    for v in candidates("entropy", L, logits.shape[-1], entropy):
+        layer = exit_layers("entropy", v, logits, entropy=entropy, ent=ent)
+        bad.append(float(losses("accuracy_drop", layer, logits, labels).mean()))
+        signed.append(float(_signed(layer, logits, labels).mean()))
+        saving.append(1 - float(layer.mean() + 1) / L)
+    return predict_bound(np.array(bad), np.array(signed), np.array(saving), n, epsilon, delta)
+
+
+def selection_parts(n: int, fraction: float) -> tuple:
+    """The split selection's two parts of n calibration texts (a seeded permutation, the same every run):
+    (the first ``fraction``, where a choice such as the recipe is made; the rest, where it is certified),
+    each sorted."""
+    perm = np.random.default_rng(SELECTION_SEED).permutation(n)
+    cut = int(round(fraction * n))
+    return np.sort(perm[:cut]), np.sort(perm[cut:])
 
 
 def check(g: Guarantee, logits, labels=None, scores=None, risk: str | None = None) -> dict:
