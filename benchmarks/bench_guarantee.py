@@ -204,7 +204,7 @@ def on_test(t: dict, L: int, k: int, j: int) -> dict:
 
 
 METHODS = {  # name: (bound, recipe choice); "union": every recipe at delta / K; "split": see SELECT_FRACTION
-    "accuracy_drop": [("binomial", "union"), ("betting", "union"), ("auto", "union"), ("binomial", "split"),
+    "accuracy_drop": [("binomial", "union"), ("betting", "union"), ("binomial", "split"),
                       ("betting", "split"), ("auto", "split"), ("chosen", "split")],
     "disagreement": [("binomial", "union"), ("binomial", "split")],
 }

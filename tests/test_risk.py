@@ -275,3 +275,16 @@ def test_certify_methods_binomial_betting_and_both():
     # a stored betting guarantee is checked on the drop itself
     chk = rk.check(got["betting"], logits, y)
     assert chk["rate"] == pytest.approx(got["betting"].accuracy_drop) and chk["verdict"] == "holds"
+
+
+def test_the_split_selection_parts_and_the_bound_chosen_on_them():
+    """The two parts are disjoint, cover the texts, and are the same every run; the bound predicted on
+    the choosing part is betting where exits fix many final errors, the exact one where none does."""
+    pick, rest = rk.selection_parts(1000, 0.3)
+    assert len(pick) == 300 and len(rest) == 700 and not set(pick) & set(rest)
+    assert sorted(set(pick) | set(rest)) == list(range(1000))
+    assert all((a == b).all() for a, b in zip(rk.selection_parts(1000, 0.3), (pick, rest)))
+    saving = np.linspace(0.0, 0.9, 21)
+    bad = np.linspace(0.0, 0.02, 21)  # "final right, exit wrong" grows along the sequence
+    assert rk.predict_bound(bad, bad - 0.8 * bad, saving, 2000, 0.01, 0.05) == "betting"  # most losses offset
+    assert rk.predict_bound(bad, bad, saving, 2000, 0.01, 0.05) == "binomial"  # no exit fixes anything
