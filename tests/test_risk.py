@@ -239,7 +239,7 @@ def test_betting_and_discordant_bounds_are_valid_on_a_synthetic_population():
     slack = 3 * math.sqrt(alpha * (1 - alpha) / draws)
     assert rejected <= alpha + slack
     assert rejected > 0.01  # and not trivially conservative at the boundary
-    below = [bd.discordant_upper_bound(int((r == 1).sum()), int((r == -1).sum()), n, alpha) < eps for r in s[:300]]
+    below = [rk.discordant_upper_bound(int((r == 1).sum()), int((r == -1).sum()), n, alpha) < eps for r in s[:300]]
     assert np.mean(below) <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / 300)
     # a setting whose drop is well under budget is certified most of the time
     good = rng.choice([-1, 0, 1], p=[0.03, 0.94, 0.03], size=(200, 2000))

@@ -28,7 +28,7 @@ few texts are discordant it beats the binary proxy's binomial bound; at small n 
 1,056 texts, 0.5 points) the exact binomial bound, which certifies with zero or one loss, stays tighter.
 So :func:`..risk.certify`'s ``method="auto"`` runs both, each at delta / 2, and keeps the better setting.
 
-:func:`discordant_upper_bound` is an exact alternative for the paired difference (conditioning on the
+:func:`..risk.discordant_upper_bound` is an exact alternative for the paired difference (conditioning on the
 discordant texts, see its docstring): valid, but it pays for two bounds and is looser than betting in
 the cases measured (tests/test_risk.py), so it is offered, not used by default.
 """
@@ -92,22 +92,3 @@ def betting_upper_bound(signed: np.ndarray, alpha: float) -> float:
         else:
             lo = mid
     return hi
-
-
-def discordant_upper_bound(bad: int, good: int, n: int, alpha: float) -> float:
-    """An exact (1 - alpha) upper bound of the accuracy drop from the counts of +1 (``bad``) and -1
-    (``good``) in n texts, by conditioning on the discordant ones.
-
-    With d = P(discordant) and q = P(+1 | discordant), drop = d (2q - 1). Given D = bad + good discordant
-    texts, ``bad`` is exactly Binomial(D, q) (i.i.d. texts), so the Clopper-Pearson bound q_U at alpha / 2
-    covers q with probability >= 1 - alpha / 2 whatever D is, hence unconditionally; d_U (Clopper-Pearson
-    of D / n at alpha / 2) covers d likewise. On both events drop <= max(0, d_U (2 q_U - 1)): the union
-    bound gives coverage >= 1 - alpha. A test of q alone (McNemar) only tests drop <= 0; a budget eps > 0
-    needs d too, which is why two bounds are paid."""
-    from .risk import upper_bound
-
-    if n <= 0:
-        return 1.0
-    d_u = upper_bound(bad + good, n, alpha / 2)
-    q_u = upper_bound(bad, bad + good, alpha / 2) if bad + good else 1.0
-    return max(0.0, d_u * (2 * q_u - 1))

@@ -102,6 +102,23 @@ def lower_bound(losses: int, n: int, delta: float) -> float:
     return lo
 
 
+def discordant_upper_bound(bad: int, good: int, n: int, alpha: float) -> float:
+    """An exact (1 - alpha) upper bound of the accuracy drop from the counts of +1 (``bad``) and -1
+    (``good``) in n texts, by conditioning on the discordant ones.
+
+    With d = P(discordant) and q = P(+1 | discordant), drop = d (2q - 1). Given D = bad + good discordant
+    texts, ``bad`` is exactly Binomial(D, q) (i.i.d. texts), so the Clopper-Pearson bound q_U at alpha / 2
+    covers q with probability >= 1 - alpha / 2 whatever D is, hence unconditionally; d_U (Clopper-Pearson
+    of D / n at alpha / 2) covers d likewise. On both events drop <= max(0, d_U (2 q_U - 1)): the union
+    bound gives coverage >= 1 - alpha. A test of q alone (McNemar) only tests drop <= 0; a budget eps > 0
+    needs d too, which is why two bounds are paid."""
+    if n <= 0:
+        return 1.0
+    d_u = upper_bound(bad + good, n, alpha / 2)
+    q_u = upper_bound(bad, bad + good, alpha / 2) if bad + good else 1.0
+    return max(0.0, d_u * (2 * q_u - 1))
+
+
 def min_calibration_size(epsilon: float, delta: float) -> int | None:
     """The fewest calibration texts at which any setting can be certified: zero losses in n texts give
     p = (1 - epsilon)^n <= delta (None for a zero budget: no sample certifies it)."""
