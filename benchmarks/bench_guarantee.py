@@ -9,18 +9,23 @@ STAGE1 is a `deebert finetune` checkpoint; its training data trains every off-ra
 logits over the pool are computed once (cached in --cache). Then, for every calibration size and each of
 --splits random splits of the pool into a calibration part and a test part (the rest):
 
-* **guaranteed** (what train-exits and `deebert calibrate` do now): for every recipe, the most aggressive
-  entropy threshold certified on the calibration part (Learn then Test, fixed sequence, exact binomial
-  p-values, each recipe at delta / 8); the recipe with the largest certified saving is kept;
-* **point estimate** (what train-exits did before): for every recipe, the threshold of analyze's grid with
-  the largest saving whose drop on the calibration part is within the budget; the recipe saving most kept.
+* every **guaranteed** method of METHODS: a bound (``binomial``: exact, on "final right, exit wrong";
+  ``betting``: Waudby-Smith & Ramdas on the signed loss, the drop itself; ``auto``: both at delta / 2;
+  ``chosen``: the one predicted on the choosing part, alone at delta) and a way to pay for the choice among
+  the 8 recipes (``union``: each at delta / 8, the largest certified saving kept; ``split``: the recipe
+  chosen on the first SELECT_FRACTION of the calibration texts by its point estimate there, certified on
+  the rest). DEFAULT is what train-exits does now, OLD what it did before (binomial/union);
+* **point estimate** (what train-exits did before the guarantee): for every recipe, the threshold of
+  analyze's grid with the largest saving whose drop on the calibration part is within the budget; the
+  recipe saving most kept.
 
-The test part then gives each choice's real risk: the accuracy drop (final layer's accuracy minus the
-early-exit accuracy, in points) or the disagreement with the final layer (no labels needed: the label-free
-guarantee), and its layer saving. A split violates the budget when its test risk exceeds epsilon; the
-guarantee promises a violation rate <= delta (the risk is on new data: with a finite test part, a risk
-just under epsilon can still read above it). Printed per (risk, epsilon, size): both violation rates
-beside delta, the mean and 10th percentile of the test layer saving, and their ratio.
+Each draw is made twice: without replacement (the rest of the pool is the test part) and with replacement
+(the pool as the population). The truth of a chosen setting is its risk on the whole pool (and, for the
+draws without replacement, on the test part too, which adds its sampling noise): the accuracy drop or the
+disagreement with the final layer. A draw violates the budget when that risk exceeds epsilon; the
+guarantee promises a violation rate <= delta. Printed per (risk, epsilon, size, method): the violation
+rates, the test layer saving (mean, 10th percentile) and its share of the point estimate's, the test
+accuracy drop (mean, 90th percentile). ``--merge OUT IN...`` joins the JSON of runs over different sizes.
 """
 from __future__ import annotations
 
@@ -327,7 +332,19 @@ def print_table(name: str, results: list) -> None:
     print("(* what train-exits does now, o what it did before; se: the binomial standard error of the 'pool w' rate)")
 
 
+def merge(out: str, parts: list) -> None:
+    """``--merge OUT IN...``: one JSON of the results of runs over different sizes (each size run alone,
+    e.g. in parallel), by size then budget."""
+    ds = [json.loads(Path(p).read_text()) for p in parts]
+    rank = {b: i for i, b in enumerate(BUDGETS)}
+    m = {**ds[0], "results": sorted((r for d in ds for r in d["results"]),
+                                    key=lambda r: (r["calibration"], rank.get((r["risk"], r["epsilon"]), 99)))}
+    Path(out).write_text(json.dumps(m, indent=1) + "\n")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--merge"]:
+        return merge(sys.argv[2], sys.argv[3:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True, help="a stage-1 checkpoint (deebert finetune)")
     ap.add_argument("--pool", required=True, help="labelled JSONL texts used by nothing so far")
