@@ -288,3 +288,15 @@ def test_the_split_selection_parts_and_the_bound_chosen_on_them():
     bad = np.linspace(0.0, 0.02, 21)  # "final right, exit wrong" grows along the sequence
     assert rk.predict_bound(bad, bad - 0.8 * bad, saving, 2000, 0.01, 0.05) == "betting"  # most losses offset
     assert rk.predict_bound(bad, bad, saving, 2000, 0.01, 0.05) == "binomial"  # no exit fixes anything
+
+
+def test_the_betting_margin_that_predict_bound_assumes():
+    """risk.BETTING_MARGIN is the betting bound's margin over sqrt(2 log(1/delta) var / n) on discordant
+    synthetic texts (a drop of 0.5 points among 7.5% discordant texts): the bound predicted is the one run."""
+    rng = np.random.default_rng(5)
+    n, ratios = 2500, []
+    for _ in range(10):
+        s = rng.choice([-1, 0, 1], p=[0.035, 0.925, 0.04], size=n)
+        base = math.sqrt(2 * math.log(20) * s.var() / n)
+        ratios.append((bd.betting_upper_bound(s, 0.05) - s.mean()) / base)
+    assert abs(np.mean(ratios) - rk.BETTING_MARGIN) < 0.1

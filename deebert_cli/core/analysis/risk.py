@@ -308,7 +308,7 @@ def _signed(layer: np.ndarray, logits: np.ndarray, labels) -> np.ndarray:
     return signed_losses(pred[layer, np.arange(len(layer))] == y, pred[-1] == y)
 
 
-BETTING_MARGIN = 1.25  # the betting bound's margin over sqrt(2 log(1/delta) var / n), as measured (tests/test_risk.py)
+BETTING_MARGIN = 0.9  # the betting bound's margin over sqrt(2 log(1/delta) var / n), as measured (tests/test_risk.py)
 
 
 def predict_bound(bad: np.ndarray, signed: np.ndarray, saving: np.ndarray, n: int, epsilon: float,
