@@ -9,18 +9,23 @@ STAGE1 is a `deebert finetune` checkpoint; its training data trains every off-ra
 logits over the pool are computed once (cached in --cache). Then, for every calibration size and each of
 --splits random splits of the pool into a calibration part and a test part (the rest):
 
-* **guaranteed** (what train-exits and `deebert calibrate` do now): for every recipe, the most aggressive
-  entropy threshold certified on the calibration part (Learn then Test, fixed sequence, exact binomial
-  p-values, each recipe at delta / 8); the recipe with the largest certified saving is kept;
-* **point estimate** (what train-exits did before): for every recipe, the threshold of analyze's grid with
-  the largest saving whose drop on the calibration part is within the budget; the recipe saving most kept.
+* every **guaranteed** method of METHODS: a bound (``binomial``: exact, on "final right, exit wrong";
+  ``betting``: Waudby-Smith & Ramdas on the signed loss, the drop itself; ``auto``: both at delta / 2;
+  ``chosen``: the one predicted on the choosing part, alone at delta) and a way to pay for the choice among
+  the 8 recipes (``union``: each at delta / 8, the largest certified saving kept; ``split``: the recipe
+  chosen on the first SELECT_FRACTION of the calibration texts by its point estimate there, certified on
+  the rest). DEFAULT is what train-exits does now, OLD what it did before (binomial/union);
+* **point estimate** (what train-exits did before the guarantee): for every recipe, the threshold of
+  analyze's grid with the largest saving whose drop on the calibration part is within the budget; the
+  recipe saving most kept.
 
-The test part then gives each choice's real risk: the accuracy drop (final layer's accuracy minus the
-early-exit accuracy, in points) or the disagreement with the final layer (no labels needed: the label-free
-guarantee), and its layer saving. A split violates the budget when its test risk exceeds epsilon; the
-guarantee promises a violation rate <= delta (the risk is on new data: with a finite test part, a risk
-just under epsilon can still read above it). Printed per (risk, epsilon, size): both violation rates
-beside delta, the mean and 10th percentile of the test layer saving, and their ratio.
+Each draw is made twice: without replacement (the rest of the pool is the test part) and with replacement
+(the pool as the population). The truth of a chosen setting is its risk on the whole pool (and, for the
+draws without replacement, on the test part too, which adds its sampling noise): the accuracy drop or the
+disagreement with the final layer. A draw violates the budget when that risk exceeds epsilon; the
+guarantee promises a violation rate <= delta. Printed per (risk, epsilon, size, method): the violation
+rates, the test layer saving (mean, 10th percentile) and its share of the point estimate's, the test
+accuracy drop (mean, 90th percentile). ``--merge OUT IN...`` joins the JSON of runs over different sizes.
 """
 from __future__ import annotations
 
@@ -103,62 +108,161 @@ def tables(logits: np.ndarray, labels: np.ndarray, grid: list) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# one split, both methods (every figure is a sum over the calibration or test texts: one matrix product)
+# one calibration draw, every method (the binomial figures are sums over the calibration texts: one
+# matrix product; the betting ones read the signed losses in the draw's order, threshold by threshold)
 # ------------------------------------------------------------------------------------------------
+SELECT_FRACTION = 0.3  # the split selection: recipe chosen on this share of the calibration texts
+CHUNK = 24  # thresholds whose betting p-values are computed at once (the sequence stops at the first failure)
+
+
 def sums(tab: dict, part: np.ndarray) -> dict:
-    """Per recipe and threshold [K, m]: the sums over the texts of ``part`` (0/1 float [n]) of exit layer,
-    "final right, exit wrong", "final wrong, exit right" and disagreement; and the part's size."""
+    """Per recipe and threshold [K, m]: the sums over the texts of ``part`` (weights [n]: 0/1, or counts
+    for a draw with replacement) of exit layer, "final right, exit wrong", "final wrong, exit right" and
+    disagreement; and the part's size."""
     K, m, n = tab["layer"].shape
     out = {k: (tab[k + "_f"] @ part).reshape(K, m) for k in ("layer", "bad", "good", "dis")}
     out["n"] = float(part.sum())
     return out
 
 
-def guaranteed(c: dict, L: int, risk_kind: str, eps: float, delta: float) -> tuple:
-    """(recipe, threshold index or -1 for full depth) certified on the calibration sums ``c``: fixed
-    sequence per recipe at delta / K, the recipe with the largest certified saving kept."""
+def binomial_run(counts: np.ndarray, n: int, eps: float, level: float) -> np.ndarray:
+    """Per recipe [K]: how many thresholds fixed-sequence testing certifies (exact binomial p-values)."""
     from deebert_cli.core.analysis.risk import max_losses
 
-    K, m = c["bad"].shape
-    kmax = max_losses(int(c["n"]), eps, delta / K)
-    counts = c["bad"] if risk_kind == "accuracy_drop" else c["dis"]
+    kmax = max_losses(int(n), eps, level)
+    fail = counts > kmax + 0.5
+    return np.where(fail.any(-1), fail.argmax(-1), counts.shape[-1])
+
+
+def betting_run(signed: np.ndarray, idx: np.ndarray, eps: float, level: float) -> int:
+    """How many thresholds fixed-sequence testing certifies with betting p-values, for one recipe's signed
+    losses [m, pool] read at the calibration texts ``idx`` in the draw's order."""
+    from deebert_cli.core.analysis.bounds import betting_log_capital
+
+    m, need = signed.shape[0], -np.log(level)
+    for j0 in range(0, m, CHUNK):
+        x = signed[j0:j0 + CHUNK][:, idx]  # float32, already (s + 1) / 2
+        ok = betting_log_capital(x, (eps + 1) / 2, level) >= need
+        if not ok.all():
+            return j0 + int(ok.argmin())
+    return m
+
+
+def _saving(c: dict, L: int, k: int, j: int) -> float:
+    return 0.0 if j < 0 else float(1 - (c["layer"][k, j] / c["n"] + 1) / L)
+
+
+def _best(c: dict, L: int, runs) -> tuple:
+    """(recipe, threshold index or -1) with the largest certified saving on the calibration sums ``c``
+    among per-recipe certified counts ``runs`` [(k, rejected)]."""
     best = (-1.0, 0, -1)
-    for k in range(K):
-        fail = np.nonzero(counts[k] > kmax + 0.5)[0]
-        j = (fail[0] if len(fail) else m) - 1
-        saving = 0.0 if j < 0 else 1 - (c["layer"][k, j] / c["n"] + 1) / L
-        if saving > best[0]:
-            best = (saving, k, j)
+    for k, r in runs:
+        s = _saving(c, L, k, r - 1)
+        if s > best[0]:
+            best = (s, k, r - 1)
     return best[1], best[2]
+
+
+def certified(tab: dict, c: dict, idx: np.ndarray, L: int, kind: str, eps: float, delta: float,
+              bound: str, recipes) -> tuple:
+    """(recipe, threshold index or -1) certified on the calibration texts (sums ``c``, indices ``idx`` in
+    order) among ``recipes`` each at delta / len(recipes): bound "binomial" (the binary loss), "betting"
+    (the signed loss) or "auto" (both, each at half the level, the more aggressive setting kept)."""
+    from deebert_cli.core.analysis.risk import min_calibration_size
+
+    level = delta / len(recipes)
+    counts = c["bad"] if kind == "accuracy_drop" else c["dis"]
+    if bound == "auto" and c["n"] < min_calibration_size(eps, level / 2):
+        bound = "binomial"  # as risk.certify: too few texts for the exact bound at half the level
+    runs = []
+    if bound in ("binomial", "auto"):
+        got = binomial_run(counts[list(recipes)], c["n"], eps, level / (2 if bound == "auto" else 1))
+        runs += list(zip(recipes, got))
+    if bound in ("betting", "auto"):
+        runs += [(k, betting_run(tab["x"][k], idx, eps, level / (2 if bound == "auto" else 1))) for k in recipes]
+    return _best(c, L, runs)
 
 
 def point_estimate(c: dict, L: int, risk_kind: str, eps: float) -> tuple:
     """(recipe, threshold index) as train-exits chose before: per recipe the largest saving on the
     calibration texts whose drop (or disagreement) there is within eps (ties: more accurate, smaller
-    threshold); the recipe saving most."""
+    threshold, earlier recipe); the recipe saving most."""
     K, m = c["bad"].shape
     risk = (c["bad"] - c["good"]) / c["n"] if risk_kind == "accuracy_drop" else c["dis"] / c["n"]
-    saving = 1 - (c["layer"] / c["n"] + 1) / L
-    gain = c["good"] - c["bad"]
-    best = None
-    for k in range(K):
-        for j in range(m):
-            if risk[k, j] <= eps + 1e-12:
-                key = (round(float(saving[k, j]), 12), gain[k, j], -j, -k)
-                if best is None or key > best[0]:
-                    best = (key, k, j)
-    return (best[1], best[2]) if best else (0, 0)
+    saving = np.round(1 - (c["layer"] / c["n"] + 1) / L, 12)
+    ok = (risk <= eps + 1e-12).ravel()
+    if not ok.any():
+        return 0, 0
+    kk, jj = np.divmod(np.arange(K * m), m)
+    keys = (-kk, -jj, (c["good"] - c["bad"]).ravel(), saving.ravel())  # np.lexsort: the last key first
+    order = np.lexsort(tuple(k[ok] for k in keys))
+    best = np.nonzero(ok)[0][order[-1]]
+    return int(kk[best]), int(jj[best])
 
 
 def on_test(t: dict, L: int, k: int, j: int) -> dict:
-    """Test-part figures (sums ``t``) of recipe k at threshold j (-1: full depth)."""
+    """Figures (sums ``t``: a test part or the whole pool) of recipe k at threshold j (-1: full depth)."""
     if j < 0:
         return {"drop": 0.0, "dis": 0.0, "saving": 0.0}
     return {"drop": float((t["bad"][k, j] - t["good"][k, j]) / t["n"]), "dis": float(t["dis"][k, j] / t["n"]),
             "saving": float(1 - (t["layer"][k, j] / t["n"] + 1) / L)}
 
 
+METHODS = {  # name: (bound, recipe choice); "union": every recipe at delta / K; "split": see SELECT_FRACTION
+    "accuracy_drop": [("binomial", "union"), ("betting", "union"), ("binomial", "split"),
+                      ("betting", "split"), ("auto", "split"), ("chosen", "split")],
+    "disagreement": [("binomial", "union"), ("binomial", "split")],
+}
+DEFAULT = {"accuracy_drop": "chosen/split", "disagreement": "binomial/split"}  # what train-exits does now
+OLD = "binomial/union"  # what it did before
+
+
+def one_draw(fine: dict, coarse: dict, idx: np.ndarray, n: int, L: int, delta: float) -> dict:
+    """Every method's choice on the calibration texts ``idx`` (in the draw's order) -> {budget: {method:
+    (recipe, threshold index, grid)}}."""
+    K = fine["layer"].shape[0]
+    w = np.bincount(idx, minlength=n).astype(np.float32)
+    cut = int(round(SELECT_FRACTION * len(idx)))
+    sel, rest = idx[:cut], idx[cut:]
+    fc, cc = sums(fine, w), sums(coarse, w)
+    fa, fb = sums(fine, np.bincount(sel, minlength=n).astype(np.float32)), sums(fine, np.bincount(rest, minlength=n).astype(np.float32))
+    out = {}
+    for b in BUDGETS:
+        kind, eps = b
+        got = {"point": (*point_estimate(cc, L, kind, eps), "coarse")}
+        winner = point_estimate(fa, L, kind, eps)[0]  # the split: recipe chosen on the first part
+        for bound, choice in METHODS[kind]:
+            if choice == "union":
+                k, j = certified(fine, fc, idx, L, kind, eps, delta, bound, range(K))
+            elif bound == "chosen":  # the bound too is chosen on the first part, then run alone at delta
+                k, j = certified(fine, fb, rest, L, kind, eps, delta, _predict(fa, winner, L, len(rest), eps, delta),
+                                 [winner])
+            else:
+                k, j = certified(fine, fb, rest, L, kind, eps, delta, bound, [winner])
+            got[f"{bound}/{choice}"] = (k, j, "fine")
+        out[b] = got
+    return out
+
+
+def _predict(c: dict, k: int, L: int, n_rest: int, eps: float, delta: float) -> str:
+    """risk.predict_bound from the choosing part's sums ``c`` for recipe k."""
+    from deebert_cli.core.analysis.risk import predict_bound
+
+    return predict_bound(c["bad"][k] / c["n"], (c["bad"][k] - c["good"][k]) / c["n"],
+                         1 - (c["layer"][k] / c["n"] + 1) / L, n_rest, eps, delta)
+
+
+def _stats(vals: list, kind: str, eps: float) -> dict:
+    r = np.array([v["drop" if kind == "accuracy_drop" else "dis"] for v in vals])
+    s, d = np.array([v["saving"] for v in vals]), np.array([v["drop"] for v in vals])
+    return {"violations": float((r > eps + 1e-12).mean()), "mean_risk": float(r.mean()),
+            "saving_mean": float(s.mean()), "saving_p10": float(np.percentile(s, 10)),
+            "test_drop_mean": float(d.mean()), "test_drop_p90": float(np.percentile(d, 90))}
+
+
 def run(data: dict, sizes: list, splits: int, delta: float, seed: int) -> list:
+    """Per size: ``splits`` draws without replacement (calibration part, the rest as the test part) and
+    ``splits`` with replacement; every method's choice; its risk on the test part and on the whole pool."""
     from deebert_cli.core.analysis.risk import FINE_GRID
     from deebert_cli.core.analysis.sweep import DEFAULT_GRID
 
@@ -170,58 +274,77 @@ def run(data: dict, sizes: list, splits: int, delta: float, seed: int) -> list:
         K, m, _ = tab["layer"].shape
         for key in ("layer", "bad", "good", "dis"):
             tab[key + "_f"] = tab[key].reshape(K * m, n).astype(np.float32)
+    fine["x"] = ((fine["bad"].astype(np.float32) - fine["good"].astype(np.float32)) + 1) / 2  # [K, m, n]
     rng = np.random.default_rng(seed)
     ones = np.ones(n, dtype=np.float32)
-    pop_f, pop_c = sums(fine, ones), sums(coarse, ones)  # the pool as the population of the bootstrap check
+    pop = {"fine": sums(fine, ones), "coarse": sums(coarse, ones)}
     results = []
     for size in sizes:
         if size >= n:
             continue
-        got = {b: {"guaranteed": [], "point": [], "guaranteed_pop": [], "point_pop": []} for b in BUDGETS}
+        t0 = time.perf_counter()
+        got = {b: {} for b in BUDGETS}  # budget: {(method, where): [figures]}
         for _ in range(splits):
-            cal = np.zeros(n, dtype=np.float32)
-            cal[rng.permutation(n)[:size]] = 1.0
-            fc, ft, cc, ct = sums(fine, cal), sums(fine, 1 - cal), sums(coarse, cal), sums(coarse, 1 - cal)
-            # the bootstrap check: calibration texts drawn with replacement from the pool, whose own risk is
-            # then the exact population risk of the chosen setting (no test-sample noise)
-            boot = np.bincount(rng.integers(0, n, size), minlength=n).astype(np.float32)
-            fb, cb = sums(fine, boot), sums(coarse, boot)
-            for b in BUDGETS:
-                got[b]["guaranteed"].append(on_test(ft, L, *guaranteed(fc, L, b[0], b[1], delta)))
-                got[b]["point"].append(on_test(ct, L, *point_estimate(cc, L, b[0], b[1])))
-                got[b]["guaranteed_pop"].append(on_test(pop_f, L, *guaranteed(fb, L, b[0], b[1], delta)))
-                got[b]["point_pop"].append(on_test(pop_c, L, *point_estimate(cb, L, b[0], b[1])))
-        for (kind, eps), both in got.items():
-            row = {"risk": kind, "epsilon": eps, "calibration": size, "test": n - size, "splits": splits, "delta": delta}
-            for m, vals in both.items():
-                r = np.array([v["drop" if kind == "accuracy_drop" else "dis"] for v in vals])
-                s = np.array([v["saving"] for v in vals])
-                d = np.array([v["drop"] for v in vals])
-                row[m] = {"violations": float((r > eps + 1e-12).mean()), "mean_risk": float(r.mean()),
-                          "saving_mean": float(s.mean()), "saving_p10": float(np.percentile(s, 10)),
-                          "test_drop_mean": float(d.mean()), "test_drop_p90": float(np.percentile(d, 90))}
-            row["saving_ratio"] = row["guaranteed"]["saving_mean"] / max(row["point"]["saving_mean"], 1e-12)
+            perm = rng.permutation(n)
+            idx, test = perm[:size], np.ones(n, dtype=np.float32)
+            test[idx] = 0.0
+            tst = {"fine": sums(fine, test), "coarse": sums(coarse, test)}
+            boot = rng.integers(0, n, size)  # with replacement: the pool as the population
+            for draw, where in ((idx, "wo"), (boot, "w")):
+                for b, chosen in one_draw(fine, coarse, draw, n, L, delta).items():
+                    for name, (k, j, grid) in chosen.items():
+                        if where == "wo":
+                            got[b].setdefault((name, "test"), []).append(on_test(tst[grid], L, k, j))
+                        got[b].setdefault((name, where), []).append(on_test(pop[grid], L, k, j))
+        for (kind, eps), figs in got.items():
+            row = {"risk": kind, "epsilon": eps, "calibration": size, "test": n - size, "splits": splits,
+                   "delta": delta, "select_fraction": SELECT_FRACTION, "default": DEFAULT[kind], "old": OLD,
+                   "methods": {}}
+            for (name, where), vals in figs.items():
+                row["methods"].setdefault(name, {})[where] = _stats(vals, kind, eps)
+            new, old, point = (row["methods"][m] for m in (DEFAULT[kind], OLD, "point"))
+            # the keys headline.py reads: the method train-exits uses now, and the point estimate
+            row["guaranteed"], row["point"] = new["test"], point["test"]
+            row["guaranteed_pop"], row["point_pop"] = new["w"], point["w"]
+            row["saving_ratio"] = new["test"]["saving_mean"] / max(point["test"]["saving_mean"], 1e-12)
+            row["old_saving_ratio"] = old["test"]["saving_mean"] / max(point["test"]["saving_mean"], 1e-12)
             results.append(row)
+        print(f"size {size}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return results
 
 
 def print_table(name: str, results: list) -> None:
-    print(f"\n{name}: violation rate (test risk > epsilon) and test layer saving, guaranteed vs point estimate")
-    print("(viol.: share of splits whose test part's risk exceeds epsilon; pop.: the same with calibration texts "
-          "drawn with replacement from the pool and the pool's own risk as the truth, free of test-sample noise)")
-    print(f"{'risk':<14}{'eps':>6}{'n cal':>7}{'n test':>7} | {'viol. G':>8}{'viol. P':>8}{'pop. G':>8}{'pop. P':>8}"
-          f"{'delta':>6} | {'saving G mean/p10':>18}{'saving P mean/p10':>19}{'G/P':>6} | {'drop G mean/p90':>16}")
+    print(f"\n{name}: per method, the violation rate (risk of the chosen setting > epsilon; pool: the whole pool's "
+          "risk as the truth, calibration drawn with replacement / without; test: the rest of the pool), the test "
+          "layer saving (mean/p10), its share of the point estimate's, the test accuracy drop in points (mean/p90)")
+    print(f"{'risk':<14}{'eps':>6}{'n cal':>7} {'method':<17}| {'pool w':>7}{'pool wo':>8}{'test':>7}{'se':>6} | "
+          f"{'saving mean/p10':>16}{'kept':>6} | {'drop mean/p90':>14}")
     for r in results:
-        g, p = r["guaranteed"], r["point"]
         eps = f"{100 * r['epsilon']:g}" + ("pt" if r["risk"] == "accuracy_drop" else "%")
-        print(f"{r['risk']:<14}{eps:>6}{r['calibration']:>7}{r['test']:>7} | {g['violations']:>8.3f}{p['violations']:>8.3f}"
-              f"{r['guaranteed_pop']['violations']:>8.3f}{r['point_pop']['violations']:>8.3f}"
-              f"{r['delta']:>6.2f} | {100 * g['saving_mean']:>8.1f}/{100 * g['saving_p10']:<8.1f}"
-              f"{100 * p['saving_mean']:>9.1f}/{100 * p['saving_p10']:<8.1f}{r['saving_ratio']:>6.2f} | "
-              f"{100 * g['test_drop_mean']:>7.2f}/{100 * g['test_drop_p90']:<7.2f}")
+        point = r["methods"]["point"]["test"]["saving_mean"]
+        for m, f in r["methods"].items():
+            t, v = f["test"], f["w"]["violations"]
+            se = (v * (1 - v) / r["splits"]) ** 0.5
+            mark = "*" if m == r["default"] else ("o" if m == r["old"] else " ")
+            print(f"{r['risk']:<14}{eps:>6}{r['calibration']:>7} {mark}{m:<16}| {v:>7.3f}{f['wo']['violations']:>8.3f}"
+                  f"{t['violations']:>7.3f}{se:>6.3f} | {100 * t['saving_mean']:>7.1f}/{100 * t['saving_p10']:<8.1f}"
+                  f"{t['saving_mean'] / max(point, 1e-12):>6.2f} | {100 * t['test_drop_mean']:>6.2f}/{100 * t['test_drop_p90']:<7.2f}")
+    print("(* what train-exits does now, o what it did before; se: the binomial standard error of the 'pool w' rate)")
+
+
+def merge(out: str, parts: list) -> None:
+    """``--merge OUT IN...``: one JSON of the results of runs over different sizes (each size run alone,
+    e.g. in parallel), by size then budget."""
+    ds = [json.loads(Path(p).read_text()) for p in parts]
+    rank = {b: i for i, b in enumerate(BUDGETS)}
+    m = {**ds[0], "results": sorted((r for d in ds for r in d["results"]),
+                                    key=lambda r: (r["calibration"], rank.get((r["risk"], r["epsilon"]), 99)))}
+    Path(out).write_text(json.dumps(m, indent=1) + "\n")
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--merge"]:
+        return merge(sys.argv[2], sys.argv[3:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True, help="a stage-1 checkpoint (deebert finetune)")
     ap.add_argument("--pool", required=True, help="labelled JSONL texts used by nothing so far")
@@ -232,12 +355,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--budgets", default=None, help="only these, e.g. accuracy_drop:0.01,disagreement:0.02")
     args = ap.parse_args()
     t0 = time.perf_counter()
     if not Path(args.cache).is_file():
         np.savez_compressed(args.cache, **recipe_logits(args.checkpoint, args.pool))
         print(f"recipes' logits over the pool cached in {args.cache} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     data = dict(np.load(args.cache))
+    if args.budgets:
+        BUDGETS[:] = [(k, float(e)) for k, e in (b.split(":") for b in args.budgets.split(","))]
     results = run(data, args.sizes, args.splits, args.delta, args.seed)
     name = args.name or Path(args.pool).stem
     full = data["logits"][:, -1].argmax(-1)[0] == data["labels"]

@@ -45,6 +45,7 @@ ACCEPTED = {(f, _ids(v)) for f, v in [
     ("guarantee.value", None), ("guarantee.losses", 5), ("guarantee.tested", 5), ("guarantee.family", 5),
     ("guarantee.family", MISSING), ("guarantee.entropy", MISSING), ("guarantee.accuracy_drop", -1),
     ("guarantee.accuracy_drop", None), ("guarantee.accuracy_drop", MISSING), ("guarantee.method", MISSING),
+    *((f, v) for f in ("guarantee.level", "guarantee.selection") for v in (None, MISSING)),
     ("guarantee.disagreement_rate", None), ("guarantee.disagreement_rate", MISSING),
 ]}
 # a value that breaks another field first: the error names that one

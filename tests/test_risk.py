@@ -122,12 +122,15 @@ def test_candidates_run_from_conservative_to_aggressive():
 
 def test_too_small_a_sample_certifies_nothing():
     logits, y = _synthetic(300, [0.0] * 9, 3)  # no losses at all, but 300 < 598 texts for 0.5 points at 0.05
-    g = rk.certify(logits, y, epsilon=0.005, delta=0.05)
+    g = rk.certify(logits, y, epsilon=0.005, delta=0.05, method="binomial")
     assert not g.certified and g.min_n == 598 and g.layer_saving == 0.0
-    g = rk.certify(logits, y, epsilon=0.02, delta=0.05)  # 149 texts suffice for 2 points
+    g = rk.certify(logits, y, epsilon=0.02, delta=0.05, method="binomial")  # 149 texts suffice for 2 points
     assert g.certified and g.layer_saving > 0
-    # comparing 8 recipes costs a union bound: each is tested at delta / 8
-    assert rk.certify(logits, y, epsilon=0.02, delta=0.05, family=8).min_n == rk.min_calibration_size(0.02, 0.05 / 8)
+    # comparing 8 recipes costs a union bound: each is tested at delta / 8; two bounds side by side halve it
+    assert rk.certify(logits, y, epsilon=0.02, delta=0.05, family=8, method="binomial").min_n == \
+        rk.min_calibration_size(0.02, 0.05 / 8)
+    g = rk.certify(logits, y, epsilon=0.02, delta=0.05, family=8)
+    assert g.level == 0.05 / 16 and g.min_n == rk.min_calibration_size(0.02, 0.05 / 16)
     assert rk.needed_size(0.01, 0.02, 0.05) > rk.needed_size(0.005, 0.02, 0.05) > rk.min_calibration_size(0.02, 0.05)
     assert rk.needed_size(0.03, 0.02, 0.05) is None
 
@@ -159,3 +162,141 @@ def test_max_losses_is_the_count_where_the_p_value_crosses_delta():
         k = rk.max_losses(n, eps, d)
         assert (k < 0 or rk.p_value(k, n, eps) <= d) and rk.p_value(k + 1, n, eps) > d
     assert rk.max_losses(1000, 0.02, 0.05) == 12 and rk.max_losses(100, 0.005, 0.05) == -1
+
+
+# ------------------------------------------------------------------------------------------------
+# the signed loss and its betting bound (core.analysis.bounds)
+# ------------------------------------------------------------------------------------------------
+from deebert_cli.core.analysis import bounds as bd  # noqa: E402
+
+
+def _reference_log_capital(s, eps, alpha):
+    """The betting process written out text by text (RCPS's WSR_mu_plus, capped as in bounds.py)."""
+    x, m, n = (np.asarray(s, float) + 1) / 2, (eps + 1) / 2, len(s)
+    total, var, mu_sum, sq_sum, best = 0.0, 0.25, 0.0, 0.0, 0.0
+    for i, xi in enumerate(x):
+        lam = min(math.sqrt(2 * math.log(1 / alpha) / (n * var)), bd.BET_CAP / (1 - m))
+        total += math.log(1 - lam * (xi - m))
+        best = max(best, total)
+        mu_sum += xi
+        mu = (mu_sum + 0.5) / (i + 2)
+        sq_sum += (xi - mu) ** 2
+        var = (sq_sum + 0.25) / (i + 2)
+    return best
+
+
+def test_betting_p_value_against_cases_with_a_known_answer():
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 300):
+        s = rng.choice([-1, 0, 1], p=[0.1, 0.8, 0.1], size=n)
+        for eps in (0.0, 0.01, 0.2):
+            assert bd.betting_p_value(s, eps, 0.05) == pytest.approx(math.exp(-_reference_log_capital(s, eps, 0.05)))
+    # every exit wrong where the final layer is right: the capital only falls, nothing can be certified
+    assert bd.betting_p_value(np.ones(500), 0.5, 0.05) == 1.0
+    assert bd.betting_upper_bound(np.ones(500), 0.05) == 1.0
+    # no discordant text at all: x = 1/2 throughout, the running variance before text i is 1/4 / (i + 1),
+    # so the bet is min(sqrt(2 log(1/alpha) 4 (i + 1) / n), cap / (1 - m)) and each factor 1 + bet * eps / 2
+    m, n = (0.01 + 1) / 2, 400
+    want = sum(math.log1p(min(math.sqrt(2 * math.log(20) * 4 * (i + 1) / n), bd.BET_CAP / (1 - m)) * (m - 0.5))
+               for i in range(n))
+    assert -math.log(bd.betting_p_value(np.zeros(400), 0.01, 0.05)) == pytest.approx(want, rel=1e-9)
+    # vectorized over rows: each row as alone
+    rows = rng.choice([-1, 0, 1], p=[0.05, 0.9, 0.05], size=(4, 200))
+    assert np.allclose(bd.betting_p_value(rows, 0.02, 0.05), [bd.betting_p_value(r, 0.02, 0.05) for r in rows])
+
+
+def test_betting_bound_on_bernoulli_losses_against_the_exact_binomial_and_monotone():
+    """With no -1 the signed loss is the binary loss: the exact Clopper-Pearson bound is the benchmark; the
+    betting bound is valid but pays (it never sees the loss is binary): over random orders of the same
+    texts its margin averages 1.1-1.5x the exact one's (one order can land under it: the order is random)."""
+    rng = np.random.default_rng(1)
+    for n, k in ((1000, 10), (2500, 20), (1000, 30)):
+        cp, bets = rk.upper_bound(k, n, 0.05), []
+        for _ in range(20):
+            s = np.zeros(n)
+            s[rng.permutation(n)[:k]] = 1
+            bets.append(bd.betting_upper_bound(s, 0.05))
+            # a monotonicity: the last text's bet is set before it is read, so a worse last text (-1 < 0 < +1)
+            # never lowers the p-value (earlier ones also move later bets through the running variance)
+            ends = [np.concatenate([s[:-1], [v]]) for v in (-1, 0, 1)]
+            p = [float(bd.betting_p_value(e, 0.02, 0.05)) for e in ends]
+            assert p[0] <= p[1] <= p[2]
+        assert 1.1 < (np.mean(bets) - k / n) / (cp - k / n) < 1.5
+    # the p-value falls as the budget grows (fixed data)
+    s = rng.choice([-1, 0, 1], p=[0.03, 0.92, 0.05], size=800)
+    p = [float(bd.betting_p_value(s, e, 0.05)) for e in np.linspace(0, 0.1, 41)]
+    assert all(b <= a + 1e-12 for a, b in zip(p, p[1:])) and p[0] > 0.05 > p[-1]
+
+
+def test_betting_and_discordant_bounds_are_valid_on_a_synthetic_population():
+    """Drop exactly at epsilon (the boundary of the null): "drop > eps" is rejected in at most alpha of the
+    draws (plus Monte Carlo slack); the discordant-pair bound covers the drop likewise."""
+    rng = np.random.default_rng(2)
+    eps, alpha, n, draws = 0.01, 0.1, 400, 600
+    p_plus, p_minus = 0.04 + eps / 2, 0.04 - eps / 2
+    s = rng.choice([-1, 0, 1], p=[p_minus, 1 - p_plus - p_minus, p_plus], size=(draws, n))
+    rejected = (bd.betting_p_value(s, eps, alpha) <= alpha).mean()
+    slack = 3 * math.sqrt(alpha * (1 - alpha) / draws)
+    assert rejected <= alpha + slack
+    assert rejected > 0.01  # and not trivially conservative at the boundary
+    below = [rk.discordant_upper_bound(int((r == 1).sum()), int((r == -1).sum()), n, alpha) < eps for r in s[:300]]
+    assert np.mean(below) <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / 300)
+    # a setting whose drop is well under budget is certified most of the time
+    good = rng.choice([-1, 0, 1], p=[0.03, 0.94, 0.03], size=(200, 2000))
+    assert (bd.betting_p_value(good, 0.02, 0.05) <= 0.05).mean() > 0.8
+
+
+def test_certify_methods_binomial_betting_and_both():
+    """auto runs both bounds at delta / 2 and keeps the more aggressive setting; it says which bound
+    certified it; the betting order is a seeded permutation, so a result is reproducible; an exit that
+    fixes the final layer's errors lets the betting bound go further than the binary proxy."""
+    rng = np.random.default_rng(3)
+    L, n, C = 4, 3000, 2
+    y = rng.integers(0, C, n)
+    logits = rng.normal(0, 1, (L, n, C)).astype(np.float32)
+    for i in range(L):  # each layer right on a growing share, more confident when right
+        right = rng.random(n) < (0.80 + 0.03 * i)
+        logits[i, np.arange(n), np.where(right, y, 1 - y)] += 2.0 + i + 2 * right
+    got = {m: rk.certify(logits, y, epsilon=0.01, method=m) for m in ("binomial", "betting", "auto")}
+    assert got["binomial"].method == "binomial" and got["betting"].method == "betting"
+    assert got["auto"].level == 0.025 and got["binomial"].level == 0.05
+    half = {m: rk.certify(logits, y, epsilon=0.01, delta=0.025, method=m) for m in ("binomial", "betting")}
+    best = max(half.values(), key=lambda g: g.layer_saving)
+    assert got["auto"].layer_saving == pytest.approx(best.layer_saving)
+    assert got["betting"].layer_saving > got["binomial"].layer_saving  # many exits fix final errors here
+    assert got["betting"].bound <= 0.01 and got["betting"].accuracy_drop <= got["betting"].bound
+    assert rk.certify(logits, y, epsilon=0.01, method="betting") == got["betting"]
+    g = rk.Guarantee.from_dict(got["auto"].to_dict())
+    assert g == got["auto"] and "bound" in g.describe()
+    old = {k: v for k, v in got["binomial"].to_dict().items() if k not in ("method", "level", "selection")}
+    assert rk.Guarantee.from_dict(old).method == "binomial" and rk.Guarantee.from_dict(old).test_level == 0.05
+    with pytest.raises(ValueError, match="betting bound certifies the accuracy drop"):
+        rk.certify(logits, None, risk="disagreement", epsilon=0.01, method="betting")
+    # a stored betting guarantee is checked on the drop itself
+    chk = rk.check(got["betting"], logits, y)
+    assert chk["rate"] == pytest.approx(got["betting"].accuracy_drop) and chk["verdict"] == "holds"
+
+
+def test_the_split_selection_parts_and_the_bound_chosen_on_them():
+    """The two parts are disjoint, cover the texts, and are the same every run; the bound predicted on
+    the choosing part is betting where exits fix many final errors, the exact one where none does."""
+    pick, rest = rk.selection_parts(1000, 0.3)
+    assert len(pick) == 300 and len(rest) == 700 and not set(pick) & set(rest)
+    assert sorted(set(pick) | set(rest)) == list(range(1000))
+    assert all((a == b).all() for a, b in zip(rk.selection_parts(1000, 0.3), (pick, rest)))
+    saving = np.linspace(0.0, 0.9, 21)
+    bad = np.linspace(0.0, 0.02, 21)  # "final right, exit wrong" grows along the sequence
+    assert rk.predict_bound(bad, bad - 0.8 * bad, saving, 2000, 0.01, 0.05) == "betting"  # most losses offset
+    assert rk.predict_bound(bad, bad, saving, 2000, 0.01, 0.05) == "binomial"  # no exit fixes anything
+
+
+def test_the_betting_margin_that_predict_bound_assumes():
+    """risk.BETTING_MARGIN is the betting bound's margin over sqrt(2 log(1/delta) var / n) on discordant
+    synthetic texts (a drop of 0.5 points among 7.5% discordant texts): the bound predicted is the one run."""
+    rng = np.random.default_rng(5)
+    n, ratios = 2500, []
+    for _ in range(10):
+        s = rng.choice([-1, 0, 1], p=[0.035, 0.925, 0.04], size=n)
+        base = math.sqrt(2 * math.log(20) * s.var() / n)
+        ratios.append((bd.betting_upper_bound(s, 0.05) - s.mean()) / base)
+    assert abs(np.mean(ratios) - rk.BETTING_MARGIN) < 0.1

@@ -89,18 +89,26 @@ def stored_line(thr: dict, row: dict, g, advice: dict | None) -> str:
     if thr["search"] == "guaranteed":
         drop = "" if g.accuracy_drop is None else f", {-100 * g.accuracy_drop:+.2f} points"
         return (f"stored threshold [bold]{g.value:g}[/] (normalized entropy), guaranteed: {g.describe()}"
-                f"{f', {g.family} recipes compared' if g.family > 1 else ''}; {pct(g.layer_saving)} fewer layers expected"
+                f"{_chosen(g)}; {pct(g.layer_saving)} fewer layers expected"
                 f" (evaluation split{drop}); {point}, no guarantee")
     if g is None:
         return (f"stored threshold [bold]{thr['values'][0]:g}[/] (normalized entropy, --no-guarantee): {point}; "
                 "no guarantee for new data")
-    why = (f"at least {advice['min_n']:,} texts to certify anything" if advice["min_n"] is None or advice["min_n"] > g.n
+    n = advice.get("split_n", g.n)
+    why = (f"at least {advice['min_n']:,} texts to certify anything" if advice["min_n"] is None or advice["min_n"] > n
            else "more texts to certify a threshold that saves layers")
     if advice.get("point_n"):
         why += f", about {advice['point_n']:,} to certify the point estimate {advice['point_estimate']:g}"
-    return (f"[yellow]no guarantee:[/] the evaluation split (n={g.n}) is too small to certify "
+    return (f"[yellow]no guarantee:[/] the evaluation split (n={n}) is too small to certify "
             f"{g.describe().split(' with probability')[0]} at delta {g.delta:g}"
-            f"{f' over {g.family} recipes' if g.family > 1 else ''} (needs {why}); stored the {point}")
+            f"{_chosen(g)} (needs {why}); stored the {point}")
+
+
+def _chosen(g) -> str:
+    """How the guarantee paid for the choice among recipes."""
+    if g.selection == "split":
+        return ", the recipe chosen on the other 30% of the split"
+    return f", {g.family} recipes compared (each at delta / {g.family})" if g.family > 1 else ""
 
 
 def _recipe_table(rows: list, chosen: str):
@@ -125,7 +133,7 @@ def _recipe_table(rows: list, chosen: str):
             t.add_row(name, f"{r['mean_ramp_mse']:.4f}", "/".join(f"{m:.3f}" for m in r["layer_mse"][:-1]))
         else:
             g = [("-" if r["guaranteed_threshold"] is None else f"{r['guaranteed_threshold']:g}"),
-                 pct(r["guaranteed_saving"])] if guaranteed else []
+                 "-" if r["guaranteed_saving"] is None else pct(r["guaranteed_saving"])] if guaranteed else []
             t.add_row(name, f"{r['threshold']:g}", f"{r['accuracy_change']:+.2f}", pct(r["layer_saving"]), *g,
                       "/".join(f"{100 * a:.1f}" for a in r["layer_accuracy"][:-1]))
     return t

@@ -130,7 +130,7 @@ def advice(g: Guarantee, logits, labels, scores=None) -> dict:
         layer = risk.exit_layers(g.policy, cands[nxt], np.asarray(logits), scores, g.entropy, g.tolerance,
                                  logits.shape[-1] == 1)
         rate = float(risk.losses(g.risk, layer, np.asarray(logits), labels, g.tolerance).mean())
-        out.update(next=cands[nxt], next_rate=rate, next_n=risk.needed_size(rate, g.epsilon, g.delta / g.family))
+        out.update(next=cands[nxt], next_rate=rate, next_n=risk.needed_size(rate, g.epsilon, g.test_level))
     return out
 
 
@@ -149,11 +149,26 @@ def store_guarantee(path, g: Guarantee, num_layers: int) -> str | None:
 def recommend_guaranteed(ckpt, logits, labels, source: str, epsilon: float, risk_kind: str, delta: float,
                          entropy: str = "normalized") -> Guarantee:
     """``deebert analyze``'s guaranteed recommendation on the split it analyzes. On the split stage 2
-    chose its off-ramp recipe on, the recipes it compared count (delta / their number), as they did there."""
+    chose its off-ramp recipe on, that choice is paid for as it was there: with the split selection, the
+    certification uses only the texts the recipe was not chosen on (the same seeded part; the bound is
+    chosen on the others, as there); with the union
+    bound (older checkpoints), each of the recipes compared counts (delta / their number)."""
     chosen_on = (ckpt.meta.get("thresholds") or {}).get("chosen_on")
     search = ckpt.meta.get("recipes") or {}
-    family = len(search.get("candidates", [])) if chosen_on == source and not search.get("given") else 1
-    g = risk.certify(np.asarray(logits), labels, risk=risk_kind, epsilon=epsilon, delta=delta, entropy=entropy,
-                     family=max(1, family))
+    chose_here = chosen_on == source and not search.get("given") and len(search.get("candidates", [])) > 1
+    logits = np.asarray(logits)
+    if chose_here and search.get("selection") == "split":
+        pick, rest = risk.selection_parts(logits.shape[1], search.get("select_fraction", 0.3))
+        y = None if labels is None else np.asarray(labels)
+        method = (risk.choose_bound(logits[:, pick], y[pick], len(rest), epsilon, delta, entropy)
+                  if risk_kind == "accuracy_drop" else None)
+        g = risk.certify(logits[:, rest], None if y is None else y[rest], risk=risk_kind, epsilon=epsilon,
+                         delta=delta, entropy=entropy, method=method)
+        g.selection = "split"
+    else:
+        family = len(search.get("candidates", [])) if chose_here else 1
+        g = risk.certify(logits, labels, risk=risk_kind, epsilon=epsilon, delta=delta, entropy=entropy,
+                         family=max(1, family))
+        g.selection = "union" if family > 1 else None
     g.calibrated_on, g.by = source, "analyze"
     return g

@@ -37,10 +37,13 @@ import math
 import numpy as np
 
 from ..model.guarantee import Guarantee
+from .bounds import betting_p_value, betting_upper_bound, order, signed_losses
 
 RISKS = ("accuracy_drop", "disagreement")  # classification
 REGRESSION_RISKS = ("error_increase", "disagreement")
+METHODS = ("auto", "binomial", "betting")  # accuracy drop: the binary loss's binomial bound, the drop's betting bound, both
 DEFAULT_DELTA = 0.05
+SELECTION_SEED = 1  # the seeded split of the calibration texts into a choosing part and a certifying part
 # the candidate entropy thresholds, conservative to aggressive: 0.005 steps of normalized entropy
 FINE_GRID = tuple(round(k * 0.005, 3) for k in range(1, 201))
 LEARNED_GRID = tuple(round(1 - k * 0.01, 2) for k in range(1, 100))  # exit when score > t: 0.99 down to 0.01
@@ -97,6 +100,23 @@ def lower_bound(losses: int, n: int, delta: float) -> float:
         else:
             lo = mid
     return lo
+
+
+def discordant_upper_bound(bad: int, good: int, n: int, alpha: float) -> float:
+    """An exact (1 - alpha) upper bound of the accuracy drop from the counts of +1 (``bad``) and -1
+    (``good``) in n texts, by conditioning on the discordant ones.
+
+    With d = P(discordant) and q = P(+1 | discordant), drop = d (2q - 1). Given D = bad + good discordant
+    texts, ``bad`` is exactly Binomial(D, q) (i.i.d. texts), so the Clopper-Pearson bound q_U at alpha / 2
+    covers q with probability >= 1 - alpha / 2 whatever D is, hence unconditionally; d_U (Clopper-Pearson
+    of D / n at alpha / 2) covers d likewise. On both events drop <= max(0, d_U (2 q_U - 1)): the union
+    bound gives coverage >= 1 - alpha. A test of q alone (McNemar) only tests drop <= 0; a budget eps > 0
+    needs d too, which is why two bounds are paid."""
+    if n <= 0:
+        return 1.0
+    d_u = upper_bound(bad + good, n, alpha / 2)
+    q_u = upper_bound(bad, bad + good, alpha / 2) if bad + good else 1.0
+    return max(0.0, d_u * (2 * q_u - 1))
 
 
 def min_calibration_size(epsilon: float, delta: float) -> int | None:
@@ -215,45 +235,125 @@ def losses(risk: str, layer: np.ndarray, logits: np.ndarray, labels=None, tolera
 # ------------------------------------------------------------------------------------------------
 def certify(logits, labels=None, *, risk: str = "accuracy_drop", epsilon: float, delta: float = DEFAULT_DELTA,
             policy: str = "entropy", scores=None, entropy: str = "normalized", tolerance: float | None = None,
-            family: int = 1, grid=None) -> Guarantee:
+            family: int = 1, grid=None, method: str | None = None) -> Guarantee:
     """The most aggressive setting of ``policy`` certified by fixed-sequence testing at level
     delta / family on the calibration texts (all-exits logits [L, n, C], labels [n] unless the risk is
-    ``disagreement``; learned exit scores [L-1, n] for ``policy="learned"``)."""
+    ``disagreement``; learned exit scores [L-1, n] for ``policy="learned"``). ``method`` (accuracy drop
+    only): "binomial" (the binary loss, exact), "betting" (the signed loss, :mod:`.bounds`) or "auto"
+    (the default there: both sequences, each at half the level, the more aggressive setting kept; the
+    binomial alone at the full level when n is too small for it to certify anything at half: a rule on n
+    and epsilon only, fixed before the losses are seen)."""
     logits = np.asarray(logits, dtype=np.float32)
     L, n = logits.shape[:2]
     regression = logits.shape[-1] == 1
+    method = _method_for(risk, method, regression, labels, policy)
+    if method == "auto" and n < (min_calibration_size(epsilon, delta / family / 2) or 0):
+        method = "binomial"  # too few texts to certify anything with the exact bound at half the level: alone
+    bounds_run = ("binomial", "betting") if method == "auto" else (method,)
+    level = delta / family / len(bounds_run)
+    cands = candidates(policy, L, logits.shape[-1], entropy, regression, grid)
+    ent = _softmax_entropy(logits, entropy) if policy == "entropy" else None
+    layers, counts, signed, passed = [], [], [], {b: 0 for b in bounds_run}
+    perm = order(n)
+    for v in cands:  # lazily: each sequence stops at its first failure
+        layer = exit_layers(policy, v, logits, scores, entropy, tolerance, regression, ent)
+        counts.append(int(losses(risk, layer, logits, labels, tolerance).sum()))
+        layers.append(layer)
+        live = [b for b in bounds_run if passed[b] == len(layers) - 1]
+        if "binomial" in live and p_value(counts[-1], n, epsilon) <= level:
+            passed["binomial"] += 1
+        if "betting" in live:
+            signed.append(_signed(layer, logits, labels)[perm])
+            if float(betting_p_value(signed[-1], epsilon, level)) <= level:
+                passed["betting"] += 1
+        if all(passed[b] < len(layers) for b in bounds_run):
+            break
+    used = max(bounds_run, key=lambda b: (passed[b], b == "binomial"))  # ties: the exact bound
+    rejected = passed[used]
+    if rejected == 0:
+        layer, value, k = np.full(n, L - 1), None, 0
+    else:
+        layer, value, k = layers[rejected - 1], cands[rejected - 1], counts[rejected - 1]
+    bound = (upper_bound(k, n, level) if used == "binomial" else
+             betting_upper_bound(signed[rejected - 1] if rejected else np.zeros(n), level))
+    mean = float(layer.mean() + 1)
+    drop = None
+    if labels is not None and not regression:
+        y, pred = np.asarray(labels), logits.argmax(-1)
+        drop = float((pred[-1] == y).mean() - (pred[layer, np.arange(n)] == y).mean())
+    return Guarantee(risk, float(epsilon), float(delta), int(n), policy, value, k, k / n, bound,
+                     mean, 1 - mean / L, min(rejected + 1, len(cands)), family, min_calibration_size(epsilon, level), entropy,
+                     tolerance, drop, method=used, level=level)
+
+
+def _method_for(risk: str, method: str | None, regression: bool, labels, policy: str) -> str:
+    """The checks of :func:`certify`'s arguments -> the method to run ("auto" for an accuracy drop unless given)."""
     if risk not in (REGRESSION_RISKS if regression else RISKS):
         raise ValueError(f"risk must be one of {REGRESSION_RISKS if regression else RISKS}, got '{risk}'")
     if risk != "disagreement" and labels is None:
         raise ValueError(f"risk '{risk}' needs labels; 'disagreement' does not")
     if policy == "entropy" and regression:
         raise ValueError("entropy needs class probabilities: a regression checkpoint uses patience or learned exits")
-    level = delta / family
-    cands = candidates(policy, L, logits.shape[-1], entropy, regression, grid)
-    ent = _softmax_entropy(logits, entropy) if policy == "entropy" else None
-    layers, counts = [], []
-    for v in cands:  # lazily: the sequence stops at the first failure
-        layer = exit_layers(policy, v, logits, scores, entropy, tolerance, regression, ent)
-        k = int(losses(risk, layer, logits, labels, tolerance).sum())
-        layers.append(layer)
-        counts.append(k)
-        if p_value(k, n, epsilon) > level:
-            break
-    rejected, _ = fixed_sequence(counts, n, epsilon, level)
-    if rejected == 0:
-        layer, value, k = np.full(n, L - 1), None, 0
-    else:
-        layer, value, k = layers[rejected - 1], cands[rejected - 1], counts[rejected - 1]
-    mean = float(layer.mean() + 1)
-    drop = None
-    if labels is not None and not regression:
-        y, pred = np.asarray(labels), logits.argmax(-1)
-        drop = float((pred[-1] == y).mean() - (pred[layer, np.arange(n)] == y).mean())
-    g = Guarantee(risk, float(epsilon), float(delta), int(n), policy, value, k, k / n, upper_bound(k, n, level),
-                  mean, 1 - mean / L, len(counts), family, min_calibration_size(epsilon, level), entropy,
-                  tolerance, drop)
-    g.disagreement_rate = float(losses("disagreement", layer, logits, None, tolerance).mean())  # what serve watches
-    return g
+    method = method or ("auto" if risk == "accuracy_drop" else "binomial")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got '{method}'")
+    if method != "binomial" and risk != "accuracy_drop":
+        raise ValueError(f"the betting bound certifies the accuracy drop; risk '{risk}' uses method 'binomial'")
+    return method
+
+
+def _signed(layer: np.ndarray, logits: np.ndarray, labels) -> np.ndarray:
+    """The signed loss per text of exiting at ``layer`` [n]: +1 final right and exit wrong, -1 the reverse."""
+    pred, y = logits.argmax(-1), np.asarray(labels)
+    return signed_losses(pred[layer, np.arange(len(layer))] == y, pred[-1] == y)
+
+
+BETTING_MARGIN = 0.9  # the betting bound's margin over sqrt(2 log(1/delta) var / n), as measured (tests/test_risk.py)
+
+
+def predict_bound(bad: np.ndarray, signed: np.ndarray, saving: np.ndarray, n: int, epsilon: float,
+                  level: float) -> str:
+    """Which bound, run alone at ``level`` on ``n`` new texts, would certify further along the sequence,
+    judging from figures measured on other texts (the split selection's choosing part): per candidate
+    setting its rate of "final right, exit wrong" ``bad`` [m], its mean signed loss ``signed`` [m] (the
+    drop), the discordance implied, and its layer saving [m]. The binomial bound is predicted to pass
+    while the expected loss count passes the exact test; betting while the drop plus its margin
+    (BETTING_MARGIN x sqrt(2 log(1/level) var / n), var the signed loss's variance) is within epsilon.
+    Only a choice: whichever it names is then run at the full level, on texts it never saw."""
+    kmax = max_losses(n, epsilon, level)
+    ok_b = np.ceil(np.asarray(bad) * n) <= kmax
+    disc = np.maximum(2 * np.asarray(bad) - np.asarray(signed), 0.0)  # P(+1) + P(-1) = 2 P(+1) - drop
+    var = np.maximum(disc - np.asarray(signed) ** 2, 1.0 / n)
+    ok_s = np.asarray(signed) + BETTING_MARGIN * np.sqrt(2 * math.log(1 / level) * var / n) <= epsilon
+
+    def reach(ok):
+        j = int(np.argmin(ok)) if not ok.all() else len(ok)
+        return float(saving[j - 1]) if j else 0.0
+    return "betting" if reach(ok_s) > reach(ok_b) else "binomial"
+
+
+def choose_bound(logits, labels, n: int, epsilon: float, delta: float, entropy: str = "normalized") -> str:
+    """:func:`predict_bound` for the entropy policy's sequence from all-exits logits [L, n_a, C] and labels
+    of the choosing part: "binomial" or "betting", the one to run alone at ``delta`` on the ``n`` others."""
+    logits = np.asarray(logits, dtype=np.float32)
+    L = logits.shape[0]
+    ent = _softmax_entropy(logits, entropy)
+    bad, signed, saving = [], [], []
+    for v in candidates("entropy", L, logits.shape[-1], entropy):
+        layer = exit_layers("entropy", v, logits, entropy=entropy, ent=ent)
+        bad.append(float(losses("accuracy_drop", layer, logits, labels).mean()))
+        signed.append(float(_signed(layer, logits, labels).mean()))
+        saving.append(1 - float(layer.mean() + 1) / L)
+    return predict_bound(np.array(bad), np.array(signed), np.array(saving), n, epsilon, delta)
+
+
+def selection_parts(n: int, fraction: float) -> tuple:
+    """The split selection's two parts of n calibration texts (a seeded permutation, the same every run):
+    (the first ``fraction``, where a choice such as the recipe is made; the rest, where it is certified),
+    each sorted."""
+    perm = np.random.default_rng(SELECTION_SEED).permutation(n)
+    cut = int(round(fraction * n))
+    return np.sort(perm[:cut]), np.sort(perm[cut:])
 
 
 def check(g: Guarantee, logits, labels=None, scores=None, risk: str | None = None) -> dict:
@@ -268,9 +368,12 @@ def check(g: Guarantee, logits, labels=None, scores=None, risk: str | None = Non
     layer = (np.full(n, L - 1) if g.value is None else
              exit_layers(g.policy, g.value, logits, scores, g.entropy, g.tolerance, regression))
     k = int(losses(risk, layer, logits, labels, g.tolerance).sum())
-    rate, lo = k / n, lower_bound(k, n, g.delta)
+    rate, lo, hi = k / n, lower_bound(k, n, g.delta), upper_bound(k, n, g.delta)
+    if risk == "accuracy_drop" and g.method == "betting":  # it certified the drop itself: check the drop
+        s = _signed(layer, logits, labels)[order(n)]
+        rate, lo, hi = float(s.mean()), -betting_upper_bound(-s, g.delta), betting_upper_bound(s, g.delta)
     verdict = "holds" if rate <= g.epsilon else ("exceeded" if lo > g.epsilon else "inconclusive")
-    out = {"risk": risk, "n": n, "losses": k, "rate": rate, "lower_bound": lo, "upper_bound": upper_bound(k, n, g.delta),
+    out = {"risk": risk, "n": n, "losses": k, "rate": rate, "lower_bound": lo, "upper_bound": hi,
            "epsilon": g.epsilon, "verdict": verdict, "layer_saving": 1 - float(layer.mean() + 1) / L}
     if labels is not None and not regression:
         y, pred = np.asarray(labels), logits.argmax(-1)

@@ -8,6 +8,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 
+BOUNDS = {"binomial": "exact binomial bound", "betting": "betting bound on the drop itself"}
+
+
 @dataclass
 class Guarantee:
     """What a certified setting promises: P(risk <= epsilon) >= 1 - delta on new texts like the ``n``
@@ -32,7 +35,9 @@ class Guarantee:
     accuracy_drop: float | None = None  # labelled calibration: the observed drop at ``value`` (fraction)
     calibrated_on: str | None = None  # which texts (e.g. "split 'validation' of movie_snippets")
     by: str | None = None  # train-exits | calibrate | analyze
-    method: str = "binomial"  # the bound that certified ``value``: binomial | betting
+    method: str = "binomial"  # the bound that certified ``value``: binomial (binary loss) | betting (signed loss)
+    level: float | None = None  # the level each test ran at (delta / family, halved when two bounds ran); None: old
+    selection: str | None = None  # how the recipe was chosen: "union" (each at delta / family) | "split" | None
     disagreement_rate: float | None = None  # disagreement with the final layer at ``value`` on the calibration texts
 
     @property
@@ -56,7 +61,13 @@ class Guarantee:
             what = f"disagreement with the final layer <= {eps}%"
         else:
             what = f"share of texts whose error grows by more than {self.tolerance or 0:g} <= {eps}%"
-        return f"{what} with probability >= {100 * (1 - self.delta):g}% (n={self.n} calibration texts)"
+        return (f"{what} with probability >= {100 * (1 - self.delta):g}% (n={self.n} calibration texts, "
+                f"{BOUNDS.get(self.method, self.method)})")
+
+    @property
+    def test_level(self) -> float:
+        """The level each hypothesis was tested at (older guarantees: delta / family)."""
+        return self.level if self.level is not None else self.delta / max(1, self.family)
 
 
     def setting(self) -> str:

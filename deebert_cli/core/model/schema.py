@@ -146,6 +146,14 @@ def gpu_measurement(v, m):
 
 
 gpu_measurement.desc = "{fp32|bf16|fp16: {batch size: early exit / full depth texts/s, > 0}}"
+def risk_bound(v, m):
+    """the exact binomial bound of a rate: in [0, 1]; the betting bound of the accuracy drop (a mean of
+    signed losses, negative when the exits are more accurate): in [-1, 1]"""
+    lo = -1 if m["guarantee"].get("method") == "betting" else 0
+    return number(lo, 1)(v, m)
+
+
+risk_bound.desc = "binomial: [0, 1]; betting (the drop itself): [-1, 1]"
 pos_int = number(1, whole=True)
 anything = lambda v, m: None  # noqa: E731  (an object the table does not look into)
 anything.desc = ""
@@ -191,7 +199,7 @@ FIELDS = (
     Field("guarantee.value", "number", guarantee_value, "by policy", "the certified setting: entropy threshold (as thresholds), patience 0..L-1, learned [0, 1]; null: full depth only", required=True, null=True),
     Field("guarantee.losses", "integer", losses, "texts", "losses at the value on the calibration texts, 0..n", required=True),
     Field("guarantee.empirical", "number", number(0, 1), "fraction", "losses / n", required=True),
-    Field("guarantee.bound", "number", number(0, 1), "fraction", "upper confidence bound of the risk at the value (<= epsilon when certified)", required=True),
+    Field("guarantee.bound", "number", risk_bound, "fraction", "upper confidence bound of the risk at the value (<= epsilon when certified)", required=True),
     Field("guarantee.mean_exit_layer", "number", exit_layer, "layers", "mean exit layer on the calibration texts, 1..L", required=True),
     Field("guarantee.layer_saving", "number", number(0, 1, hi_open=True), "fraction", "1 - mean exit layer / L", required=True),
     Field("guarantee.tested", "integer", number(0, whole=True), "settings", "settings tried in sequence", required=True),
@@ -203,6 +211,8 @@ FIELDS = (
     Field("guarantee.calibrated_on", "string", text, "", "which texts", null=True),
     Field("guarantee.by", "string", text, "", "the command that certified it", null=True),
     Field("guarantee.method", "string", one_of(*METHODS), "", "the bound that certified the value: binomial or betting"),
+    Field("guarantee.level", "number", number(0, 1, True, True), "probability", "the level each test ran at (delta / family, halved when two bounds ran)", null=True),
+    Field("guarantee.selection", "string", one_of("union", "split"), "", "how the off-ramp recipe was chosen: union (each at delta / family) or split (chosen on a disjoint part)", null=True),
     Field("guarantee.disagreement_rate", "number", number(0, 1), "fraction", "disagreement with the final layer at the value on the calibration texts", null=True),
 )
 # fmt: on

@@ -6,6 +6,7 @@ given, the best kept; the fitting itself is :mod:`.ramps_fit`."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
 from pathlib import Path
@@ -58,10 +59,11 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
     labels = data.eval.labels
     ev_y = torch.tensor(labels, dtype=cache["y"].dtype, device=device)
     rows, kept, steps, seen, train_seconds = _try_recipes(model, todo, cache, cfg, task, ev_y, dropout, progress)
-    guarantees = rc.certify_each([k[2] for k in kept], labels, cfg) if task != "regression" and cfg.guarantee else None
+    guarantees, picked = (rc.certify_recipes([k[2] for k in kept], labels, cfg) if task != "regression" and cfg.guarantee
+                          else (None, None))
     for row, g in zip(rows, guarantees or []):
-        row["guaranteed_threshold"], row["guaranteed_saving"] = g.value, g.layer_saving
-    choice = rc.choose(rows, task, guarantees)
+        row["guaranteed_threshold"], row["guaranteed_saving"] = (g.value, g.layer_saving) if g else (None, None)
+    choice = picked if picked is not None and guarantees[picked].layer_saving > 0 else rc.choose(rows, task, guarantees)
     recipe, (state, calibration, logits) = todo[choice], kept[choice]
     model.build_ramps(RampConfig(recipe.pooling, recipe.norm, dropout, cfg.learned_exits), init_from_pooler=False)
     model.ramps.load_state_dict(state)
@@ -76,14 +78,16 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
     for p in model.model.parameters():
         p.requires_grad_(True)
     extra = {"cache_seconds": cache["seconds"], "train_seconds": train_seconds, "cached_examples": cache["n"],
-             "recipes": {"given": cfg.recipe_given, "measure": rc.MEASURE["guaranteed" if guarantees else task],
+             "recipes": {"given": cfg.recipe_given, "measure": rc.MEASURE[_measure_name(guarantees, picked, task)],
+                         "selection": None if guarantees is None or len(rows) == 1 else
+                         ("split" if picked is not None else "union"), "select_fraction": rc.SELECT_FRACTION,
                          "max_drop": cfg.points,
                          "chosen": recipe.name, "candidates": rows}}
     if task != "regression":
-        g = guarantees[choice] if guarantees else None
+        g = (guarantees[picked] if picked is not None else guarantees[choice]) if guarantees else None
         extra["thresholds"], extra["guarantee"] = stored_rule(rows[choice], g, cfg, data.eval_source, model.num_layers)
         if g is not None and not extra["thresholds"]["search"] == "guaranteed":
-            extra["guarantee_advice"] = _advice(g, logits, labels, rows[choice]["threshold"])
+            extra["guarantee_advice"] = _advice(g, logits, labels, rows[choice]["threshold"], rc.SELECT_FRACTION)
     meta = _exits_meta(ckpt.meta, report, extra, learned, calibration)
     out = cfg.output or cfg.checkpoint
     extra["replaced"] = _replaced(out, cfg.checkpoint, ckpt.meta, meta)
@@ -95,6 +99,15 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
     per_epoch = (cache["seconds"] * len(train) / (len(train) + len(data.eval))) + train_seconds / max(epochs_done, 1e-9)
     return TrainResult(out, STAGE_EXITS, len(train), steps, train_seconds + cache["seconds"], per_epoch,
                        seen / max(train_seconds, 1e-9), report, extra)
+
+
+def _measure_name(guarantees, picked, task: str) -> str:
+    """Which MEASURE chose the recipe kept."""
+    if not guarantees:
+        return task
+    if picked is not None:
+        return "guaranteed" if guarantees[picked].layer_saving > 0 else task
+    return "guaranteed_union" if len(guarantees) > 1 else "guaranteed"
 
 
 def stored_rule(row: dict, g, cfg: TrainExitsConfig, source: str, L: int) -> tuple:
@@ -128,15 +141,21 @@ def _replaced(out, checkpoint, old: dict, new: dict) -> str | None:
     return line and line.replace("replaced ", f"replaced in '{out}': ", 1)
 
 
-def _advice(g, logits: torch.Tensor, labels: list, point: float) -> dict:
-    """How many calibration texts the budget needs: to certify anything, and to certify ``point`` (its
-    loss rate on the evaluation split taken as the truth)."""
+def _advice(g, logits: torch.Tensor, labels: list, point: float, fraction: float) -> dict:
+    """How many evaluation texts the budget needs: to certify anything, and to certify ``point`` (its
+    loss rate on the evaluation split taken as the truth); with the split selection, the whole split's
+    size (the guarantee is certified on 1 - ``fraction`` of it)."""
     from ..analysis import risk
 
     layer = risk.exit_layers("entropy", point, logits.numpy())
     rate = float(risk.losses(g.risk, layer, logits.numpy(), labels).mean())
-    return {"min_n": g.min_n, "point_estimate": point, "point_rate": rate,
-            "point_n": risk.needed_size(rate, g.epsilon, g.delta / g.family)}
+    need = risk.needed_size(rate, g.epsilon, g.test_level)
+    if g.selection == "split":
+        def whole(k):
+            return None if k is None else math.ceil(k / (1 - fraction))
+        return {"min_n": whole(g.min_n), "point_estimate": point, "point_rate": rate, "point_n": whole(need),
+                "split_n": len(labels)}
+    return {"min_n": g.min_n, "point_estimate": point, "point_rate": rate, "point_n": need, "split_n": len(labels)}
 
 
 def _try_recipes(model: HighwayModel, todo: list, cache: dict, cfg: TrainExitsConfig, task: str, ev_y: torch.Tensor,
