@@ -79,16 +79,27 @@ def test_unlabeled_text_is_used_for_distillation(stage1, tmp_path):
 
 
 def test_calibration_does_not_raise_validation_nll_and_is_stored(stage1, tmp_path):
+    """Temperatures are fitted on the choosing part of the evaluation split (the rest certifies the
+    threshold, so it must play no part in them): the NLL there does not rise, and the guarantee is
+    certified on the other texts ("split")."""
     ck, res = _train(stage1, tmp_path, "cal", calibrate=True, epochs=20, lr=1e-2)  # overtrained: overconfident
     cal = ck.meta["calibration"]
     assert len(cal) == ck.model.num_layers - 1
     pooled, _, y = _eval_states(ck)
+    from deebert_cli.core.analysis.risk import selection_parts
+    from deebert_cli.core.train.recipes import SELECT_FRACTION
+
+    pick = torch.as_tensor(selection_parts(len(y), SELECT_FRACTION)[0])  # fitted on the choosing part only
+    pooled, y = pooled[:, pick], y[pick]
     for c, ramp in zip(cal, ck.model.ramps):
         assert c["nll_after"] <= c["nll_before"] + 1e-9
         assert float(ramp.temperature) == pytest.approx(c["temperature"])  # persisted in highway.safetensors
         with torch.no_grad():
             assert F.cross_entropy(ramp.classify(pooled[c["layer"] - 1]), y).item() == pytest.approx(c["nll_after"], abs=1e-4)
     assert any(abs(c["temperature"] - 1) > 0.05 for c in cal)  # it really changed something
+    g = ck.meta.get("guarantee")
+    if g is not None:
+        assert g["selection"] == "split" and g["n"] == len(_eval_states(ck)[2]) - len(pick), g
 
 
 def test_stored_per_layer_thresholds_are_used_by_predict(trained_ckpt, tmp_path):

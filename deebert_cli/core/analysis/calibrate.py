@@ -157,7 +157,7 @@ def recommend_guaranteed(ckpt, logits, labels, source: str, epsilon: float, risk
     search = ckpt.meta.get("recipes") or {}
     chose_here = chosen_on == source and not search.get("given") and len(search.get("candidates", [])) > 1
     logits = np.asarray(logits)
-    if chose_here and search.get("selection") == "split":
+    if chosen_on == source and search.get("selection") == "split":
         pick, rest = risk.selection_parts(logits.shape[1], search.get("select_fraction", 0.3))
         y = None if labels is None else np.asarray(labels)
         method = (risk.choose_bound(logits[:, pick], y[pick], len(rest), epsilon, delta, entropy)

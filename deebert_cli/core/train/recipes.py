@@ -88,7 +88,7 @@ SELECTION = "split"  # how a guarantee pays for the choice among recipes: "split
 SELECT_FRACTION = 0.3  # "split": the share of the evaluation split the recipe is chosen on
 
 
-def certify_recipes(kept_logits: list, labels: list, cfg, selection: str = SELECTION) -> tuple:
+def certify_recipes(kept_logits: list, labels: list, cfg, selection: str = SELECTION, calibrated: bool = False) -> tuple:
     """The guaranteed threshold of the recipes on the evaluation split (:func:`..analysis.risk.certify`;
     the budget is ``cfg.max_disagreement`` (a fraction) when given, else ``cfg.max_drop`` points of
     accuracy), paying for the choice among several recipes one of two valid ways:
@@ -100,6 +100,9 @@ def certify_recipes(kept_logits: list, labels: list, cfg, selection: str = SELEC
     * ``"union"``: every recipe is certified on the whole split at delta / (their number) and the largest
       certified saving kept (union bound).
 
+    A recipe that calibrates fits its temperatures on the choosing part (stage2._try_recipes), so with
+    ``calibrated`` even a single recipe is certified on the other texts only ("split").
+
     (benchmarks/bench_guarantee.py measures both: docs/BENCHMARKS.md "Thresholds with a guarantee".)
     Returns (one Guarantee per recipe, None for those not certified, the recipe chosen or None to leave
     the choice to :func:`choose`)."""
@@ -108,7 +111,7 @@ def certify_recipes(kept_logits: list, labels: list, cfg, selection: str = SELEC
     risk = "disagreement" if cfg.max_disagreement is not None else "accuracy_drop"
     eps = cfg.max_disagreement if cfg.max_disagreement is not None else cfg.points / 100
     K = len(kept_logits)
-    if K == 1 or selection == "union":
+    if (K == 1 and not calibrated) or selection == "union":
         gs = [certify(lg.numpy(), labels, risk=risk, epsilon=eps, delta=cfg.delta, family=K) for lg in kept_logits]
         for g in gs:
             g.selection = "union" if K > 1 else None

@@ -59,7 +59,8 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
     labels = data.eval.labels
     ev_y = torch.tensor(labels, dtype=cache["y"].dtype, device=device)
     rows, kept, steps, seen, train_seconds = _try_recipes(model, todo, cache, cfg, task, ev_y, dropout, progress)
-    guarantees, picked = (rc.certify_recipes([k[2] for k in kept], labels, cfg) if task != "regression" and cfg.guarantee
+    guarantees, picked = (rc.certify_recipes([k[2] for k in kept], labels, cfg,
+                                                      calibrated=any(r.calibrate for r in todo)) if task != "regression" and cfg.guarantee
                           else (None, None))
     for row, g in zip(rows, guarantees or []):
         row["guaranteed_threshold"], row["guaranteed_saving"] = (g.value, g.layer_saving) if g else (None, None)
@@ -79,8 +80,8 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
         p.requires_grad_(True)
     extra = {"cache_seconds": cache["seconds"], "train_seconds": train_seconds, "cached_examples": cache["n"],
              "recipes": {"given": cfg.recipe_given, "measure": rc.MEASURE[_measure_name(guarantees, picked, task)],
-                         "selection": None if guarantees is None or len(rows) == 1 else
-                         ("split" if picked is not None else "union"), "select_fraction": rc.SELECT_FRACTION,
+                         "selection": None if guarantees is None else
+                         ("split" if picked is not None else ("union" if len(rows) > 1 else None)), "select_fraction": rc.SELECT_FRACTION,
                          "max_drop": cfg.points,
                          "chosen": recipe.name, "candidates": rows}}
     if task != "regression":
@@ -165,7 +166,8 @@ def _try_recipes(model: HighwayModel, todo: list, cache: dict, cfg: TrainExitsCo
     afterwards on the same weights) and score it on the evaluation split (:func:`.recipes.score`).
     Returns (score rows, per recipe (off-ramp state, calibration, every exit's logits), steps, rows seen,
     training seconds)."""
-    from .recipes import score
+    from ..analysis.risk import selection_parts
+    from .recipes import SELECT_FRACTION, score
 
     rows, kept, trained, steps, seen, seconds = [], [], {}, 0, 0, 0.0
     labels = ev_y.tolist()
@@ -183,7 +185,10 @@ def _try_recipes(model: HighwayModel, todo: list, cache: dict, cfg: TrainExitsCo
             model.ramps.load_state_dict(trained[recipe.training])
         model.ramps.eval()
         ev_pooled = cache["eval"][recipe.pooling]
-        calibration = calibrate_ramps(model, ev_pooled, ev_y) if recipe.calibrate else None
+        calibration = None
+        if recipe.calibrate:  # temperatures fitted on the choosing part only: the rest certifies (certify_recipes)
+            pick = torch.as_tensor(selection_parts(len(labels), SELECT_FRACTION)[0], device=ev_y.device)
+            calibration = calibrate_ramps(model, ev_pooled[:, pick], ev_y[pick])
         logits = _exit_logits(model, ev_pooled, cache["eval_final"])
         rows.append({"recipe": recipe.name, "pooling": recipe.pooling, "norm": recipe.norm, "distill": recipe.distill,
                      "calibrate": recipe.calibrate, **score(logits, labels, task, cfg.points)})
