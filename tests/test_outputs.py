@@ -81,6 +81,21 @@ def test_predict_to_a_full_stdout_is_one_line(trained_ckpt, tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == "error: cannot write the results to standard output: No space left on device"
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [["--help"], ["analyze", "--help"], ["calibrate", "--checkpoint", "CKPT", "--unlabeled", "TEXTS",
+                                                                     "--check", "--device", "cpu", "--max-disagreement", "0.5"]])
+def test_any_command_to_a_full_stdout_is_one_line(trained_ckpt, tmp_path, args):
+    """Every command's standard output goes through one rule (cli/app.main), not only predict's."""
+    texts = _texts_file(tmp_path)
+    args = [str(trained_ckpt) if a == "CKPT" else str(texts) if a == "TEXTS" else a for a in args]
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run([sys.executable, "-m", "deebert_cli", *args], stdout=full, stderr=subprocess.PIPE,
+                              text=True, env=_env(), timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "error: cannot write the results to standard output: No space left on device"
+
+
 def test_predict_into_a_closed_pipe_ends_quietly(trained_ckpt, tmp_path):
     texts = tmp_path / "many.txt"
     texts.write_text("".join(r["text"] + "\n" for r in make_sentiment_rows(20, 3)) * 200)

@@ -1,6 +1,10 @@
 """The ``deebert`` command: a thin Typer layer over ``deebert_cli.core`` (imports torch lazily)."""
 from __future__ import annotations
 
+import errno
+import os
+import sys
+
 import typer
 
 from . import analyze, calibrate, export, finetune, predict, predict_dataset, serve, train_exits
@@ -26,7 +30,48 @@ app.command("predict-dataset", short_help="Predict many files on Ray Data, a row
 
 
 def main() -> None:
-    app()
+    """Run the command; a standard output that cannot be written (``> /dev/full``, a closed pipe) ends any
+    command in one line (exit 2) or quietly (exit 141, a reader that went away), never a traceback."""
+    try:
+        app()
+    except SystemExit:
+        _flush_stdout()
+        raise
+    except OSError as e:
+        if not _stdout_broken(e):
+            raise
+        _stdout_failed(e)
+    _flush_stdout()
+
+
+def _stdout_broken(e: OSError) -> bool:
+    """Whether ``e`` is a failed write to standard output: a write error naming no file (the commands write
+    their files through core.files, which turns such failures into one-line errors), or a flush that fails."""
+    if e.errno in (errno.ENOSPC, errno.EPIPE, errno.EIO, errno.EDQUOT) and e.filename is None:
+        return True
+    try:
+        sys.stdout.flush()
+        return False
+    except OSError:
+        return True
+
+
+def _flush_stdout() -> None:
+    try:
+        sys.stdout.flush()
+    except OSError as e:
+        _stdout_failed(e)
+
+
+def _stdout_failed(e: OSError) -> None:
+    """One line on stderr (or nothing for a closed pipe), stdout pointed at /dev/null so that Python's own
+    flush at exit has nothing left to fail on, then exit."""
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), sys.stdout.fileno())
+    if e.errno == errno.EPIPE:
+        os._exit(141)
+    print(f"error: cannot write the results to standard output: {e.strerror or e}", file=sys.stderr)
+    os._exit(2)
 
 
 if __name__ == "__main__":
