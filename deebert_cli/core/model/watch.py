@@ -28,7 +28,7 @@ verdict on the checkpoint's stored :class:`~.guarantee.Guarantee`:
   over unboundedly many blocks. Each sequence is anytime-valid on its own (Ville), so by the union bound
   the probability that *any* lower bound ever crosses the threshold while every conditional rate is within
   it is <= A/2 + A/2 = A: the false alarm probability over unbounded time stays <= delta. The price is a
-  level that falls slowly with k (block 100 runs at 1.5e-6 of A: log(1/level) grows by 2 log k), paid in
+  level that falls slowly with k (block 100 runs at 3e-5 of A: log(1/level) grows by 2 log k), paid in
   a few more rows per block, far less than the history the cumulative sequence must outweigh.
 
 Plain numpy, no torch: the server's worker, predict-dataset's actors and the benchmark replays run this
@@ -135,7 +135,7 @@ class Sampler:
         return self.rate > 0 and (self.rate >= 1 or self._rng.random() < self.rate)
 
 
-WINDOW = 2000  # watched rows per block of the windowed sequence (benchmarks/bench_watch.py detect chose it)
+WINDOW = 5000  # watched rows per block of the windowed sequence (benchmarks/bench_watch.py detect chose it)
 
 
 def block_alpha(alpha: float, k: int) -> float:
