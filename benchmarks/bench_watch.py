@@ -14,6 +14,8 @@ random), then shifted ones (SMS texts) until the state is ``exceeded`` (or ``--m
 It reports N, the shifted requests until ``exceeded``, at each watch rate, and the false alarm rate: the
 share of ``--replays`` replays of in-distribution traffic alone (``--false-alarm-requests`` requests each)
 in which the state ever read ``exceeded`` (the guarantee's delta bounds it).
+``--window W`` sets the watch's window (default: serve's 5,000; 0: the cumulative sequence alone);
+``--bits IN,SHIFTED`` replays synthetic bits at two rates against a 2% disagreement guarantee (no model).
 
 (b) starts one server per (runtime, watch rate) with the stored exit setting, sends the same single-text
 requests from ``--clients`` concurrent clients, interleaved and repeated (the fastest kept), and prints
