@@ -14,6 +14,8 @@ random), then shifted ones (SMS texts) until the state is ``exceeded`` (or ``--m
 It reports N, the shifted requests until ``exceeded``, at each watch rate, and the false alarm rate: the
 share of ``--replays`` replays of in-distribution traffic alone (``--false-alarm-requests`` requests each)
 in which the state ever read ``exceeded`` (the guarantee's delta bounds it).
+``--window W`` sets the watch's window (default: serve's 5,000; 0: the cumulative sequence alone);
+``--bits IN,SHIFTED`` replays synthetic bits at two rates against a 2% disagreement guarantee (no model).
 
 (b) starts one server per (runtime, watch rate) with the stored exit setting, sends the same single-text
 requests from ``--clients`` concurrent clients, interleaved and repeated (the fastest kept), and prints
@@ -59,24 +61,25 @@ def disagreement_bits(checkpoint: str, texts: list, batch_size: int = 32) -> np.
     return np.asarray(exit_) != np.asarray(final)
 
 
-def replay(g, delta, rate: float, seed: int, phases: list) -> tuple:
+def replay(g, delta, rate: float, seed: int, phases: list, window: int | None = None) -> tuple:
     """phases: [(bits pool, requests)] played in order, each request a text drawn at random from its pool
     -> (the first request index (0-based, over all phases) at which the state read exceeded or None,
-    watched rows, the final snapshot)."""
-    from deebert_cli.core.model.watch import Sampler, Watch
+    watched rows, the final snapshot). Each request is watched independently with probability ``rate``
+    (as :class:`~deebert_cli.core.model.watch.Sampler` does; drawn here in one go, so that millions of
+    requests replay quickly); the watched bits go through :class:`Watch`, the server's code."""
+    from deebert_cli.core.model.watch import WINDOW, Watch
 
     rng = np.random.default_rng(seed)
-    sample = Sampler(rate, seed=seed)
-    w = Watch(g, delta, rate)
+    w = Watch(g, delta, rate, window=WINDOW if window is None else window)
     t = 0
     for pool, n in phases:
-        draws = pool[rng.integers(0, len(pool), size=n)]
-        for bit in draws:
-            if sample():
-                w.record(bool(bit))
-                if w.state == "exceeded":
-                    return t, w.n, w.snapshot()
-            t += 1
+        watched = np.flatnonzero(rng.random(n) < rate)
+        bits = pool[rng.integers(0, len(pool), size=len(watched))]
+        for i, bit in zip(watched, bits):
+            w.record(bool(bit))
+            if w.state == "exceeded":
+                return t + int(i), w.n, w.snapshot()
+        t += n
     return None, w.n, w.snapshot()
 
 
@@ -84,6 +87,15 @@ def detect(args) -> None:
     from deebert_cli.core.model.guarantee import stored_guarantee
     from deebert_cli.core.model.checkpoint import load_checkpoint
 
+    if args.bits:  # no model: a 2% disagreement guarantee (delta 0.05) and Bernoulli bits at two given rates
+        from deebert_cli.core.model.guarantee import Guarantee
+
+        p_in, p_shift = (float(x) for x in args.bits.split(","))
+        g = Guarantee("disagreement", 0.02, 0.05, 1000, "entropy", 0.5, 0, 0.0, 0.0, 0.0, 0.0, 1)
+        rng = np.random.default_rng(0)
+        ind, shifted = rng.random(20000) < p_in, rng.random(20000) < p_shift
+        print(f"synthetic bits: guarantee {g.describe()}; in-distribution {ind.mean():.4f}, shifted {shifted.mean():.4f}")
+        return replays(args, g, ind, shifted)
     g = stored_guarantee(load_checkpoint(args.checkpoint).meta)
     if g is None:
         raise SystemExit(f"'{args.checkpoint}' stores no guarantee: run deebert calibrate first")
@@ -115,13 +127,18 @@ def detect(args) -> None:
     print(f"disagreement at full sampling (every text, {time.perf_counter() - t0:.0f} s): "
           f"in-distribution (movie test, {len(ind)} texts) {ind.mean():.4f}; "
           f"shifted ({what}, {len(shifted)} texts) {shifted.mean():.4f}")
-    from deebert_cli.core.model.watch import Watch
+    replays(args, g, ind, shifted)
 
-    print(f"test: {Watch(g, args.delta).test()}")
+
+def replays(args, g, ind: np.ndarray, shifted: np.ndarray) -> None:
+    """Detection and false alarms at each watch rate, replayed on the per-text bits."""
+    from deebert_cli.core.model.watch import WINDOW, Watch
+
+    print(f"test: {Watch(g, args.delta, window=WINDOW if args.window is None else args.window).test()}")
     for rate in [float(r) for r in args.rates.split(",")]:
         ns, missed, before, t0 = [], 0, 0, time.perf_counter()
         for seed in range(args.detect_replays):
-            at, _, _ = replay(g, args.delta, rate, seed, [(ind, args.in_requests), (shifted, args.max_shift)])
+            at, _, _ = replay(g, args.delta, rate, seed, [(ind, args.in_requests), (shifted, args.max_shift)], args.window)
             if at is not None and at < args.in_requests:
                 before += 1
             elif at is None:
@@ -135,10 +152,10 @@ def detect(args) -> None:
               f"in {missed} ({time.perf_counter() - t0:.0f} s)")
         alarms, t0 = 0, time.perf_counter()
         for seed in range(args.replays):
-            at, n, _ = replay(g, args.delta, rate, 10_000 + seed, [(ind, args.false_alarm_requests)])
+            at, n, _ = replay(g, args.delta, rate, 10_000 + seed, [(ind, args.false_alarm_requests)], args.window)
             alarms += at is not None
         print(f"watch rate {100 * rate:g}%: false alarms in {alarms} of {args.replays} replays of "
-              f"{args.false_alarm_requests} in-distribution requests ({alarms / args.replays:.3f}; delta "
+              f"{args.false_alarm_requests} in-distribution requests ({alarms / max(args.replays, 1):.3f}; delta "
               f"{args.delta or g.delta:g}) ({time.perf_counter() - t0:.0f} s)")
 
 
@@ -147,7 +164,7 @@ def cost(args) -> None:
 
     texts = texts_of([SHARED / "movie_snippets" / "test.jsonl"])[: args.n]
     rates = [float(r) for r in args.rates.split(",")]
-    rows = {}
+    rows, every = {}, {}
     for runtime in args.runtimes.split(","):
         servers = {r: Server(args.checkpoint, "--runtime", runtime, "--watch-rate", str(r), "--no-access-log",
                              "--batch-size", str(args.batch_size)) for r in rates}
@@ -159,6 +176,7 @@ def cost(args) -> None:
             for _ in range(args.repeats):
                 for r, s in servers.items():
                     res = asyncio.run(load(s.url, texts, args.clients))
+                    every.setdefault((runtime, r), []).append(res)
                     if (runtime, r) not in rows or res["rps"] > rows[runtime, r]["rps"]:
                         rows[runtime, r] = res
         finally:
@@ -166,23 +184,27 @@ def cost(args) -> None:
                 s.stop()
     print(f"checkpoint {args.checkpoint}, {len(texts)} single-text requests (movie test), {args.clients} clients, "
           f"stored exit setting, fastest of {args.repeats} interleaved runs, {os.cpu_count()} CPUs (shared machine)")
-    print(f"{'runtime':8s} {'watch':>6s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'req/s vs off':>13s} {'p99 vs off':>11s}")
+    print(f"{'runtime':8s} {'watch':>6s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'req/s vs off':>13s} {'p99 vs off':>11s}  spread over repeats (req/s; p99 ms)")
     for runtime in args.runtimes.split(","):
         off = rows[runtime, rates[0]]
         for r in rates:
             x = rows[runtime, r]
             print(f"{runtime:8s} {100 * r:5g}% {x['rps']:8.1f} {1000 * x['p50']:8.1f} {1000 * x['p99']:8.1f} "
-                  f"{x['rps'] / off['rps']:13.3f} {x['p99'] / off['p99']:11.3f}")
+                  f"{x['rps'] / off['rps']:13.3f} {x['p99'] / off['p99']:11.3f}  "
+                  f"{min(e['rps'] for e in every[runtime, r]):.1f}-{max(e['rps'] for e in every[runtime, r]):.1f}; "
+                  f"{1000 * min(e['p99'] for e in every[runtime, r]):.0f}-{1000 * max(e['p99'] for e in every[runtime, r]):.0f}")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("mode", choices=["detect", "cost"])
-    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--rates", default=None, help="watch rates (detect: 0.01,0.05; cost: 0,0.01,0.05)")
     ap.add_argument("--delta", type=float, default=None, help="the watch's delta (default: the guarantee's)")
     ap.add_argument("--shift", default="sms", help="shifted traffic: sms (SMS spam texts), mixed (a positive and a negative review in one text) or short:K (movie test texts cut to K words)")
     ap.add_argument("--cache", default=None, help="an .npz file keeping the per-text bits of this checkpoint and --shift")
+    ap.add_argument("--window", type=int, default=None, help="the watch's window (watched rows per block; 0: cumulative only; default: serve's)")
+    ap.add_argument("--bits", default=None, help="detect without a model: synthetic bits 'IN,SHIFTED' (two rates), 20000 texts each")
     ap.add_argument("--in-requests", type=int, default=20000, help="in-distribution requests before the shift")
     ap.add_argument("--max-shift", type=int, default=200000, help="shifted requests at most")
     ap.add_argument("--detect-replays", type=int, default=50)

@@ -98,7 +98,9 @@ def test_a_disagreement_guarantee_holds_on_agreement_and_is_exceeded_on_disagree
 def test_an_accuracy_drop_guarantee_watches_drift_from_the_calibration_rate():
     g = guarantee("accuracy_drop", epsilon=0.02, rate=0.05, n=2000)
     w = Watch(g)
-    assert w.alpha == pytest.approx(0.025) and 0.05 < w.drift_bound < 0.07
+    # delta/2 to the calibration bound; of the other delta/2, half to the cumulative sequence, half to the blocks
+    assert w.alpha == pytest.approx(0.0125) and w.window_alpha == pytest.approx(0.0125) and 0.05 < w.drift_bound < 0.07
+    assert Watch(g, window=0).alpha == pytest.approx(0.025)
     for k in range(300):
         w.record(k % 4 == 0)  # 25% disagree: far above the 5% measured at calibration
     assert w.state == "exceeded" and "drift" in w.test()
@@ -112,6 +114,58 @@ def test_an_accuracy_drop_guarantee_watches_drift_from_the_calibration_rate():
     for k in range(300):
         w.record(k % 2 == 0)
     assert w.state == "inconclusive" and "no drift test" in w.test()
+
+
+# ------------------------------------------------------------------------------------------------
+# the windowed sequence: bounded detection, still valid over unbounded time
+# ------------------------------------------------------------------------------------------------
+COARSE = np.linspace(0.0, 1.0, 201)  # a coarser grid than the server's: the same arithmetic, faster
+
+
+def test_the_block_levels_sum_to_the_windows_share_and_blocks_restart():
+    from deebert_cli.core.model.watch import block_alpha
+
+    assert sum(block_alpha(0.025, k) for k in range(1, 200000)) == pytest.approx(0.025, rel=1e-4)
+    w = Watch(guarantee(epsilon=0.05), window=10, grid=COARSE)
+    for k in range(25):
+        w.record(k < 10)  # block 1 all disagree, blocks 2 and 3 none
+    win = w.snapshot()["window"]
+    assert (win["block"], win["n"], win["disagreements"]) == (3, 5, 0)
+    assert win["alpha"] == pytest.approx(0.025 * 6 / (math.pi ** 2 * 9))
+    assert w.snapshot()["disagreements"] == 10 and Watch(guarantee(), window=0).snapshot()["window"] is None
+
+
+def test_the_combined_rule_raises_false_alarms_at_most_delta_of_the_time_in_simulation():
+    """Traffic exactly at the budget (the hardest in-budget case), short windows so that many blocks are
+    read: over 100 seeded replays of 1,000 rows the state reads exceeded in at most delta of them. Each block
+    at the windows' whole share instead of its 6/(pi^2 k^2) part would alarm far more often."""
+    delta, eps = 0.2, 0.1
+    g = guarantee(epsilon=eps, delta=delta)
+    alarms = 0
+    for seed in range(100):
+        bits = np.random.default_rng(seed).random(1000) < eps
+        w = Watch(g, window=25, grid=COARSE)
+        for b in bits:
+            if w.record(bool(b)) == "exceeded":
+                alarms += 1
+                break
+    assert alarms / 100 <= delta  # measured: 3 of 150 (1,500 rows); with each block at 0.1: 105 of 150
+
+
+def test_a_shift_after_a_long_history_is_caught_within_a_few_windows():
+    """20,000 rows far within a 5% budget, then 20% disagreement: the windowed sequence says exceeded
+    within two windows of the shift; the cumulative sequence alone (window 0) has not yet."""
+    g = guarantee(epsilon=0.05)
+    rng = np.random.default_rng(0)
+    history, shifted = rng.random(20000) < 0.01, rng.random(1000) < 0.2
+    seen = {}
+    for window in (300, 0):
+        w = Watch(g, window=window, grid=COARSE)
+        for b in history:
+            w.record(bool(b))
+        assert w.state == "holds"
+        seen[window] = next((i for i, b in enumerate(shifted) if w.record(bool(b)) == "exceeded"), None)
+    assert seen[300] is not None and seen[300] < 600 and seen[0] is None
 
 
 def test_without_a_guarantee_the_watch_measures_without_a_verdict():
@@ -297,7 +351,7 @@ def test_the_watch_log_refuses_a_file_and_the_config_checks_its_values(tmp_path)
     with pytest.raises(UserError, match="--watch-log"):
         WatchLog(str(tmp_path / "f"))
     for bad in (dict(watch_rate=1.5), dict(watch_rate=-0.1), dict(watch_delta=0.0), dict(watch_log_lines=0),
-                dict(watch_log="x", watch_rate=0.0)):
+                dict(watch_log="x", watch_rate=0.0), dict(watch_window=-1)):
         with pytest.raises(ValueError, match="watch"):
             ServeConfig(**bad)
     assert ServeConfig().watch_rate == 0.01
@@ -317,7 +371,7 @@ def test_info_metrics_and_the_state_change_line_of_a_served_guarantee(trained_ck
     meta["guarantee"] = guarantee(epsilon=0.99).to_dict()
     (ckpt / "deebert.json").write_text(json.dumps(meta))
     s = ServerProcess(str(ckpt), "--threshold", "0.5", "--watch-rate", "1", "--watch-log", str(tmp_path / "log"),
-                      "--no-access-log")
+                      "--watch-window", "7", "--no-access-log")
     try:
         for k in range(0, 30, 3):
             assert post(s.url, {"inputs": mixed_lines(30)[k: k + 3]})[0] == 200
@@ -327,6 +381,9 @@ def test_info_metrics_and_the_state_change_line_of_a_served_guarantee(trained_ck
                 break
         assert info["n"] == 30 and info["rate"] == 1.0 and info["state"] == "holds" and info["epsilon"] == 0.99
         assert {"disagreements", "lower", "upper", "test", "advice"} <= set(info)
+        assert info["window"]["size"] == 7 and info["window"]["block"] == 5 and info["window"]["n"] == 2
+        assert 0 <= info["window"]["lower"] <= info["window"]["upper"] <= 1
+        assert s.metric("deebert_watch_window_upper_bound") == pytest.approx(info["window"]["upper"])
         assert s.metric("deebert_watch_rows_total") == 30
         assert s.metric('deebert_watch_state{deebert_watch_state="holds"}') == 1
         assert s.metric("deebert_watch_upper_bound") <= 0.99

@@ -40,6 +40,7 @@ def predict_dataset(
     object_store_mb: Optional[int] = typer.Option(None, help="Object store of a local Ray instance in MB (default: Ray's, 30% of memory); ignored with --address."),
     watch_rate: float = typer.Option(0.0, help="Share of rows also run to the last layer (column watch_disagreed: did the exit disagree); at the end, one line: the stored guarantee on this corpus (holds / inconclusive / exceeded, with anytime-valid bounds). 0: off."),
     watch_delta: Optional[float] = typer.Option(None, help="The watch's bounds hold with probability >= 1 - this (default: the stored guarantee's delta)."),
+    watch_window: int = typer.Option(5000, help="Watched rows per block of the restarted confidence sequence that catches a shift in part of the corpus (0: the cumulative sequence alone)."),
     device: str = DEVICE_OPT,
     precision: str = PRECISION_OPT,
     runtime: str = RUNTIME_OPT,

@@ -35,6 +35,7 @@ def serve(
     access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log one line per request on stderr: its id (X-Request-Id), client, method, path, status and time."),
     watch_rate: float = typer.Option(0.01, help="Share of requests whose rows also run to the last layer after answering, to watch the stored guarantee on live traffic (/info, /metrics, a log line when its state changes); 0 turns it off."),
     watch_delta: Optional[float] = typer.Option(None, help="The watch's bounds hold at every time with probability >= 1 - this (default: the stored guarantee's delta)."),
+    watch_window: int = typer.Option(5000, help="Watched rows per block of the restarted confidence sequence that catches drift in a bounded number of rows whatever came before (0: the cumulative sequence alone)."),
     watch_log: Optional[Path] = typer.Option(None, help="Keep the watched texts in this folder (JSON Lines, rotated) for `deebert calibrate --unlabeled DIR`; nothing is kept without it."),
     watch_log_lines: int = typer.Option(10000, help="Texts per --watch-log file."),
     watch_log_files: int = typer.Option(10, help="--watch-log files kept; the oldest are removed."),

@@ -13,11 +13,23 @@ verdict on the checkpoint's stored :class:`~.guarantee.Guarantee`:
   conditional rate equals m), and tighter than Hoeffding-style sequences for small rates.
 * a **state**: ``holds`` (the upper bound is within the budget), ``exceeded`` (a significant excess, see
   :meth:`Watch.test`) or ``inconclusive``. For a disagreement guarantee the bounds are read against epsilon
-  directly (at alpha = delta). For an accuracy-drop (regression: error-increase) guarantee disagreement
-  bounds the risk from above, so ``holds`` still reads the upper bound against epsilon; a drop cannot be
-  seen without labels, so ``exceeded`` means drift: the lower bound is above the (1 - delta/2) upper bound
-  of the disagreement rate measured at calibration (the guarantee's ``disagreement_rate`` over its ``n``
-  texts, a Chernoff/KL bound), each side at delta/2 (false alarm <= delta).
+  directly. For an accuracy-drop (regression: error-increase) guarantee disagreement bounds the risk from
+  above, so ``holds`` still reads the upper bound against epsilon; a drop cannot be seen without labels, so
+  ``exceeded`` means drift: a lower bound above the (1 - delta/2) upper bound of the disagreement rate
+  measured at calibration (the guarantee's ``disagreement_rate`` over its ``n`` texts, a Chernoff/KL bound).
+* **two sequences**, so that drift is seen in a bounded number of rows whatever came before: the
+  *cumulative* one over every watched row (it gives ``holds``; its bounds tighten forever) and a *windowed*
+  one restarted every ``window`` watched rows (block k = 1, 2, ... is a fresh sequence over its own rows
+  only). The cumulative sequence alone would need the shifted rows to outweigh the whole history before its
+  lower bound moved: after a million in-budget rows, a million more. ``exceeded`` is read on either
+  sequence's lower bound. **The correction**: with A the confidence the test spends (delta for a
+  disagreement guarantee, delta/2 for drift, whose other delta/2 goes to the calibration bound), the
+  cumulative sequence runs at A/2 and block k at A/2 * 6 / (pi^2 k^2); these sum to A/2 (sum 1/k^2 = pi^2/6)
+  over unboundedly many blocks. Each sequence is anytime-valid on its own (Ville), so by the union bound
+  the probability that *any* lower bound ever crosses the threshold while every conditional rate is within
+  it is <= A/2 + A/2 = A: the false alarm probability over unbounded time stays <= delta. The price is a
+  level that falls slowly with k (block 100 runs at 3e-5 of A: log(1/level) grows by 2 log k), paid in
+  a few more rows per block, far less than the history the cumulative sequence must outweigh.
 
 Plain numpy, no torch: the server's worker, predict-dataset's actors and the benchmark replays run this
 same code. Hand-written (forty lines): the one package of confidence sequences, ``confseq`` (0.0.11, 2023),
@@ -123,20 +135,37 @@ class Sampler:
         return self.rate > 0 and (self.rate >= 1 or self._rng.random() < self.rate)
 
 
+WINDOW = 5000  # watched rows per block of the windowed sequence (benchmarks/bench_watch.py detect chose it)
+
+
+def block_alpha(alpha: float, k: int) -> float:
+    """The level of block ``k`` (1, 2, ...) of the windowed sequence: alpha * 6 / (pi^2 k^2), summing to alpha."""
+    return alpha * 6.0 / (math.pi ** 2 * k * k)
+
+
 class Watch:
     """The running verdict on ``guarantee`` from the sampled bits (thread-safe: the serving worker records,
-    the HTTP routes read). ``delta``: the confidence of the sequence (default: the guarantee's; 0.05 without
-    one). ``on_change(old, new, snapshot)`` is called when the state changes."""
+    the HTTP routes read). ``delta``: the confidence of the test (default: the guarantee's; 0.05 without
+    one). ``window``: watched rows per block of the restarted sequence (see the module docstring; 0: the
+    cumulative sequence alone, at the test's whole confidence). ``on_change(old, new, snapshot)`` is called
+    when the state changes."""
 
     def __init__(self, guarantee: Guarantee | None, delta: float | None = None, rate: float = 0.0,
-                 on_change=None, grid: np.ndarray = GRID):
-        self.g, self.rate, self.on_change = guarantee, float(rate), on_change
+                 on_change=None, grid: np.ndarray = GRID, window: int = WINDOW):
+        if window < 0:
+            raise ValueError(f"window must be >= 0, got {window}")
+        self.g, self.rate, self.on_change, self.grid = guarantee, float(rate), on_change, grid
         self.delta = float(delta if delta is not None else (guarantee.delta if guarantee is not None else 0.05))
         drift = guarantee is not None and guarantee.risk != "disagreement" and guarantee.disagreement_rate is not None
-        self.alpha = self.delta / 2 if drift else self.delta
+        spent = self.delta / 2 if drift else self.delta  # drift: the other delta/2 is the calibration bound's
+        self.window = int(window)
+        self.alpha = spent / 2 if self.window else spent  # the cumulative sequence's level
+        self.window_alpha = spent / 2 if self.window else 0.0  # shared by the blocks: block_alpha(., k)
         self.drift_bound = (kl_upper_bound(round(guarantee.disagreement_rate * guarantee.n), guarantee.n, self.delta / 2)
                             if drift else None)
         self.cs = BettingCS(self.alpha, grid)
+        self.block, self.win = 0, None  # the windowed sequence: block number, its BettingCS
+        self.block_disagreements = 0
         self.disagreements = 0
         self.state = "inconclusive" if guarantee is not None else "unwatched"
         self._lock = threading.Lock()
@@ -148,37 +177,51 @@ class Watch:
     def record(self, disagreed: bool) -> str | None:
         """One watched row -> the new state when it changed (None otherwise)."""
         with self._lock:
-            self.cs.update(1.0 if disagreed else 0.0)
+            x = 1.0 if disagreed else 0.0
+            self.cs.update(x)
             self.disagreements += bool(disagreed)
-            old, self.state = self.state, self._state(*self.cs.bounds())
+            if self.window:
+                if self.win is None or self.win.n >= self.window:
+                    self.block += 1
+                    self.win, self.block_disagreements = BettingCS(block_alpha(self.window_alpha, self.block), self.grid), 0
+                self.win.update(x)
+                self.block_disagreements += bool(disagreed)
+            old, self.state = self.state, self._state(self.cs.bounds(), self.win.bounds() if self.win else None)
             changed = self.state if self.state != old else None
         if changed and self.on_change is not None:
             self.on_change(old, changed, self.snapshot())
         return changed
 
-    def _state(self, lower: float, upper: float) -> str:
+    def _state(self, cumulative: tuple, window: tuple | None = None) -> str:
+        """From the (lower, upper) bounds of both sequences: ``exceeded`` when a lower bound is over the limit
+        (for drift: unless that sequence's upper bound is within epsilon, the disagreement that bounds the drop
+        from above), else ``holds`` when the cumulative upper bound is within epsilon."""
         g = self.g
         if g is None:
             return "unwatched"
-        if upper <= g.epsilon:
-            return "holds"
         limit = g.epsilon if g.risk == "disagreement" else self.drift_bound
-        return "exceeded" if limit is not None and lower > limit else "inconclusive"
+        for lower, upper in (cumulative,) + ((window,) if window is not None else ()):
+            if limit is not None and lower > limit and upper > g.epsilon:
+                return "exceeded"
+        return "holds" if cumulative[1] <= g.epsilon else "inconclusive"
 
     def test(self) -> str:
         """Which test runs, in one line."""
         g = self.g
-        cs = f"betting confidence sequence (Waudby-Smith & Ramdas), anytime-valid at {100 * (1 - self.alpha):g}%"
+        cs = f"betting confidence sequences (Waudby-Smith & Ramdas): cumulative at {100 * (1 - self.alpha):g}%"
+        if self.window:
+            cs += (f", and restarted every {self.window} watched rows, block k at {self.window_alpha:g} * 6/(pi^2 k^2)"
+                   f" (these sum to {self.window_alpha:g}: anytime-valid over unbounded time)")
         if g is None:
             return f"no guarantee stored: the disagreement is measured ({cs}) without a verdict"
         eps = f"{g.epsilon:g}"
         if g.risk == "disagreement":
-            return f"disagreement guarantee: holds when the upper bound <= epsilon {eps}; exceeded when the lower bound > {eps} ({cs})"
+            return f"disagreement guarantee: holds when the cumulative upper bound <= epsilon {eps}; exceeded when a lower bound > {eps} ({cs})"
         what = "accuracy-drop" if g.risk == "accuracy_drop" else "error-increase"
-        head = f"{what} guarantee, watched through disagreement (which bounds it from above): holds when the upper bound <= epsilon {eps}; "
+        head = f"{what} guarantee, watched through disagreement (which bounds it from above): holds when the cumulative upper bound <= epsilon {eps}; "
         if self.drift_bound is None:
             return head + f"no drift test: the guarantee stores no calibration disagreement rate (run deebert calibrate) ({cs})"
-        return head + (f"exceeded (drift) when the lower bound > {self.drift_bound:.4f}, the {100 * (1 - self.delta / 2):g}% "
+        return head + (f"exceeded (drift) when a lower bound > {self.drift_bound:.4f}, the {100 * (1 - self.delta / 2):g}% "
                        f"upper bound of the disagreement at calibration ({g.disagreement_rate:.4f} of n={g.n}) ({cs})")
 
     def advice(self, state: str | None = None) -> str:
@@ -195,15 +238,22 @@ class Watch:
         return "wait for more watched rows"
 
     def snapshot(self) -> dict:
-        """rate, n, disagreements, lower, upper, epsilon, state, test, advice (for /info and the end line)."""
+        """rate, n, disagreements, lower, upper, epsilon, state, test, advice, window (for /info and the end
+        line); ``window``: the current block's number, rows, disagreements and bounds (None: no window)."""
         with self._lock:
             lower, upper = self.cs.bounds() if self.cs.n else (0.0, 1.0)
             n, k, state = self.cs.n, self.disagreements, self.state
+            window = None
+            if self.window:
+                wl, wu = self.win.bounds() if self.win is not None else (0.0, 1.0)
+                window = {"size": self.window, "block": self.block, "n": self.win.n if self.win else 0,
+                          "disagreements": self.block_disagreements, "lower": wl, "upper": wu,
+                          "alpha": block_alpha(self.window_alpha, max(self.block, 1))}
         g = self.g
         return {"rate": self.rate, "n": n, "disagreements": k, "disagreement": k / n if n else None,
                 "lower": lower, "upper": upper, "epsilon": g.epsilon if g is not None else None,
                 "risk": g.risk if g is not None else None, "delta": self.delta, "state": state,
-                "test": self.test(), "advice": self.advice(state)}
+                "window": window, "test": self.test(), "advice": self.advice(state)}
 
 
 def verdict_line(s: dict) -> str:

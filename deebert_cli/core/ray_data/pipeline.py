@@ -58,6 +58,7 @@ class PredictDatasetConfig:
     onnx_precision: str = "fp32"  # onnx runtime: fp32 or int8
     watch_rate: float = 0.0  # share of rows also run to the last layer: the stored guarantee on this corpus
     watch_delta: float | None = None  # confidence of its bounds (None: the guarantee's delta)
+    watch_window: int = 5000  # watched rows per block of the restarted sequence (0: the cumulative one alone)
 
     def __post_init__(self):
         if isinstance(self.input, str):
@@ -78,6 +79,7 @@ class PredictDatasetConfig:
         _check(self.object_store_mb is None or self.object_store_mb >= 100, f"object_store_mb must be >= 100, got {self.object_store_mb}")
         _check(0 <= self.watch_rate <= 1, f"watch_rate must be in [0, 1], got {self.watch_rate}")
         _check(self.watch_delta is None or 0 < self.watch_delta < 1, f"watch_delta must be in (0, 1), got {self.watch_delta}")
+        _check(self.watch_window >= 0, f"watch_window must be >= 0 (0: no window), got {self.watch_window}")
         self.concurrency_value()
         self.predict_options()  # the exit options, validated by PredictConfig
 
@@ -147,7 +149,7 @@ def predict_dataset(cfg: PredictDatasetConfig, log=lambda msg: None) -> DatasetS
             seconds = time.perf_counter() - t0
             stats = summarise(tmp, cfg.format, L, seconds)
             if cfg.watch_rate > 0:
-                watch = watched(tmp, cfg.format, g, cfg.watch_delta, cfg.watch_rate)
+                watch = watched(tmp, cfg.format, g, cfg.watch_delta, cfg.watch_rate, cfg.watch_window)
             _write_run_file(tmp, cfg, stats)
             if out.exists():
                 out.rmdir()  # empty (checked above)
@@ -224,7 +226,7 @@ def summarise(folder: Path, fmt: str, num_layers: int, seconds: float):
     return stats
 
 
-def watched(folder: Path, fmt: str, g, delta: float | None, rate: float) -> dict:
+def watched(folder: Path, fmt: str, g, delta: float | None, rate: float, window: int = 5000) -> dict:
     """The watched rows' bits (column ``watch_disagreed``, in the order written) through the same
     confidence sequence the server runs -> the verdict on the stored guarantee ``g`` for this corpus."""
     import pyarrow.compute as pc
@@ -232,7 +234,7 @@ def watched(folder: Path, fmt: str, g, delta: float | None, rate: float) -> dict
 
     from ..model.watch import Watch
 
-    w = Watch(g, delta, rate)
+    w = Watch(g, delta, rate, window=window)
     files = sorted(str(p) for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(("_", ".")))
     if files:
         col = pds.dataset(files, format="parquet" if fmt == "parquet" else "json").to_table(columns=["watch_disagreed"])

@@ -37,6 +37,7 @@ class ServeConfig:
     access_log: bool = True  # one log line per request (with its id) on stderr
     watch_rate: float = 0.01  # share of requests also run to the last layer to watch the guarantee (0: off)
     watch_delta: float | None = None  # confidence of the watch's bounds (None: the stored guarantee's delta)
+    watch_window: int = 5000  # watched rows per block of the restarted sequence that catches drift (0: none)
     watch_log: str | None = None  # a folder for the watched texts (None: none kept)
     watch_log_lines: int = 10000  # texts per watch-log file
     watch_log_files: int = 10  # watch-log files kept (the oldest go)
@@ -60,6 +61,7 @@ class ServeConfig:
         _check(self.max_input_bytes > 0, f"max_input_bytes must be > 0, got {self.max_input_bytes}")
         _check(math.isfinite(self.watch_rate) and 0 <= self.watch_rate <= 1, f"watch_rate must be in [0, 1], got {self.watch_rate}")
         _check(self.watch_delta is None or 0 < self.watch_delta < 1, f"watch_delta must be in (0, 1), got {self.watch_delta}")
+        _check(self.watch_window >= 0, f"watch_window must be >= 0 (0: no window), got {self.watch_window}")
         _check(self.watch_log is None or bool(str(self.watch_log).strip()), "watch_log must be a folder, got an empty name")
         _check(self.watch_log is None or self.watch_rate > 0, "watch_log needs watch_rate > 0 (nothing is watched at 0)")
         _check(self.watch_log_lines >= 1, f"watch_log_lines must be >= 1, got {self.watch_log_lines}")

@@ -224,7 +224,8 @@ def watch_parts(cfg: ServeConfig, ckpt) -> tuple:
                     "[%.4f, %.4f], epsilon %s; %s", old, new, snap["n"], snap["disagreements"], snap["n"],
                     snap["lower"], snap["upper"], snap["epsilon"], snap["advice"])
 
-    watch = Watch(stored_guarantee(ckpt.meta), cfg.watch_delta, cfg.watch_rate, on_change=changed)
+    watch = Watch(stored_guarantee(ckpt.meta), cfg.watch_delta, cfg.watch_rate, on_change=changed,
+                  window=cfg.watch_window)
     log = None
     if cfg.watch_log:
         from .watchlog import WatchLog

@@ -35,6 +35,10 @@ class PrometheusObserver(Observer):
                                  registry=r)
         self.watch_upper = Gauge("deebert_watch_upper_bound", "Upper bound of the disagreement rate (anytime-valid)",
                                  registry=r)
+        self.watch_window_lower = Gauge("deebert_watch_window_lower_bound", "Lower bound of the disagreement rate "
+                                        "over the current window block (anytime-valid, restarted)", registry=r)
+        self.watch_window_upper = Gauge("deebert_watch_window_upper_bound", "Upper bound of the disagreement rate "
+                                        "over the current window block (anytime-valid, restarted)", registry=r)
         self.watch_epsilon = Gauge("deebert_watch_epsilon", "The stored guarantee's budget (NaN: none)", registry=r)
         self.watch_state = Enum("deebert_watch_state", "The stored guarantee on the watched traffic",
                                 states=list(STATES), registry=r)
@@ -59,6 +63,9 @@ class PrometheusObserver(Observer):
         self.watch_state.state(snapshot["state"])
         self.watch_lower.set(snapshot["lower"])
         self.watch_upper.set(snapshot["upper"])
+        window = snapshot.get("window") or {}
+        self.watch_window_lower.set(window.get("lower", 0.0) if window.get("n") else 0.0)
+        self.watch_window_upper.set(window.get("upper", 1.0) if window.get("n") else 1.0)
 
     def watched(self, disagreed: bool, snapshot: dict) -> None:
         self.watch_rows.inc()
@@ -67,6 +74,9 @@ class PrometheusObserver(Observer):
         self.watch_rate.set(snapshot["disagreement"])
         self.watch_lower.set(snapshot["lower"])
         self.watch_upper.set(snapshot["upper"])
+        window = snapshot.get("window") or {}
+        self.watch_window_lower.set(window.get("lower", 0.0) if window.get("n") else 0.0)
+        self.watch_window_upper.set(window.get("upper", 1.0) if window.get("n") else 1.0)
         self.watch_state.state(snapshot["state"])
 
     def response(self, path: str, status: int, predict: bool) -> None:
