@@ -133,10 +133,13 @@ class StaticEngine(EarlyExitEngine):
         self._queues = None
 
     # -- the refill loop with late decisions ------------------------------------------------------
-    def run_refill(self, rows: Iterator, max_lag: int = 1024) -> Iterator[tuple]:
+    def run_refill(self, rows: Iterator, max_lag: int = 1024, watch=None, on_watched=None) -> Iterator[tuple]:
         """:meth:`EarlyExitEngine.run_refill` on static steps; the decisions still unread at the end are read.
         A stream that pauses (yields ``None``) with every queue empty keeps the results of its last ``lag``
-        steps until it resumes or ends: serving (which pauses) keeps the default engine."""
+        steps until it resumes or ends: serving (which pauses) keeps the default engine, and so does
+        watching (shadow rows to the last layer), which this engine does not run."""
+        if watch is not None:
+            raise ValueError("the static engine does not watch rows (serve and predict-dataset use the refill engine)")
         self._pending.clear()
         self._dead.clear()
         yield from super().run_refill(rows, max_lag)
