@@ -44,6 +44,12 @@ def check_serve_extra() -> None:
         raise UserError(f"deebert serve needs {', '.join(missing)}: pip install 'deebert-cli[serve]'")
 
 
+# With only shadow rows in the engine (watched rows past their answer), the row source waits this long for a
+# request before the engine runs a shadow step alone: under load a request comes first and the shadow rows ride
+# along in its steps' free places (RefillEngine._advance) instead of taking steps of their own.
+SHADOW_WAIT = 0.002
+
+
 class Overloaded(Exception):
     """Too many requests admitted (HTTP 429)."""
 
@@ -295,8 +301,13 @@ class BatchingServer:
                 linger = True
                 yield key, ids, tt
                 continue
-            busy = self._in_engine or self.engine.shadow_rows  # shadow rows: watched ones after their answer
-            req = self._take(0.05 if not busy else (self.max_wait if linger and self.max_wait > 0 else 0))
+            shadow = self.engine.shadow_rows  # watched rows after their answer, on their way to the last layer
+            busy = self._in_engine or shadow
+            if self._in_engine:
+                wait = self.max_wait if linger and self.max_wait > 0 else 0
+            else:  # only shadow work (or none): a request that comes within SHADOW_WAIT goes first
+                wait = SHADOW_WAIT if shadow else 0.05
+            req = self._take(wait)
             if req is None:
                 if busy:
                     linger = False
