@@ -327,12 +327,14 @@ def test_the_watch_log_rotates_and_never_passes_its_caps(tmp_path):
     folder = tmp_path / "recent"
     (tmp_path / "recent").mkdir()
     (folder / "notes.txt").write_text("mine\n")  # not the log's: never touched
+    (folder / "watch-notes.jsonl").write_text('{"text": "mine"}\n')  # the log's pattern, not a name it gives
     log = WatchLog(str(folder), lines=4, files=3, interval=0)
     texts = [f"text {k}\nwith a line break" for k in range(25)]
     for t in texts:
         log.add(t)
     log.close()
-    logs = sorted(folder.glob("watch-*.jsonl"))
+    assert (folder / "watch-notes.jsonl").read_text() == '{"text": "mine"}\n'
+    logs = sorted(p for p in folder.glob("watch-*.jsonl") if p.name != "watch-notes.jsonl")
     assert len(logs) == 3 and (folder / "notes.txt").read_text() == "mine\n"
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary file left
     kept = [json.loads(line)["text"] for p in logs for line in p.read_text().splitlines()]

@@ -4,7 +4,8 @@ The texts go to JSON Lines files ``watch-<UTC time>-<pid>-<n>.jsonl`` holding ``
 (and the pair column on a pair checkpoint), the columns of the checkpoint's data, so that ``deebert
 calibrate --unlabeled DIR`` reads the folder as it is (every ``.jsonl`` file; a text with newlines stays
 one text, which a ``.txt`` file of one text per line would split). Each file holds at most ``lines`` texts
-and at most ``files`` of them are kept: when a new one starts, the oldest ``watch-*.jsonl`` files go.
+and at most ``files`` of them are kept: when a new one starts, the oldest go (only files named as this
+module names them: a user's own ``watch-notes.jsonl`` stays).
 A file is always rewritten whole to a hidden temporary sibling, then renamed over itself
 (:func:`~..files.atomic_text_file`), so a reader never meets half a file. Writing happens in a thread of
 its own, at most once a second, off the serving worker. Nothing is written without the flag."""
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import threading
 import time
 from pathlib import Path
@@ -21,6 +23,7 @@ from ..errors import UserError
 from ..files import atomic_text_file, check_writable
 
 PATTERN = "watch-*.jsonl"
+OWN = re.compile(r"watch-\d{8}T\d{6}-\d+-\d{6}\.jsonl")  # the names _start gives: only these are ever removed
 
 
 class WatchLog:
@@ -97,7 +100,7 @@ class WatchLog:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         self._name = f"watch-{stamp}-{os.getpid()}-{self._seq:06d}.jsonl"
         self._current = []
-        old = sorted(p for p in self.folder.glob(PATTERN) if p.is_file())
+        old = sorted(p for p in self.folder.glob(PATTERN) if p.is_file() and OWN.fullmatch(p.name))
         for p in old[: max(0, len(old) - (self.files - 1))]:  # room for the new one: never more than `files`
             p.unlink(missing_ok=True)
 
