@@ -10,8 +10,8 @@ logits over the pool are computed once (cached in --cache). Then, for every cali
 --splits random splits of the pool into a calibration part and a test part (the rest):
 
 * every **guaranteed** method of METHODS: a bound (``binomial``: exact, on "final right, exit wrong";
-  ``betting``: Waudby-Smith & Ramdas on the signed loss, the drop itself; ``auto``: both at delta / 2;
-  ``chosen``: the one predicted on the choosing part, alone at delta) and a way to pay for the choice among
+  ``betting``: Waudby-Smith & Ramdas on the signed loss, the drop itself; ``exact``: the exact score test
+  of the drop, core/analysis/exact.py) and a way to pay for the choice among
   the 8 recipes (``union``: each at delta / 8, the largest certified saving kept; ``split``: the recipe
   chosen on the first SELECT_FRACTION of the calibration texts by its point estimate there, certified on
   the rest). DEFAULT is what train-exits does now, OLD what it did before (binomial/union);
@@ -111,7 +111,7 @@ def tables(logits: np.ndarray, labels: np.ndarray, grid: list) -> dict:
 # one calibration draw, every method (the binomial figures are sums over the calibration texts: one
 # matrix product; the betting ones read the signed losses in the draw's order, threshold by threshold)
 # ------------------------------------------------------------------------------------------------
-SELECT_FRACTION = 0.3  # the split selection: recipe chosen on this share of the calibration texts
+SELECT_FRACTION = 0.15  # the split selection: recipe chosen on this share (train-exits' recipes.SELECT_FRACTION)
 CHUNK = 24  # thresholds whose betting p-values are computed at once (the sequence stops at the first failure)
 
 
@@ -148,6 +148,18 @@ def betting_run(signed: np.ndarray, idx: np.ndarray, eps: float, level: float) -
     return m
 
 
+def exact_run(bad: np.ndarray, good: np.ndarray, n: int, eps: float, level: float) -> np.ndarray:
+    """Per recipe [K]: how many thresholds fixed-sequence testing certifies with the exact score test of
+    the drop (counts of +1 ``bad`` and -1 ``good`` [K, m])."""
+    from deebert_cli.core.analysis.exact import rejects_many
+
+    out = []
+    for bk, gk in zip(bad, good):
+        ok = rejects_many(np.rint(bk), np.rint(gk), int(round(n)), eps, level)
+        out.append(len(ok) if ok.all() else int(ok.argmin()))
+    return np.array(out)
+
+
 def _saving(c: dict, L: int, k: int, j: int) -> float:
     return 0.0 if j < 0 else float(1 - (c["layer"][k, j] / c["n"] + 1) / L)
 
@@ -167,19 +179,15 @@ def certified(tab: dict, c: dict, idx: np.ndarray, L: int, kind: str, eps: float
               bound: str, recipes) -> tuple:
     """(recipe, threshold index or -1) certified on the calibration texts (sums ``c``, indices ``idx`` in
     order) among ``recipes`` each at delta / len(recipes): bound "binomial" (the binary loss), "betting"
-    (the signed loss) or "auto" (both, each at half the level, the more aggressive setting kept)."""
-    from deebert_cli.core.analysis.risk import min_calibration_size
-
+    (the signed loss) or "exact" (the score test of the signed loss)."""
     level = delta / len(recipes)
     counts = c["bad"] if kind == "accuracy_drop" else c["dis"]
-    if bound == "auto" and c["n"] < min_calibration_size(eps, level / 2):
-        bound = "binomial"  # as risk.certify: too few texts for the exact bound at half the level
-    runs = []
-    if bound in ("binomial", "auto"):
-        got = binomial_run(counts[list(recipes)], c["n"], eps, level / (2 if bound == "auto" else 1))
-        runs += list(zip(recipes, got))
-    if bound in ("betting", "auto"):
-        runs += [(k, betting_run(tab["x"][k], idx, eps, level / (2 if bound == "auto" else 1))) for k in recipes]
+    if bound == "binomial":
+        runs = list(zip(recipes, binomial_run(counts[list(recipes)], c["n"], eps, level)))
+    elif bound == "exact":
+        runs = list(zip(recipes, exact_run(c["bad"][list(recipes)], c["good"][list(recipes)], c["n"], eps, level)))
+    else:
+        runs = [(k, betting_run(tab["x"][k], idx, eps, level)) for k in recipes]
     return _best(c, L, runs)
 
 
@@ -209,11 +217,11 @@ def on_test(t: dict, L: int, k: int, j: int) -> dict:
 
 
 METHODS = {  # name: (bound, recipe choice); "union": every recipe at delta / K; "split": see SELECT_FRACTION
-    "accuracy_drop": [("binomial", "union"), ("betting", "union"), ("binomial", "split"),
-                      ("betting", "split"), ("auto", "split"), ("chosen", "split")],
+    "accuracy_drop": [("binomial", "union"), ("betting", "union"), ("exact", "union"), ("binomial", "split"),
+                      ("betting", "split"), ("exact", "split")],
     "disagreement": [("binomial", "union"), ("binomial", "split")],
 }
-DEFAULT = {"accuracy_drop": "chosen/split", "disagreement": "binomial/split"}  # what train-exits does now
+DEFAULT = {"accuracy_drop": "exact/split", "disagreement": "binomial/split"}  # what train-exits does now
 OLD = "binomial/union"  # what it did before
 
 
@@ -234,22 +242,11 @@ def one_draw(fine: dict, coarse: dict, idx: np.ndarray, n: int, L: int, delta: f
         for bound, choice in METHODS[kind]:
             if choice == "union":
                 k, j = certified(fine, fc, idx, L, kind, eps, delta, bound, range(K))
-            elif bound == "chosen":  # the bound too is chosen on the first part, then run alone at delta
-                k, j = certified(fine, fb, rest, L, kind, eps, delta, _predict(fa, winner, L, len(rest), eps, delta),
-                                 [winner])
             else:
                 k, j = certified(fine, fb, rest, L, kind, eps, delta, bound, [winner])
             got[f"{bound}/{choice}"] = (k, j, "fine")
         out[b] = got
     return out
-
-
-def _predict(c: dict, k: int, L: int, n_rest: int, eps: float, delta: float) -> str:
-    """risk.predict_bound from the choosing part's sums ``c`` for recipe k."""
-    from deebert_cli.core.analysis.risk import predict_bound
-
-    return predict_bound(c["bad"][k] / c["n"], (c["bad"][k] - c["good"][k]) / c["n"],
-                         1 - (c["layer"][k] / c["n"] + 1) / L, n_rest, eps, delta)
 
 
 def _stats(vals: list, kind: str, eps: float) -> dict:
@@ -355,6 +352,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--select-fraction", type=float, default=SELECT_FRACTION, help="the split selection's choosing share")
     ap.add_argument("--budgets", default=None, help="only these, e.g. accuracy_drop:0.01,disagreement:0.02")
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -362,6 +360,7 @@ def main() -> None:
         np.savez_compressed(args.cache, **recipe_logits(args.checkpoint, args.pool))
         print(f"recipes' logits over the pool cached in {args.cache} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     data = dict(np.load(args.cache))
+    globals()["SELECT_FRACTION"] = args.select_fraction
     if args.budgets:
         BUDGETS[:] = [(k, float(e)) for k, e in (b.split(":") for b in args.budgets.split(","))]
     results = run(data, args.sizes, args.splits, args.delta, args.seed)

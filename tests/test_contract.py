@@ -47,6 +47,7 @@ ACCEPTED = {(f, _ids(v)) for f, v in [
     ("guarantee.accuracy_drop", None), ("guarantee.accuracy_drop", MISSING), ("guarantee.method", MISSING),
     *((f, v) for f in ("guarantee.level", "guarantee.selection") for v in (None, MISSING)),
     ("guarantee.disagreement_rate", None), ("guarantee.disagreement_rate", MISSING),
+    ("guarantee.bound", -1),  # the exact test bounds the drop itself: [-1, 1] (a binomial bound's -1: below)
 ]}
 # a value that breaks another field first: the error names that one
 NAMED = {("guarantee.n", "5"): "guarantee.losses"}
@@ -276,6 +277,9 @@ def test_old_guarantees_stay_valid_and_the_new_fields_round_trip():
     assert stored_guarantee({"guarantee": g2.to_dict()}) == g2
     bad = {"num_layers": 4, "guarantee": {**g2.to_dict(), "method": "hoeffding"}}
     assert [f for f, _ in schema.problems(bad)] == ["guarantee.method"]
+    for method, problems in (("binomial", ["guarantee.bound"]), ("exact", []), ("betting", [])):
+        m = {"num_layers": 4, "guarantee": {**g2.to_dict(), "method": method, "bound": -0.004}}
+        assert [f for f, _ in schema.problems(m)] == problems  # a rate's bound is >= 0, a drop's may not be
     assert math.isclose(g2.bound, 0.009)
 
 

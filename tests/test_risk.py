@@ -126,11 +126,11 @@ def test_too_small_a_sample_certifies_nothing():
     assert not g.certified and g.min_n == 598 and g.layer_saving == 0.0
     g = rk.certify(logits, y, epsilon=0.02, delta=0.05, method="binomial")  # 149 texts suffice for 2 points
     assert g.certified and g.layer_saving > 0
-    # comparing 8 recipes costs a union bound: each is tested at delta / 8; two bounds side by side halve it
+    # comparing 8 recipes costs a union bound: each is tested at delta / 8
     assert rk.certify(logits, y, epsilon=0.02, delta=0.05, family=8, method="binomial").min_n == \
         rk.min_calibration_size(0.02, 0.05 / 8)
-    g = rk.certify(logits, y, epsilon=0.02, delta=0.05, family=8)
-    assert g.level == 0.05 / 16 and g.min_n == rk.min_calibration_size(0.02, 0.05 / 16)
+    g = rk.certify(logits, y, epsilon=0.02, delta=0.05, family=8)  # the exact test needs a few texts more
+    assert g.level == 0.05 / 8 and 0 < g.min_n - rk.min_calibration_size(0.02, 0.05 / 8) < 30  # 277 vs 252
     assert rk.needed_size(0.01, 0.02, 0.05) > rk.needed_size(0.005, 0.02, 0.05) > rk.min_calibration_size(0.02, 0.05)
     assert rk.needed_size(0.03, 0.02, 0.05) is None
 
@@ -246,10 +246,11 @@ def test_betting_and_discordant_bounds_are_valid_on_a_synthetic_population():
     assert (bd.betting_p_value(good, 0.02, 0.05) <= 0.05).mean() > 0.8
 
 
-def test_certify_methods_binomial_betting_and_both():
-    """auto runs both bounds at delta / 2 and keeps the more aggressive setting; it says which bound
-    certified it; the betting order is a seeded permutation, so a result is reproducible; an exit that
-    fixes the final layer's errors lets the betting bound go further than the binary proxy."""
+def test_certify_methods_exact_binomial_and_betting():
+    """The exact score test is the default for an accuracy drop; it says which bound certified it; where
+    exits fix many of the final layer's errors, the tests of the drop itself (exact, betting) go further
+    than the binary proxy's binomial bound; results are reproducible; a
+    stored guarantee of the drop is checked on the drop."""
     rng = np.random.default_rng(3)
     L, n, C = 4, 3000, 2
     y = rng.integers(0, C, n)
@@ -257,46 +258,114 @@ def test_certify_methods_binomial_betting_and_both():
     for i in range(L):  # each layer right on a growing share, more confident when right
         right = rng.random(n) < (0.80 + 0.03 * i)
         logits[i, np.arange(n), np.where(right, y, 1 - y)] += 2.0 + i + 2 * right
-    got = {m: rk.certify(logits, y, epsilon=0.01, method=m) for m in ("binomial", "betting", "auto")}
+    got = {m: rk.certify(logits, y, epsilon=0.01, method=m) for m in ("binomial", "betting", "exact")}
+    assert rk.certify(logits, y, epsilon=0.01) == got["exact"] and got["exact"].method == "exact"
     assert got["binomial"].method == "binomial" and got["betting"].method == "betting"
-    assert got["auto"].level == 0.025 and got["binomial"].level == 0.05
-    half = {m: rk.certify(logits, y, epsilon=0.01, delta=0.025, method=m) for m in ("binomial", "betting")}
-    best = max(half.values(), key=lambda g: g.layer_saving)
-    assert got["auto"].layer_saving == pytest.approx(best.layer_saving)
-    assert got["betting"].layer_saving > got["binomial"].layer_saving  # many exits fix final errors here
-    assert got["betting"].bound <= 0.01 and got["betting"].accuracy_drop <= got["betting"].bound
+    assert got["binomial"].layer_saving < min(got["betting"].layer_saving, got["exact"].layer_saving)
+    for g in got.values():
+        assert g.bound <= 0.01 and g.accuracy_drop <= g.bound and g.level == 0.05
     assert rk.certify(logits, y, epsilon=0.01, method="betting") == got["betting"]
-    g = rk.Guarantee.from_dict(got["auto"].to_dict())
-    assert g == got["auto"] and "bound" in g.describe()
+    g = rk.Guarantee.from_dict(got["exact"].to_dict())
+    assert g == got["exact"] and "exact" in g.describe()
     old = {k: v for k, v in got["binomial"].to_dict().items() if k not in ("method", "level", "selection")}
     assert rk.Guarantee.from_dict(old).method == "binomial" and rk.Guarantee.from_dict(old).test_level == 0.05
-    with pytest.raises(ValueError, match="betting bound certifies the accuracy drop"):
-        rk.certify(logits, None, risk="disagreement", epsilon=0.01, method="betting")
-    # a stored betting guarantee is checked on the drop itself
-    chk = rk.check(got["betting"], logits, y)
-    assert chk["rate"] == pytest.approx(got["betting"].accuracy_drop) and chk["verdict"] == "holds"
+    for m in ("betting", "exact"):
+        with pytest.raises(ValueError, match=f"{m} bound certifies the accuracy drop"):
+            rk.certify(logits, None, risk="disagreement", epsilon=0.01, method=m)
+        chk = rk.check(got[m], logits, y)  # checked on the drop itself
+        assert chk["rate"] == pytest.approx(got[m].accuracy_drop) and chk["verdict"] == "holds"
+        assert chk["lower_bound"] < chk["rate"] < chk["upper_bound"]
+    # a drop far over budget on new texts: the exact check's lower bound says "exceeded"
+    worse = logits.copy()
+    worse[1, np.arange(n), y] -= 6.0  # layer 2 now wrong almost everywhere it exits
+    assert rk.check(got["exact"], worse, y)["verdict"] == "exceeded"
 
 
-def test_the_split_selection_parts_and_the_bound_chosen_on_them():
-    """The two parts are disjoint, cover the texts, and are the same every run; the bound predicted on
-    the choosing part is betting where exits fix many final errors, the exact one where none does."""
+def test_the_split_selection_parts():
+    """The two parts are disjoint, cover the texts, and are the same every run."""
     pick, rest = rk.selection_parts(1000, 0.3)
     assert len(pick) == 300 and len(rest) == 700 and not set(pick) & set(rest)
     assert sorted(set(pick) | set(rest)) == list(range(1000))
     assert all((a == b).all() for a, b in zip(rk.selection_parts(1000, 0.3), (pick, rest)))
-    saving = np.linspace(0.0, 0.9, 21)
-    bad = np.linspace(0.0, 0.02, 21)  # "final right, exit wrong" grows along the sequence
-    assert rk.predict_bound(bad, bad - 0.8 * bad, saving, 2000, 0.01, 0.05) == "betting"  # most losses offset
-    assert rk.predict_bound(bad, bad, saving, 2000, 0.01, 0.05) == "binomial"  # no exit fixes anything
 
 
-def test_the_betting_margin_that_predict_bound_assumes():
-    """risk.BETTING_MARGIN is the betting bound's margin over sqrt(2 log(1/delta) var / n) on discordant
-    synthetic texts (a drop of 0.5 points among 7.5% discordant texts): the bound predicted is the one run."""
-    rng = np.random.default_rng(5)
-    n, ratios = 2500, []
-    for _ in range(10):
-        s = rng.choice([-1, 0, 1], p=[0.035, 0.925, 0.04], size=n)
-        base = math.sqrt(2 * math.log(20) * s.var() / n)
-        ratios.append((bd.betting_upper_bound(s, 0.05) - s.mean()) / base)
-    assert abs(np.mean(ratios) - rk.BETTING_MARGIN) < 0.1
+# ------------------------------------------------------------------------------------------------
+# the exact score test of the drop (core.analysis.exact)
+# ------------------------------------------------------------------------------------------------
+def _rejection_set(n: int, eps: float, alpha: float) -> np.ndarray:
+    """R[a, b]: the exact test rejects "drop > eps" from a (+1) and b (-1) counts of n (a + b <= n)."""
+    from deebert_cli.core.analysis import exact as ex
+
+    a, b = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
+    keep = a + b <= n
+    out = np.zeros((n + 1, n + 1), dtype=bool)
+    out[keep] = ex.rejects_many(a[keep], b[keep], n, eps, alpha)
+    return out
+
+
+def _prob(region: np.ndarray, n: int, p: float, q: float) -> float:
+    """P((A, B) in region) for (A, B, rest) ~ Multinomial(n; p, q, 1 - p - q), summed exactly."""
+    lf = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1)))])
+    a, b = np.nonzero(region)
+    with np.errstate(divide="ignore"):
+        logs = (lf[n] - lf[a] - lf[b] - lf[n - a - b] + a * np.log(p) + b * np.log(q)
+                + (n - a - b) * np.log1p(-p - q))
+    return float(np.exp(logs).sum())
+
+
+@pytest.mark.parametrize("n,eps", [(60, 0.05), (150, 0.02), (150, -0.02)])
+def test_exact_test_is_valid_at_every_point_of_the_null_summed_exactly(n, eps):
+    """The size of the test, summed over every outcome (no Monte Carlo): P(reject) <= alpha at points on
+    the boundary p - q = eps across the nuisance, and inside the null; and not trivially conservative."""
+    alpha = 0.05
+    region = _rejection_set(n, eps, alpha)
+    sizes = []
+    for pi in np.linspace(abs(eps) + 1e-6, 0.9, 60):  # the boundary: p = (pi + eps) / 2, q = (pi - eps) / 2
+        sizes.append(_prob(region, n, (pi + eps) / 2, (pi - eps) / 2))
+    for p, q in ((0.3, 0.05), (eps + 0.1, 0.02), (max(eps, 0) + 0.01, 0.0)):  # inside: p - q > eps
+        if p - q > eps and p + q < 1:
+            sizes.append(_prob(region, n, p, max(q, 1e-12)))
+    assert max(sizes) <= alpha + 1e-9
+    assert max(sizes) > 0.4 * alpha  # it uses its level somewhere on the boundary
+
+
+def test_exact_test_against_the_binomial_and_the_normal_approximation():
+    """With no -1 text the drop is the binary loss: the exact test certifies exactly the counts the exact
+    binomial test does (cases measured); each -1 offsets a +1 and more; at a large n its bound is within
+    15% of the normal approximation's margin and its power exceeds the betting bound's."""
+    from deebert_cli.core.analysis import exact as ex
+
+    for n, eps in ((739, 0.005), (700, 0.01), (1750, 0.01)):
+        k = rk.max_losses(n, eps, 0.05)
+        assert ex.rejects(k, 0, n, eps, 0.05) and not ex.rejects(k + 1, 0, n, eps, 0.05)
+        assert ex.rejects(k + 1, 2, n, eps, 0.05)
+    a, b, n = 120, 80, 5000
+    drop, sd = (a - b) / n, math.sqrt(((a + b) / n - ((a - b) / n) ** 2) / n)
+    assert 1.645 * sd < ex.upper_bound(a, b, n, 0.05) - drop < 1.15 * 1.645 * sd
+    assert ex.upper_bound(a, b, n, 0.05) < ex.upper_bound(a, b, n, 0.01)  # monotone in the level
+    rng = np.random.default_rng(0)
+    counts = rng.multinomial(700, [0.0097, 0.0088, 1 - 0.0185], size=150)
+    exact_power = np.mean([ex.rejects(x, y, 700, 0.01, 0.05) for x, y, _ in counts])
+    bets = []
+    for x, y, _ in counts:
+        s = np.r_[np.ones(x), -np.ones(y), np.zeros(700 - x - y)]
+        bets.append(float(bd.betting_p_value(rng.permutation(s), 0.01, 0.05)) <= 0.05)
+    assert exact_power > np.mean(bets) + 0.05
+
+
+def test_the_score_statistic_is_the_restricted_likelihoods():
+    """Tango's closed form equals the score statistic at the maximum likelihood under p - q = eps found by
+    a grid search, for budgets of either sign; the monotone version never decreases in a, never increases
+    in b."""
+    from deebert_cli.core.analysis import exact as ex
+
+    n = 200
+    for a, b, eps in ((10, 4, 0.02), (3, 9, -0.01), (7, 0, 0.05), (20, 25, -0.05)):
+        qs = np.linspace(max(-eps, 0) + 1e-9, (1 - eps) / 2 - 1e-9, 200001)
+        ll = a * np.log(np.maximum(qs + eps, 1e-300)) + b * np.log(qs) + (n - a - b) * np.log(1 - 2 * qs - eps)
+        q = qs[ll.argmax()]
+        want = (a - b - n * eps) / math.sqrt(n * (2 * q + eps - eps ** 2))
+        assert float(ex.score(a, b, n, eps)) == pytest.approx(want, abs=1e-4)
+    g = np.arange(40)
+    z = ex._monotone(np.asarray(ex.score(g[:, None], g[None, :], 100, 0.02)))
+    assert (np.diff(z, axis=0) >= 0).all() and (np.diff(z, axis=1) <= 0).all()

@@ -266,7 +266,7 @@ def _render_guarantee(a) -> None:
 
     if a.guarantee is not None:
         g = Guarantee.from_dict(a.guarantee)
-        family = (", certified on the 70% of this split the recipe was not chosen on" if g.selection == "split" else
+        family = (", certified on the texts of this split the recipe was not chosen on" if g.selection == "split" else
                   f", {g.family} recipes compared on this split" if g.family > 1 else "")
         if g.certified and g.layer_saving > 0:
             line = (f"[bold]guaranteed threshold {g.value:g}[/]: {g.describe()}{family}; "

@@ -77,20 +77,24 @@ def render_recipes(extra: dict) -> None:
     thr = extra.get("thresholds")
     if thr:
         out.print(stored_line(thr, next(r for r in rows if r["recipe"] == chosen), extra.get("guarantee"),
-                              extra.get("guarantee_advice")))
+                              extra.get("guarantee_advice"), extra.get("guaranteed_on_split")))
     if extra.get("replaced"):
         out.print(extra["replaced"])
 
 
-def stored_line(thr: dict, row: dict, g, advice: dict | None) -> str:
-    """One line: the stored threshold and the guarantee it carries (epsilon, delta, n), or why it has none."""
+def stored_line(thr: dict, row: dict, g, advice: dict | None, whole: dict | None = None) -> str:
+    """One line: the stored threshold and the guarantee it carries (epsilon, delta, n), or why it has none;
+    the saving to expect is the whole evaluation split's (``whole``) when the guarantee used a part of it."""
     point = (f"point estimate {row['threshold']:g}: {row['accuracy_change']:+.2f} points, {pct(row['layer_saving'])} "
              "fewer layers on the evaluation split itself")
     if thr["search"] == "guaranteed":
         drop = "" if g.accuracy_drop is None else f", {-100 * g.accuracy_drop:+.2f} points"
+        expect = f"{pct(g.layer_saving)} fewer layers expected (evaluation split{drop})"
+        if whole and whole["n"] != g.n:
+            expect = (f"{pct(whole['layer_saving'])} fewer layers expected (evaluation split, n={whole['n']:,}, "
+                      f"{whole['accuracy_change']:+.2f} points; {pct(g.layer_saving)} on the {g.n:,} texts that certified it)")
         return (f"stored threshold [bold]{g.value:g}[/] (normalized entropy), guaranteed: {g.describe()}"
-                f"{_chosen(g)}; {pct(g.layer_saving)} fewer layers expected"
-                f" (evaluation split{drop}); {point}, no guarantee")
+                f"{_chosen(g)}; {expect}; {point}, no guarantee")
     if g is None:
         return (f"stored threshold [bold]{thr['values'][0]:g}[/] (normalized entropy, --no-guarantee): {point}; "
                 "no guarantee for new data")
@@ -107,7 +111,9 @@ def stored_line(thr: dict, row: dict, g, advice: dict | None) -> str:
 def _chosen(g) -> str:
     """How the guarantee paid for the choice among recipes."""
     if g.selection == "split":
-        return ", the recipe chosen on the other 30% of the split"
+        from ..core.train.recipes import SELECT_FRACTION
+
+        return f", the recipe chosen on the other {100 * SELECT_FRACTION:g}% of the split"
     return f", {g.family} recipes compared (each at delta / {g.family})" if g.family > 1 else ""
 
 

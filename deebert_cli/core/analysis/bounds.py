@@ -23,13 +23,13 @@ aangelopoulos/rcps) and the "Fast yet Safe" code (Jazbec et al. 2024, ``ucb_wsr`
   them i.i.d., so it is valid; :func:`order` fixes it by a seeded permutation (seed :data:`ORDER_SEED`),
   the same for every candidate setting, so a result is reproducible.
 
-Its margin is about sqrt(2 log(1/delta) var / n), with var ~ (discordance) / 4 on the [0, 1] scale: where
-few texts are discordant it beats the binary proxy's binomial bound; at small n and small budgets (e.g.
-1,056 texts, 0.5 points) the exact binomial bound, which certifies with zero or one loss, stays tighter.
-So :func:`..risk.certify`'s ``method="auto"`` runs both, each at delta / 2, and keeps the better setting.
+Its margin is about sqrt(2 log(1/delta) var / n), with var ~ (discordance) / 4 on the [0, 1] scale. It
+is not the default: the exact score test of :mod:`.exact` certifies more in every case measured
+(benchmarks/bench_exact_power.py, docs/BENCHMARKS.md); ``certify(method="betting")`` runs it, and the
+serve watch uses the betting confidence *sequence* (:mod:`..model.watch`), which must hold at every time.
 
-:func:`..risk.discordant_upper_bound` is an exact alternative for the paired difference (conditioning on the
-discordant texts, see its docstring): valid, but it pays for two bounds and is looser than betting in
+:func:`..risk.discordant_upper_bound` is another exact bound for the paired difference (conditioning on
+the discordant texts, see its docstring): valid, but it pays for two bounds and is looser than betting in
 the cases measured (tests/test_risk.py), so it is offered, not used by default.
 """
 from __future__ import annotations

@@ -150,8 +150,8 @@ def recommend_guaranteed(ckpt, logits, labels, source: str, epsilon: float, risk
                          entropy: str = "normalized") -> Guarantee:
     """``deebert analyze``'s guaranteed recommendation on the split it analyzes. On the split stage 2
     chose its off-ramp recipe on, that choice is paid for as it was there: with the split selection, the
-    certification uses only the texts the recipe was not chosen on (the same seeded part; the bound is
-    chosen on the others, as there); with the union
+    certification uses only the texts the recipe was not chosen on (the same seeded part, of the share
+    the checkpoint stores); with the union
     bound (older checkpoints), each of the recipes compared counts (delta / their number)."""
     chosen_on = (ckpt.meta.get("thresholds") or {}).get("chosen_on")
     search = ckpt.meta.get("recipes") or {}
@@ -160,10 +160,8 @@ def recommend_guaranteed(ckpt, logits, labels, source: str, epsilon: float, risk
     if chosen_on == source and search.get("selection") == "split":
         pick, rest = risk.selection_parts(logits.shape[1], search.get("select_fraction", 0.3))
         y = None if labels is None else np.asarray(labels)
-        method = (risk.choose_bound(logits[:, pick], y[pick], len(rest), epsilon, delta, entropy)
-                  if risk_kind == "accuracy_drop" else None)
         g = risk.certify(logits[:, rest], None if y is None else y[rest], risk=risk_kind, epsilon=epsilon,
-                         delta=delta, entropy=entropy, method=method)
+                         delta=delta, entropy=entropy)
         g.selection = "split"
     else:
         family = len(search.get("candidates", [])) if chose_here else 1

@@ -37,11 +37,13 @@ import math
 import numpy as np
 
 from ..model.guarantee import Guarantee
+from . import exact
 from .bounds import betting_p_value, betting_upper_bound, order, signed_losses
 
 RISKS = ("accuracy_drop", "disagreement")  # classification
 REGRESSION_RISKS = ("error_increase", "disagreement")
-METHODS = ("auto", "binomial", "betting")  # accuracy drop: the binary loss's binomial bound, the drop's betting bound, both
+METHODS = ("exact", "binomial", "betting")  # accuracy drop: the drop's exact score test (the default), the binary
+# loss's binomial bound, the drop's betting bound
 DEFAULT_DELTA = 0.05
 SELECTION_SEED = 1  # the seeded split of the calibration texts into a choosing part and a certifying part
 # the candidate entropy thresholds, conservative to aggressive: 0.005 steps of normalized entropy
@@ -239,66 +241,74 @@ def certify(logits, labels=None, *, risk: str = "accuracy_drop", epsilon: float,
     """The most aggressive setting of ``policy`` certified by fixed-sequence testing at level
     delta / family on the calibration texts (all-exits logits [L, n, C], labels [n] unless the risk is
     ``disagreement``; learned exit scores [L-1, n] for ``policy="learned"``). ``method`` (accuracy drop
-    only): "binomial" (the binary loss, exact), "betting" (the signed loss, :mod:`.bounds`) or "auto"
-    (the default there: both sequences, each at half the level, the more aggressive setting kept; the
-    binomial alone at the full level when n is too small for it to certify anything at half: a rule on n
-    and epsilon only, fixed before the losses are seen)."""
+    only): "exact" (the default there: the drop itself, the exact score test of :mod:`.exact`, which
+    certifies what the binomial bound does when no exit fixes a final error and more when some do),
+    "binomial" (the binary loss "final right, exit wrong", exact) or "betting" (the signed loss,
+    :mod:`.bounds`)."""
     logits = np.asarray(logits, dtype=np.float32)
     L, n = logits.shape[:2]
     regression = logits.shape[-1] == 1
     method = _method_for(risk, method, regression, labels, policy)
-    if method == "auto" and n < (min_calibration_size(epsilon, delta / family / 2) or 0):
-        method = "binomial"  # too few texts to certify anything with the exact bound at half the level: alone
-    bounds_run = ("binomial", "betting") if method == "auto" else (method,)
-    level = delta / family / len(bounds_run)
+    level = delta / family
     cands = candidates(policy, L, logits.shape[-1], entropy, regression, grid)
     ent = _softmax_entropy(logits, entropy) if policy == "entropy" else None
-    layers, counts, signed, passed = [], [], [], {b: 0 for b in bounds_run}
-    perm = order(n)
-    for v in cands:  # lazily: each sequence stops at its first failure
+    perm = order(n) if method == "betting" else None
+    rejected, last = 0, (np.full(n, L - 1), 0, 0, np.zeros(n))  # (layer, losses, -1 count, signed) certified
+    for v in cands:  # fixed-sequence testing: stop at the first failure
         layer = exit_layers(policy, v, logits, scores, entropy, tolerance, regression, ent)
-        counts.append(int(losses(risk, layer, logits, labels, tolerance).sum()))
-        layers.append(layer)
-        live = [b for b in bounds_run if passed[b] == len(layers) - 1]
-        if "binomial" in live and p_value(counts[-1], n, epsilon) <= level:
-            passed["binomial"] += 1
-        if "betting" in live:
-            signed.append(_signed(layer, logits, labels)[perm])
-            if float(betting_p_value(signed[-1], epsilon, level)) <= level:
-                passed["betting"] += 1
-        if all(passed[b] < len(layers) for b in bounds_run):
+        k = int(losses(risk, layer, logits, labels, tolerance).sum())
+        good, signed = 0, None
+        if method == "binomial":
+            ok = p_value(k, n, epsilon) <= level
+        elif method == "exact":
+            good = int((_signed(layer, logits, labels) < 0).sum())
+            ok = exact.rejects(k, good, n, epsilon, level)
+        else:
+            signed = _signed(layer, logits, labels)[perm]
+            ok = float(betting_p_value(signed, epsilon, level)) <= level
+        if not ok:
             break
-    used = max(bounds_run, key=lambda b: (passed[b], b == "binomial"))  # ties: the exact bound
-    rejected = passed[used]
-    if rejected == 0:
-        layer, value, k = np.full(n, L - 1), None, 0
-    else:
-        layer, value, k = layers[rejected - 1], cands[rejected - 1], counts[rejected - 1]
-    bound = (upper_bound(k, n, level) if used == "binomial" else
-             betting_upper_bound(signed[rejected - 1] if rejected else np.zeros(n), level))
+        rejected, last = rejected + 1, (layer, k, good, signed)
+    layer, k, good, signed = last
+    value = cands[rejected - 1] if rejected else None
+    bound = _bound(method, k, good, signed, n, level, epsilon if rejected else 1.0)
     mean = float(layer.mean() + 1)
     drop = None
     if labels is not None and not regression:
         y, pred = np.asarray(labels), logits.argmax(-1)
         drop = float((pred[-1] == y).mean() - (pred[layer, np.arange(n)] == y).mean())
     return Guarantee(risk, float(epsilon), float(delta), int(n), policy, value, k, k / n, bound,
-                     mean, 1 - mean / L, min(rejected + 1, len(cands)), family, min_calibration_size(epsilon, level), entropy,
-                     tolerance, drop, method=used, level=level)
+                     mean, 1 - mean / L, min(rejected + 1, len(cands)), family, _min_n(method, epsilon, level), entropy,
+                     tolerance, drop, method=method, level=level)
+
+
+def _min_n(method: str, epsilon: float, level: float) -> int | None:
+    """The fewest calibration texts at which ``method`` certifies a setting with no loss at all."""
+    n = min_calibration_size(epsilon, level)
+    return exact.min_size(epsilon, level, n) if method == "exact" else n
+
+
+def _bound(method: str, bad: int, good: int, signed: np.ndarray, n: int, level: float, known: float) -> float:
+    """The (1 - level) upper bound of the risk at the certified setting, by the bound that certified it
+    (``known``: a budget it certified)."""
+    if method == "exact":
+        return exact.upper_bound(bad, good, n, level, hi=known)
+    return upper_bound(bad, n, level) if method == "binomial" else betting_upper_bound(signed, level)
 
 
 def _method_for(risk: str, method: str | None, regression: bool, labels, policy: str) -> str:
-    """The checks of :func:`certify`'s arguments -> the method to run ("auto" for an accuracy drop unless given)."""
+    """The checks of :func:`certify`'s arguments -> the method to run ("exact" for an accuracy drop unless given)."""
     if risk not in (REGRESSION_RISKS if regression else RISKS):
         raise ValueError(f"risk must be one of {REGRESSION_RISKS if regression else RISKS}, got '{risk}'")
     if risk != "disagreement" and labels is None:
         raise ValueError(f"risk '{risk}' needs labels; 'disagreement' does not")
     if policy == "entropy" and regression:
         raise ValueError("entropy needs class probabilities: a regression checkpoint uses patience or learned exits")
-    method = method or ("auto" if risk == "accuracy_drop" else "binomial")
+    method = method or ("exact" if risk == "accuracy_drop" else "binomial")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got '{method}'")
     if method != "binomial" and risk != "accuracy_drop":
-        raise ValueError(f"the betting bound certifies the accuracy drop; risk '{risk}' uses method 'binomial'")
+        raise ValueError(f"the {method} bound certifies the accuracy drop; risk '{risk}' uses method 'binomial'")
     return method
 
 
@@ -306,45 +316,6 @@ def _signed(layer: np.ndarray, logits: np.ndarray, labels) -> np.ndarray:
     """The signed loss per text of exiting at ``layer`` [n]: +1 final right and exit wrong, -1 the reverse."""
     pred, y = logits.argmax(-1), np.asarray(labels)
     return signed_losses(pred[layer, np.arange(len(layer))] == y, pred[-1] == y)
-
-
-BETTING_MARGIN = 0.9  # the betting bound's margin over sqrt(2 log(1/delta) var / n), as measured (tests/test_risk.py)
-
-
-def predict_bound(bad: np.ndarray, signed: np.ndarray, saving: np.ndarray, n: int, epsilon: float,
-                  level: float) -> str:
-    """Which bound, run alone at ``level`` on ``n`` new texts, would certify further along the sequence,
-    judging from figures measured on other texts (the split selection's choosing part): per candidate
-    setting its rate of "final right, exit wrong" ``bad`` [m], its mean signed loss ``signed`` [m] (the
-    drop), the discordance implied, and its layer saving [m]. The binomial bound is predicted to pass
-    while the expected loss count passes the exact test; betting while the drop plus its margin
-    (BETTING_MARGIN x sqrt(2 log(1/level) var / n), var the signed loss's variance) is within epsilon.
-    Only a choice: whichever it names is then run at the full level, on texts it never saw."""
-    kmax = max_losses(n, epsilon, level)
-    ok_b = np.ceil(np.asarray(bad) * n) <= kmax
-    disc = np.maximum(2 * np.asarray(bad) - np.asarray(signed), 0.0)  # P(+1) + P(-1) = 2 P(+1) - drop
-    var = np.maximum(disc - np.asarray(signed) ** 2, 1.0 / n)
-    ok_s = np.asarray(signed) + BETTING_MARGIN * np.sqrt(2 * math.log(1 / level) * var / n) <= epsilon
-
-    def reach(ok):
-        j = int(np.argmin(ok)) if not ok.all() else len(ok)
-        return float(saving[j - 1]) if j else 0.0
-    return "betting" if reach(ok_s) > reach(ok_b) else "binomial"
-
-
-def choose_bound(logits, labels, n: int, epsilon: float, delta: float, entropy: str = "normalized") -> str:
-    """:func:`predict_bound` for the entropy policy's sequence from all-exits logits [L, n_a, C] and labels
-    of the choosing part: "binomial" or "betting", the one to run alone at ``delta`` on the ``n`` others."""
-    logits = np.asarray(logits, dtype=np.float32)
-    L = logits.shape[0]
-    ent = _softmax_entropy(logits, entropy)
-    bad, signed, saving = [], [], []
-    for v in candidates("entropy", L, logits.shape[-1], entropy):
-        layer = exit_layers("entropy", v, logits, entropy=entropy, ent=ent)
-        bad.append(float(losses("accuracy_drop", layer, logits, labels).mean()))
-        signed.append(float(_signed(layer, logits, labels).mean()))
-        saving.append(1 - float(layer.mean() + 1) / L)
-    return predict_bound(np.array(bad), np.array(signed), np.array(saving), n, epsilon, delta)
 
 
 def selection_parts(n: int, fraction: float) -> tuple:
@@ -369,7 +340,11 @@ def check(g: Guarantee, logits, labels=None, scores=None, risk: str | None = Non
              exit_layers(g.policy, g.value, logits, scores, g.entropy, g.tolerance, regression))
     k = int(losses(risk, layer, logits, labels, g.tolerance).sum())
     rate, lo, hi = k / n, lower_bound(k, n, g.delta), upper_bound(k, n, g.delta)
-    if risk == "accuracy_drop" and g.method == "betting":  # it certified the drop itself: check the drop
+    if risk == "accuracy_drop" and g.method == "exact":  # it certified the drop itself: check the drop
+        good = int((_signed(layer, logits, labels) < 0).sum())
+        rate = (k - good) / n
+        lo, hi = -exact.upper_bound(good, k, n, g.delta), exact.upper_bound(k, good, n, g.delta)
+    elif risk == "accuracy_drop" and g.method == "betting":  # it certified the drop itself: check the drop
         s = _signed(layer, logits, labels)[order(n)]
         rate, lo, hi = float(s.mean()), -betting_upper_bound(-s, g.delta), betting_upper_bound(s, g.delta)
     verdict = "holds" if rate <= g.epsilon else ("exceeded" if lo > g.epsilon else "inconclusive")

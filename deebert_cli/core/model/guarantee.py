@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 
-BOUNDS = {"binomial": "exact binomial bound", "betting": "betting bound on the drop itself"}
+BOUNDS = {"binomial": "exact binomial bound", "betting": "betting bound on the drop itself",
+          "exact": "exact test of the drop itself"}
 
 
 @dataclass
@@ -35,8 +36,8 @@ class Guarantee:
     accuracy_drop: float | None = None  # labelled calibration: the observed drop at ``value`` (fraction)
     calibrated_on: str | None = None  # which texts (e.g. "split 'validation' of movie_snippets")
     by: str | None = None  # train-exits | calibrate | analyze
-    method: str = "binomial"  # the bound that certified ``value``: binomial (binary loss) | betting (signed loss)
-    level: float | None = None  # the level each test ran at (delta / family, halved when two bounds ran); None: old
+    method: str = "binomial"  # the bound that certified ``value``: binomial (binary loss) | exact | betting (signed loss)
+    level: float | None = None  # the level each test ran at (delta / family); None: old
     selection: str | None = None  # how the recipe was chosen: "union" (each at delta / family) | "split" | None
     disagreement_rate: float | None = None  # disagreement with the final layer at ``value`` on the calibration texts
 

@@ -26,7 +26,7 @@ TODO = {
 RISKS = {"classification": ("accuracy_drop", "disagreement"), "regression": ("error_increase", "disagreement")}
 POLICIES = ("entropy", "patience", "learned")
 UNITS = ("normalized", "raw")
-METHODS = ("binomial", "betting")
+METHODS = ("binomial", "exact", "betting")
 
 
 def _num(v) -> bool:
@@ -147,13 +147,13 @@ def gpu_measurement(v, m):
 
 gpu_measurement.desc = "{fp32|bf16|fp16: {batch size: early exit / full depth texts/s, > 0}}"
 def risk_bound(v, m):
-    """the exact binomial bound of a rate: in [0, 1]; the betting bound of the accuracy drop (a mean of
+    """the exact binomial bound of a rate: in [0, 1]; the exact or betting bound of the accuracy drop (a mean of
     signed losses, negative when the exits are more accurate): in [-1, 1]"""
-    lo = -1 if m["guarantee"].get("method") == "betting" else 0
+    lo = -1 if m["guarantee"].get("method") in ("betting", "exact") else 0
     return number(lo, 1)(v, m)
 
 
-risk_bound.desc = "binomial: [0, 1]; betting (the drop itself): [-1, 1]"
+risk_bound.desc = "binomial: [0, 1]; exact or betting (the drop itself): [-1, 1]"
 pos_int = number(1, whole=True)
 anything = lambda v, m: None  # noqa: E731  (an object the table does not look into)
 anything.desc = ""
@@ -210,8 +210,8 @@ FIELDS = (
     Field("guarantee.accuracy_drop", "number", number(-1, 1), "fraction", "labelled calibration: the observed drop at the value", null=True),
     Field("guarantee.calibrated_on", "string", text, "", "which texts", null=True),
     Field("guarantee.by", "string", text, "", "the command that certified it", null=True),
-    Field("guarantee.method", "string", one_of(*METHODS), "", "the bound that certified the value: binomial or betting"),
-    Field("guarantee.level", "number", number(0, 1, True, True), "probability", "the level each test ran at (delta / family, halved when two bounds ran)", null=True),
+    Field("guarantee.method", "string", one_of(*METHODS), "", "the bound that certified the value: binomial, exact or betting"),
+    Field("guarantee.level", "number", number(0, 1, True, True), "probability", "the level each test ran at (delta / family; older checkpoints: halved when two bounds ran)", null=True),
     Field("guarantee.selection", "string", one_of("union", "split"), "", "how the off-ramp recipe was chosen: union (each at delta / family) or split (chosen on a disjoint part)", null=True),
     Field("guarantee.disagreement_rate", "number", number(0, 1), "fraction", "disagreement with the final layer at the value on the calibration texts", null=True),
 )

@@ -89,6 +89,8 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
         extra["thresholds"], extra["guarantee"] = stored_rule(rows[choice], g, cfg, data.eval_source, model.num_layers)
         if g is not None and not extra["thresholds"]["search"] == "guaranteed":
             extra["guarantee_advice"] = _advice(g, logits, labels, rows[choice]["threshold"], rc.SELECT_FRACTION)
+        elif g is not None:
+            extra["guaranteed_on_split"] = _on_split(g.value, logits, labels)
     meta = _exits_meta(ckpt.meta, report, extra, learned, calibration)
     out = cfg.output or cfg.checkpoint
     extra["replaced"] = _replaced(out, cfg.checkpoint, ckpt.meta, meta)
@@ -140,6 +142,20 @@ def _replaced(out, checkpoint, old: dict, new: dict) -> str | None:
             return f"replaced the checkpoint at '{out}', whose {META_FILE} was damaged"
     line = replacement(old, new)
     return line and line.replace("replaced ", f"replaced in '{out}': ", 1)
+
+
+def _on_split(value: float, logits: torch.Tensor, labels: list) -> dict:
+    """The guaranteed threshold on the whole evaluation split (the certifying part is a share of it): its
+    number of texts, layer saving and accuracy change (points) against full depth."""
+    import numpy as np
+
+    from ..analysis import risk
+
+    lg, y = logits.numpy(), np.asarray(labels)
+    layer = risk.exit_layers("entropy", value, lg)
+    pred = lg.argmax(-1)
+    change = float((pred[layer, np.arange(len(y))] == y).mean() - (pred[-1] == y).mean())
+    return {"n": len(y), "layer_saving": 1 - float(layer.mean() + 1) / lg.shape[0], "accuracy_change": 100 * change}
 
 
 def _advice(g, logits: torch.Tensor, labels: list, point: float, fraction: float) -> dict:
