@@ -179,15 +179,18 @@ def certified(tab: dict, c: dict, idx: np.ndarray, L: int, kind: str, eps: float
               bound: str, recipes) -> tuple:
     """(recipe, threshold index or -1) certified on the calibration texts (sums ``c``, indices ``idx`` in
     order) among ``recipes`` each at delta / len(recipes): bound "binomial" (the binary loss), "betting"
-    (the signed loss) or "exact" (the score test of the signed loss)."""
+    (the signed loss), "exact" (the score test of the signed loss) or two joined by "+" (each at half the
+    level, the more aggressive setting kept: what using both bounds costs)."""
     level = delta / len(recipes)
     counts = c["bad"] if kind == "accuracy_drop" else c["dis"]
-    if bound == "binomial":
-        runs = list(zip(recipes, binomial_run(counts[list(recipes)], c["n"], eps, level)))
-    elif bound == "exact":
-        runs = list(zip(recipes, exact_run(c["bad"][list(recipes)], c["good"][list(recipes)], c["n"], eps, level)))
-    else:
-        runs = [(k, betting_run(tab["x"][k], idx, eps, level)) for k in recipes]
+    runs, parts = [], bound.split("+")  # "exact+binomial": both, each at half the level, the better kept
+    level /= len(parts)
+    if "binomial" in parts:
+        runs += list(zip(recipes, binomial_run(counts[list(recipes)], c["n"], eps, level)))
+    if "exact" in parts:
+        runs += list(zip(recipes, exact_run(c["bad"][list(recipes)], c["good"][list(recipes)], c["n"], eps, level)))
+    if "betting" in parts:
+        runs += [(k, betting_run(tab["x"][k], idx, eps, level)) for k in recipes]
     return _best(c, L, runs)
 
 
@@ -218,7 +221,7 @@ def on_test(t: dict, L: int, k: int, j: int) -> dict:
 
 METHODS = {  # name: (bound, recipe choice); "union": every recipe at delta / K; "split": see SELECT_FRACTION
     "accuracy_drop": [("binomial", "union"), ("betting", "union"), ("exact", "union"), ("binomial", "split"),
-                      ("betting", "split"), ("exact", "split")],
+                      ("betting", "split"), ("exact", "split"), ("exact+binomial", "split")],
     "disagreement": [("binomial", "union"), ("binomial", "split")],
 }
 DEFAULT = {"accuracy_drop": "exact/split", "disagreement": "binomial/split"}  # what train-exits does now
