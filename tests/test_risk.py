@@ -252,7 +252,7 @@ def test_certify_methods_exact_binomial_and_betting():
     than the binary proxy's binomial bound; results are reproducible; a
     stored guarantee of the drop is checked on the drop."""
     rng = np.random.default_rng(3)
-    L, n, C = 4, 3000, 2
+    L, n, C = 4, 1500, 2
     y = rng.integers(0, C, n)
     logits = rng.normal(0, 1, (L, n, C)).astype(np.float32)
     for i in range(L):  # each layer right on a growing share, more confident when right

@@ -10,8 +10,9 @@ the null "p - q >= eps" (certifying the drop <= eps when rejected):
   maximum-likelihood rates under p - q = eps (closed form, :func:`score`). Its variance is the null's own
   at the rates nearest the data, so Z is close to a standard normal whatever the discordance p + q:
   the p-value's maximum over the nuisance stays close to the nominal level. It is made monotone
-  (raised +1 counts never lower it, raised -1 counts never raise it) by a running maximum over the
-  grid (:func:`_monotone`), which the validity argument below needs.
+  (raised +1 counts never lower it, raised -1 counts never raise it) by a running minimum over fewer -1,
+  then maximum over fewer +1 (:func:`_monotone`; it reads only counts at or below the observed ones, so
+  it does not depend on the grid), which the validity argument below needs.
 * **p-value**: sup over the null of P(Z <= z_obs). The tail falls as p rises and rises as q rises (couple
   the texts: more +1 or fewer -1 only raise the monotone Z), so the sup is over the boundary p = q + eps,
   a one-dimensional nuisance, the discordance pi = p + q in [eps, 1]. Berger & Boos (JASA 1994) restrict
@@ -21,7 +22,10 @@ the null "p - q >= eps" (certifying the drop <= eps when rejected):
   coupling puts above every boundary point of the cell.
 * **the test at level alpha** (all that fixed-sequence testing needs) is a table per (n, eps, alpha): per
   cell the largest z whose tail at the worst point is <= alpha - gamma, their running minimum over the
-  cells, and "reject when Z(a, b) <= the minimum over the cells below pi_U(a + b)".
+  cells, and "reject when Z(a, b) <= the minimum over the cells below pi_U(a + b)". A cell's tail is
+  summed over the counts within WINDOW standard deviations of its means; the mass outside (and outside
+  the table's grid) is added whole, as if all of it were rejected, and outside the grid the test never
+  rejects, so a table of any size gives a valid test.
 
 Valid at alpha for any n (no approximation: the tails are exact sums of multinomial terms, the slack
 covers rounding). Its margin is near the normal approximation's z sqrt(discordance / n) that the
@@ -76,10 +80,10 @@ def score(a, b, n: int, eps: float):
 
 
 def _monotone(z: np.ndarray) -> np.ndarray:
-    """z[a, b] -> its running maximum over a' <= a and b' >= b: never lower for more +1, never higher for
-    more -1 (what the coupling argument needs), equal to z wherever z already is so."""
-    z = np.maximum.accumulate(z, axis=0)
-    return np.maximum.accumulate(z[:, ::-1], axis=1)[:, ::-1]
+    """z[a, b] -> max over a' <= a of (min over b' <= b of z[a', b']): never lower for more +1, never higher
+    for more -1 (what the coupling argument needs), equal to z wherever z already is so. It reads only
+    counts at or below (a, b), so it is the same whatever grid it is computed on."""
+    return np.maximum.accumulate(np.minimum.accumulate(z, axis=1), axis=0)
 
 
 class _Table:
@@ -94,7 +98,7 @@ class _Table:
         self.b_max = min(n, int(n * q_top + SPAN * math.sqrt(n * max(q_top, 1 / n)) + 10))
         a, b = np.meshgrid(np.arange(self.a_max + 1), np.arange(self.b_max + 1), indexing="ij")
         self.inside = a + b <= n
-        z = np.where(self.inside, score(a, b, n, eps), -np.inf)  # impossible counts: never drawn
+        z = np.where(self.inside, score(a, b, n, eps), np.inf)  # impossible counts: never drawn
         self.z = _monotone(z)
         self.edges, self.crit = self._cells()
 
@@ -105,24 +109,25 @@ class _Table:
         while edges[-1] < self.top:
             edges.append(min(self.top, edges[-1] + CELL * math.sqrt(max(edges[-1], 1 / n) / n)))
         lf = _log_factorials(n)
-        a = np.arange(self.a_max + 1)[:, None]
-        b = np.arange(self.b_max + 1)[None, :]
-        c = np.clip(n - a - b, 0, None)
-        base = np.where(self.inside, lf[n] - lf[a] - lf[b] - lf[c], -np.inf)
         order = np.argsort(self.z, axis=None, kind="stable")
+        rank = np.empty(order.size, dtype=np.int64)
+        rank[order] = np.arange(order.size)
+        rank = rank.reshape(self.z.shape)
         zs = self.z.ravel()[order]
         last = np.r_[zs[1:] != zs[:-1], True]  # the end of each run of equal z
+        prev_last = np.maximum.accumulate(np.where(last, np.arange(zs.size), -1))  # the last run end <= r
         crit, target = [], self.alpha - self.gamma - 2 * SLACK
         for lo, hi in zip(edges[:-1], edges[1:]):
             p, q = (lo + eps) / 2, max((hi - eps) / 2, 0.0)
-            r = max(1 - p - q, 0.0)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                logs = base + a * _log(p) + b * _log(q) + c * _log(r)
-            pmf = np.where(self.inside, np.exp(np.nan_to_num(logs, nan=-np.inf)), 0.0).ravel()[order]
-            tail_b = _tail_beyond(self.b_max, n, q, lf)  # B beyond the grid: counted as rejected
-            cum = np.cumsum(pmf) + tail_b + SLACK
-            ok = np.nonzero(last & (cum <= target))[0]
-            crit.append(zs[ok[-1]] if len(ok) else -np.inf)
+            (a0, a1), (b0, b1) = _window(n, p, self.a_max), _window(n, q, self.b_max)
+            outside = _outside(a0, a1, n, p, lf) + _outside(b0, b1, n, q, lf) + SLACK  # counted as rejected
+            ranks = rank[a0:a1 + 1, b0:b1 + 1].ravel()  # the window's counts, by z
+            o = np.argsort(ranks)
+            cum = np.cumsum(_multinomial(n, p, q, a0, a1, b0, b1, lf).ravel()[o]) + outside
+            over = np.nonzero(cum > target)[0]
+            stop = ranks[o][over[0]] if len(over) else zs.size  # the first count whose z-run would exceed
+            end = prev_last[stop - 1] if stop > 0 and outside <= target else -1
+            crit.append(zs[end] if end >= 0 else -np.inf)
         return np.array(edges), np.minimum.accumulate(np.array(crit, dtype=np.float64))
 
     def critical(self, d: int) -> float:
@@ -134,22 +139,46 @@ class _Table:
         return float(self.crit[max(j, 1) - 1])
 
     def z_at(self, a: int, b: int) -> float:
-        if a > self.a_max:
+        """The statistic at (a, b); outside the grid, where the tables count every outcome as rejected,
+        the test does not reject (conservative)."""
+        if a > self.a_max or b > self.b_max:
             return math.inf
-        return float(self.z[a, min(b, self.b_max)])
+        return float(self.z[a, b])
+
+
+WINDOW = 9.0  # a cell's tail is summed over its counts within WINDOW standard deviations; the rest is added whole
+
+
+def _window(n: int, p: float, top: int) -> tuple:
+    """The counts [lo, hi] (within 0..top) where Binomial(n, p) has its mass."""
+    sd = math.sqrt(n * p * (1 - p)) + 1
+    return max(0, int(n * p - WINDOW * sd)), min(top, int(math.ceil(n * p + WINDOW * sd)))
+
+
+def _multinomial(n: int, p: float, q: float, a0: int, a1: int, b0: int, b1: int, lf: np.ndarray) -> np.ndarray:
+    """P(A = a, B = b) for a in a0..a1, b in b0..b1, (A, B, rest) ~ Multinomial(n; p, q, 1 - p - q)."""
+    a = np.arange(a0, a1 + 1)[:, None]
+    b = np.arange(b0, b1 + 1)[None, :]
+    c = n - a - b
+    r = max(1 - p - q, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = lf[n] - lf[a] - lf[b] - lf[np.clip(c, 0, None)] + a * _log(p) + b * _log(q) + c * _log(r)
+    return np.where(c >= 0, np.exp(np.nan_to_num(logs, nan=-np.inf)), 0.0)
+
+
+def _outside(lo: int, hi: int, n: int, p: float, lf: np.ndarray) -> float:
+    """P(Binomial(n, p) outside [lo, hi]), summed exactly."""
+    if p <= 0:
+        return 0.0 if lo == 0 else 1.0
+    k = np.concatenate([np.arange(0, lo), np.arange(hi + 1, n + 1)])
+    if not k.size:
+        return 0.0
+    logs = lf[n] - lf[k] - lf[n - k] + k * math.log(p) + (n - k) * math.log1p(-min(p, 1 - 1e-16))
+    return float(np.exp(logs).sum())
 
 
 def _log(x: float) -> float:
     return math.log(x) if x > 0 else -math.inf
-
-
-def _tail_beyond(k: int, n: int, q: float, lf: np.ndarray) -> float:
-    """P(Binomial(n, q) > k), bounded above (Chernoff) where it is below 1e-12, else summed."""
-    if k >= n or q <= 0:
-        return 0.0
-    i = np.arange(k + 1, n + 1)
-    logs = lf[n] - lf[i] - lf[n - i] + i * math.log(q) + (n - i) * math.log1p(-min(q, 1 - 1e-16))
-    return float(np.exp(logs).sum())
 
 
 def _table(n: int, eps: float, alpha: float, top: float) -> _Table:
@@ -183,13 +212,19 @@ def rejects_many(bad, good, n: int, epsilon: float, alpha: float) -> np.ndarray:
     return np.array([t.z_at(int(x), int(y)) <= crit[int(x + y)] for x, y in zip(bad, good)], dtype=bool)
 
 
-def upper_bound(bad: int, good: int, n: int, alpha: float, tol: float = 2e-5, hi: float = 1.0) -> float:
+def upper_bound(bad: int, good: int, n: int, alpha: float, tol: float = 5e-5, hi: float | None = None) -> float:
     """(1 - alpha) upper confidence bound of the drop p - q (in [-1, 1]; swap the counts for a lower bound):
-    the smallest eps the test certifies (bisection to ``tol``; the test is monotone in eps; ``hi``: a budget
-    known to be certified)."""
+    the smallest eps the test certifies, to ``tol`` (bracketed from the observed drop, then bisection: the
+    test is monotone in eps; each step builds one table). ``hi``: a budget known to be certified."""
     if n <= 0:
         return 1.0
-    lo = (bad - good) / n
+    lo = (bad - good) / n  # not certified: there the statistic is 0
+    if hi is None:
+        step = 2 * math.sqrt(max(bad + good, 1)) / n + tol
+        hi = min(1.0, lo + step)
+        while hi < 1.0 and not rejects(bad, good, n, hi, alpha):
+            lo, step = hi, 2 * step
+            hi = min(1.0, lo + step)
     while hi - lo > tol:
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if rejects(bad, good, n, mid, alpha) else (mid, hi)

@@ -343,7 +343,7 @@ def check(g: Guarantee, logits, labels=None, scores=None, risk: str | None = Non
     if risk == "accuracy_drop" and g.method == "exact":  # it certified the drop itself: check the drop
         good = int((_signed(layer, logits, labels) < 0).sum())
         rate = (k - good) / n
-        lo, hi = -exact.upper_bound(good, k, n, g.delta), exact.upper_bound(k, good, n, g.delta)
+        lo, hi = -exact.upper_bound(good, k, n, g.delta, tol=2e-4), exact.upper_bound(k, good, n, g.delta, tol=2e-4)
     elif risk == "accuracy_drop" and g.method == "betting":  # it certified the drop itself: check the drop
         s = _signed(layer, logits, labels)[order(n)]
         rate, lo, hi = float(s.mean()), -betting_upper_bound(-s, g.delta), betting_upper_bound(s, g.delta)
