@@ -51,7 +51,8 @@ def _log_factorials(n: int) -> np.ndarray:
 
 @lru_cache(maxsize=65536)
 def clopper_pearson_upper(k: int, n: int, gamma: float) -> float:
-    """One-sided (1 - gamma) Clopper-Pearson upper bound of a rate after k successes in n trials."""
+    """One-sided (1 - gamma) Clopper-Pearson upper bound of a rate after k successes in n trials (the one
+    implementation: :func:`..risk.upper_bound` calls it)."""
     if k >= n:
         return 1.0
     lf, i = _log_factorials(n), np.arange(k + 1)
@@ -130,9 +131,8 @@ class _Table:
             crit.append(zs[end] if end >= 0 else -np.inf)
         return np.array(edges), np.minimum.accumulate(np.array(crit, dtype=np.float64))
 
-    def critical(self, d: int) -> float:
-        """The largest Z rejected when a + b = d (the table reaches pi_U(d): :func:`_table`)."""
-        pi_u = clopper_pearson_upper(d, self.n, self.gamma)
+    def critical(self, pi_u: float) -> float:
+        """The largest Z rejected when the discordance's bound is ``pi_u`` (within the table's reach)."""
         if pi_u <= self.eps:  # the drop is at most the discordance: below eps with 1 - gamma
             return math.inf
         j = int(np.searchsorted(self.edges, pi_u, side="left"))  # cells 1..j cover [eps, pi_u]
@@ -208,7 +208,7 @@ def rejects_many(bad, good, n: int, epsilon: float, alpha: float) -> np.ndarray:
     d = bad + good
     pi_u = {int(k): clopper_pearson_upper(int(k), int(n), gamma) for k in np.unique(d)}
     t = _table(n, epsilon, alpha, 1.25 * max(pi_u.values()))
-    crit = {k: (math.inf if u <= epsilon else t.critical(k)) for k, u in pi_u.items()}
+    crit = {k: t.critical(u) for k, u in pi_u.items()}
     return np.array([t.z_at(int(x), int(y)) <= crit[int(x + y)] for x, y in zip(bad, good)], dtype=bool)
 
 

@@ -76,17 +76,8 @@ def p_value(losses: int, n: int, epsilon: float) -> float:
 
 def upper_bound(losses: int, n: int, delta: float) -> float:
     """One-sided (1 - delta) Clopper-Pearson upper confidence bound of a binary risk after ``losses`` of
-    ``n``: the largest p with P(Bin(n, p) <= losses) >= delta (bisection)."""
-    if losses >= n:
-        return 1.0
-    lo, hi = losses / n, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if binom_cdf(losses, n, mid) >= delta:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+    ``n``: the largest p with P(Bin(n, p) <= losses) >= delta (bisection, :func:`.exact.clopper_pearson_upper`)."""
+    return exact.clopper_pearson_upper(int(losses), int(n), float(delta))
 
 
 def lower_bound(losses: int, n: int, delta: float) -> float:

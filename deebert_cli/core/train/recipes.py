@@ -24,8 +24,6 @@ MEASURE = {
     "regression": "lowest mean squared error of the off-ramps, averaged over layers 1..L-1 (evaluation split)",
     "guaranteed": "the recipe whose point estimate saves most on a seeded 15% of the evaluation split, its threshold "
                   "certified (risk control) on the other 85% at the full delta",
-    "guaranteed_union": "largest layer saving at the guaranteed threshold (risk control on the evaluation split, each "
-                        "recipe tested at delta / the number of recipes); ties: the point estimate's measure",
 }
 
 
@@ -84,38 +82,28 @@ def score(logits: torch.Tensor, labels: list, task: str, max_drop: float) -> dic
             "layer_saving": rec.layer_saving}
 
 
-SELECTION = "split"  # how a guarantee pays for the choice among recipes: "split" or "union" (see certify_recipes)
-SELECT_FRACTION = 0.15  # "split": the share of the evaluation split the recipe is chosen on (measured: 0.3 kept
-# 71% of the point estimate's saving at 1,000 texts and 1 point, 0.15 75%: docs/BENCHMARKS.md)
+SELECT_FRACTION = 0.15  # the share of the evaluation split the recipe is chosen on (measured: 0.3 kept 71% of
+# the point estimate's saving at 1,000 texts and 1 point, 0.15 75%: docs/BENCHMARKS.md)
 
 
-def certify_recipes(kept_logits: list, labels: list, cfg, selection: str = SELECTION, calibrated: bool = False) -> tuple:
-    """The guaranteed threshold of the recipes on the evaluation split (:func:`..analysis.risk.certify`;
-    the budget is ``cfg.max_disagreement`` (a fraction) when given, else ``cfg.max_drop`` points of
-    accuracy), paying for the choice among several recipes one of two valid ways:
-
-    * ``"split"`` (the default): the recipe is chosen on a seeded SELECT_FRACTION of the split (the one
-      whose point estimate saves most there, :func:`score`); only that recipe is certified, at the full
-      delta, on the other texts, which played no part in the choice;
-    * ``"union"``: every recipe is certified on the whole split at delta / (their number) and the largest
-      certified saving kept (union bound).
+def certify_recipes(kept_logits: list, labels: list, cfg, calibrated: bool = False) -> tuple:
+    """The guaranteed threshold on the evaluation split (:func:`..analysis.risk.certify`; the budget is
+    ``cfg.max_disagreement`` (a fraction) when given, else ``cfg.max_drop`` points of accuracy) of the one
+    recipe it is for, the choice among several paid for by a split: the recipe is chosen on a seeded
+    SELECT_FRACTION of the split (the one whose point estimate saves most there, :func:`score`) and only it
+    is certified, at the full delta, on the other texts, which played no part in the choice. (Before, every
+    recipe was certified on the whole split at delta / their number, a union bound;
+    benchmarks/bench_guarantee.py measures both: docs/BENCHMARKS.md "Thresholds with a guarantee".)
 
     A recipe that calibrates fits its temperatures on the choosing part (stage2._try_recipes), so with
-    ``calibrated`` even a single recipe is certified on the other texts only ("split").
-
-    (benchmarks/bench_guarantee.py measures both: docs/BENCHMARKS.md "Thresholds with a guarantee".)
-    Returns (one Guarantee per recipe, None for those not certified, the recipe chosen or None to leave
-    the choice to :func:`choose`)."""
+    ``calibrated`` even a single recipe is certified on the other texts only; a single recipe that does
+    not is certified on the whole split. Returns (the Guarantee, the index of its recipe)."""
     from ..analysis.risk import certify, selection_parts
 
     risk = "disagreement" if cfg.max_disagreement is not None else "accuracy_drop"
     eps = cfg.max_disagreement if cfg.max_disagreement is not None else cfg.points / 100
-    K = len(kept_logits)
-    if (K == 1 and not calibrated) or selection == "union":
-        gs = [certify(lg.numpy(), labels, risk=risk, epsilon=eps, delta=cfg.delta, family=K) for lg in kept_logits]
-        for g in gs:
-            g.selection = "union" if K > 1 else None
-        return gs, None
+    if len(kept_logits) == 1 and not calibrated:
+        return certify(kept_logits[0].numpy(), labels, risk=risk, epsilon=eps, delta=cfg.delta), 0
     pick, rest = selection_parts(len(labels), SELECT_FRACTION)
     y = torch.tensor(labels)
     rows = [score(lg[:, torch.as_tensor(pick)], [labels[i] for i in pick], "classification", cfg.points)
@@ -124,22 +112,7 @@ def certify_recipes(kept_logits: list, labels: list, cfg, selection: str = SELEC
     g = certify(kept_logits[k].numpy()[:, rest], y[torch.as_tensor(rest)].tolist(), risk=risk, epsilon=eps,
                 delta=cfg.delta)
     g.selection = "split"
-    return [g if i == k else None for i in range(K)], k
-
-
-def choose(rows: list, task: str, guarantees: list | None = None) -> int:
-    """The recipe kept: with guarantees, the largest guaranteed layer saving (ties: the point-estimate
-    measure of :func:`best`); without, or when no recipe's guarantee saves any layer, :func:`best`.
-    (A recipe without a guarantee, None: not the one certified by the split selection, saves nothing.)"""
-    guarantees = [g if g is not None else _NONE for g in guarantees] if guarantees else None
-    if guarantees and max(g.layer_saving for g in guarantees) > 0:
-        order = {k: r for r, k in enumerate(sorted(range(len(rows)), key=lambda k: _measure(rows, task, k)))}
-        return max(range(len(rows)), key=lambda k: (round(guarantees[k].layer_saving, 12), order[k]))
-    return best(rows, task)
-
-
-class _NONE:  # a recipe the split selection did not certify
-    layer_saving = 0.0
+    return g, k
 
 
 def _measure(rows: list, task: str, k: int) -> tuple:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..analysis.sweep import layer_metrics
+from ..analysis.sweep import layer_metrics, sweep_from_logits
 from ..config import TrainExitsConfig, to_yaml
 from ..data.encoding import encode, fit_max_length
 from ..data.examples import DataSpec, prepare_data, read_unlabeled
@@ -59,12 +59,12 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
     labels = data.eval.labels
     ev_y = torch.tensor(labels, dtype=cache["y"].dtype, device=device)
     rows, kept, steps, seen, train_seconds = _try_recipes(model, todo, cache, cfg, task, ev_y, dropout, progress)
-    guarantees, picked = (rc.certify_recipes([k[2] for k in kept], labels, cfg,
-                                                      calibrated=any(r.calibrate for r in todo)) if task != "regression" and cfg.guarantee
-                          else (None, None))
-    for row, g in zip(rows, guarantees or []):
-        row["guaranteed_threshold"], row["guaranteed_saving"] = (g.value, g.layer_saving) if g else (None, None)
-    choice = picked if picked is not None and guarantees[picked].layer_saving > 0 else rc.choose(rows, task, guarantees)
+    g, picked = (rc.certify_recipes([k[2] for k in kept], labels, cfg, calibrated=any(r.calibrate for r in todo))
+                 if task != "regression" and cfg.guarantee else (None, None))
+    for i, row in enumerate(rows):
+        if g is not None:  # only the recipe certified carries a guarantee
+            row["guaranteed_threshold"], row["guaranteed_saving"] = (g.value, g.layer_saving) if i == picked else (None, None)
+    choice = picked if g is not None and g.layer_saving > 0 else rc.best(rows, task)
     recipe, (state, calibration, logits) = todo[choice], kept[choice]
     model.build_ramps(RampConfig(recipe.pooling, recipe.norm, dropout, cfg.learned_exits), init_from_pooler=False)
     model.ramps.load_state_dict(state)
@@ -79,13 +79,11 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
     for p in model.model.parameters():
         p.requires_grad_(True)
     extra = {"cache_seconds": cache["seconds"], "train_seconds": train_seconds, "cached_examples": cache["n"],
-             "recipes": {"given": cfg.recipe_given, "measure": rc.MEASURE[_measure_name(guarantees, picked, task)],
-                         "selection": None if guarantees is None else
-                         ("split" if picked is not None else ("union" if len(rows) > 1 else None)), "select_fraction": rc.SELECT_FRACTION,
+             "recipes": {"given": cfg.recipe_given, "measure": rc.MEASURE[_measure_name(g, task)],
+                         "selection": None if g is None else g.selection, "select_fraction": rc.SELECT_FRACTION,
                          "max_drop": cfg.points,
                          "chosen": recipe.name, "candidates": rows}}
     if task != "regression":
-        g = (guarantees[picked] if picked is not None else guarantees[choice]) if guarantees else None
         extra["thresholds"], extra["guarantee"] = stored_rule(rows[choice], g, cfg, data.eval_source, model.num_layers)
         if g is not None and not extra["thresholds"]["search"] == "guaranteed":
             extra["guarantee_advice"] = _advice(g, logits, labels, rows[choice]["threshold"], rc.SELECT_FRACTION)
@@ -104,13 +102,12 @@ def train_exits(cfg: TrainExitsConfig, progress: Progress | None = None) -> Trai
                        seen / max(train_seconds, 1e-9), report, extra)
 
 
-def _measure_name(guarantees, picked, task: str) -> str:
-    """Which MEASURE chose the recipe kept."""
-    if not guarantees:
+def _measure_name(g, task: str) -> str:
+    """Which MEASURE chose the recipe kept: the split's when its guarantee saves layers (a single recipe
+    certified on the whole split: "guaranteed" too), else the task's own."""
+    if g is None:
         return task
-    if picked is not None:
-        return "guaranteed" if guarantees[picked].layer_saving > 0 else task
-    return "guaranteed_union" if len(guarantees) > 1 else "guaranteed"
+    return "guaranteed" if g.selection != "split" or g.layer_saving > 0 else task
 
 
 def stored_rule(row: dict, g, cfg: TrainExitsConfig, source: str, L: int) -> tuple:
@@ -147,15 +144,8 @@ def _replaced(out, checkpoint, old: dict, new: dict) -> str | None:
 def _on_split(value: float, logits: torch.Tensor, labels: list) -> dict:
     """The guaranteed threshold on the whole evaluation split (the certifying part is a share of it): its
     number of texts, layer saving and accuracy change (points) against full depth."""
-    import numpy as np
-
-    from ..analysis import risk
-
-    lg, y = logits.numpy(), np.asarray(labels)
-    layer = risk.exit_layers("entropy", value, lg)
-    pred = lg.argmax(-1)
-    change = float((pred[layer, np.arange(len(y))] == y).mean() - (pred[-1] == y).mean())
-    return {"n": len(y), "layer_saving": 1 - float(layer.mean() + 1) / lg.shape[0], "accuracy_change": 100 * change}
+    row = sweep_from_logits(logits, labels, [value], "normalized")[0]
+    return {"n": len(labels), "layer_saving": row.layer_saving, "accuracy_change": row.accuracy_change}
 
 
 def _advice(g, logits: torch.Tensor, labels: list, point: float, fraction: float) -> dict:
