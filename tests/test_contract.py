@@ -28,7 +28,7 @@ from deebert_cli.core.model.guarantee import Guarantee, stored_guarantee
 
 MISSING = object()
 BAD = [float("nan"), -1, 5, "0.02", [1.0], ["a"], None, MISSING]
-FIELDS = [f.name for f in schema.FIELDS if f.name.split(".")[0] in ("thresholds", "guarantee")]
+FIELDS = [f.name for f in schema.FIELDS if f.name.split(".")[0] in ("thresholds", "guarantee", "recipes")]
 
 
 def _ids(v):
@@ -48,6 +48,7 @@ ACCEPTED = {(f, _ids(v)) for f, v in [
     *((f, v) for f in ("guarantee.level", "guarantee.selection") for v in (None, MISSING)),
     ("guarantee.disagreement_rate", None), ("guarantee.disagreement_rate", MISSING),
     ("guarantee.bound", -1),  # the exact test bounds the drop itself: [-1, 1] (a binomial bound's -1: below)
+    ("recipes.selection", None), ("recipes.selection", MISSING), ("recipes.select_fraction", MISSING),
 ]}
 # a value that breaks another field first: the error names that one
 NAMED = {("guarantee.n", "5"): "guarantee.losses"}

@@ -21,6 +21,7 @@ RESTORE = "restore deebert.json from a copy"
 TODO = {
     "thresholds": "store new thresholds with `deebert train-exits` (or `deebert analyze --store-thresholds`), or " + RESTORE,
     "guarantee": "certify anew with `deebert calibrate`, or " + RESTORE,
+    "recipes": RESTORE + ", or make the checkpoint again (`deebert finetune`, then `deebert train-exits`)",
     "": "restore the checkpoint from a copy, or make it again (`deebert finetune`, then `deebert train-exits`)",
 }
 RISKS = {"classification": ("accuracy_drop", "disagreement"), "regression": ("error_increase", "disagreement")}
@@ -214,9 +215,11 @@ FIELDS = (
     Field("guarantee.level", "number", number(0, 1, True, True), "probability", "the level each test ran at (delta / family; older checkpoints: halved when two bounds ran)", null=True),
     Field("guarantee.selection", "string", one_of("union", "split"), "", "how the off-ramp recipe was chosen: union (each at delta / family) or split (chosen on a disjoint part)", null=True),
     Field("guarantee.disagreement_rate", "number", number(0, 1), "fraction", "disagreement with the final layer at the value on the calibration texts", null=True),
+    Field("recipes.selection", "string", one_of("union", "split"), "", "how train-exits paid for its choice among recipes: union (each at delta / their number) or split (chosen on a seeded part of the split, certified on the rest)", null=True),
+    Field("recipes.select_fraction", "number", number(0, 1, True, True), "fraction", "split: the share of the evaluation split the recipe was chosen on (analyze certifies on the rest)"),
 )
 # fmt: on
-OBJECTS = ("thresholds", "guarantee")  # the nested objects the table describes
+OBJECTS = ("thresholds", "guarantee", "recipes")  # the nested objects the table describes
 _TYPES = {"string": (str,), "integer": (int, float), "number": (int, float), "list": (list,), "object": (dict,)}
 
 
